@@ -1,0 +1,56 @@
+# The two commands a newcomer needs (as root, on Debian):
+#   make demo   - the main job
+#   make test   - the whole test suite
+# Both install what they need and are idempotent.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-dev \
+	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps
+CNITOOL := tests/cniclient/cnitool
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv build test demo bench clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+$(CNITOOL): tests/cniclient/main.go
+	cd tests/cniclient && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/.cache/go-build \
+	  go build -o cnitool .
+
+build: venv
+	COIL_REQUIRE_FAST=1 $(PY) setup.py -q build_ext --inplace
+	$(MAKE) --no-print-directory $(CNITOOL)
+
+test: build
+	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest tests -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
+	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-disable -m "not slow"
+
+bench: build
+	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-only $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m coil.demo
+
+clean:
+	rm -rf build .cache $(CNITOOL) coil/_fast/hypercoil
+	find coil -name '*.so' -delete

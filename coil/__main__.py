@@ -1,0 +1,5 @@
+import sys
+
+from coil.hypercoil import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""Shared pieces of the click-based roles: etcd flags and the one place
+where exceptions become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from coil.errors import CoilError
+
+
+def etcd_options(func):
+    """The v1 etcd flags, identical for every role that talks to etcd."""
+    opts = [
+        click.option("--etcd-endpoints", "etcd_endpoints", default=None,
+                     help="comma-separated etcd URLs, or @NAME for the Endpoints object "
+                          "kube-system/NAME [default: http://127.0.0.1:2379]"),
+        click.option("--etcd-prefix", default=None, help="key prefix [default: /coil/]"),
+        click.option("--etcd-timeout", default=None, help="request timeout, e.g. 5s [default: 5s]"),
+        click.option("--etcd-username", default=None, help="etcd user name"),
+        click.option("--etcd-password", default=None, help="etcd password"),
+        click.option("--etcd-tls-ca", default=None, help="CA certificate file for https endpoints"),
+        click.option("--etcd-tls-cert", default=None, help="client certificate file"),
+        click.option("--etcd-tls-key", default=None, help="client key file"),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def etcd_flags(kwargs: dict) -> dict:
+    """Pop the etcd flags from click kwargs into config.resolve's shape."""
+    out = {}
+    for field in ("endpoints", "prefix", "timeout", "username", "password",
+                  "tls_ca", "tls_cert", "tls_key"):
+        out[field] = kwargs.pop(f"etcd_{field}", None)
+    return out
+
+
+def open_store(config):
+    """An IPAMStore for ``config``, resolving ``@NAME`` endpoints first."""
+    from coil.store import IPAMStore
+    from coil.store.etcd import Etcd
+    if config.endpoints and config.endpoints[0].startswith("@"):
+        from coil.k8s import resolve_etcd_endpoints
+        config = resolve_etcd_endpoints(config)
+    return IPAMStore(Etcd(config))
+
+
+def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
+    """Run a click command; CoilError -> one line on stderr and exit 1."""
+    try:
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        return 0
+    except CoilError as exc:
+        sys.stderr.write(f"{prog_name}: error: {exc.one_line()}\n")
+        return 1
+    except click.exceptions.Abort:
+        sys.stderr.write(f"{prog_name}: aborted\n")
+        return 1
+    except click.UsageError as exc:
+        # one line, like every other error: what is wrong, and where help is
+        where = exc.ctx.command_path if exc.ctx is not None else prog_name
+        message = " ".join(exc.format_message().split())
+        sys.stderr.write(f"{prog_name}: error: {message} (see '{where} --help')\n")
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1

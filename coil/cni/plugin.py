@@ -1,0 +1,218 @@
+"""The ``coil`` CNI plugin in pure Python: the fallback of the native launcher.
+
+Normally /opt/cni/bin/coil is the native ``hypercoil`` launcher
+(coil/_fast/launcher.c), which relays the CNI request to the warm node
+daemon coild without starting Python. When the launcher is not built, this
+module does the same relay; it must stay byte-for-byte compatible with the
+C client (same request framing, same outputs, same exit codes).
+
+Relay protocol (coild is the server):
+  request : b"COIL1\\n"
+            b"KEY=VALUE\\0" for each of RELAY_ENV that is set
+            b"\\0"                                (end of the environment)
+            the whole stdin                       (then shutdown(SHUT_WR))
+  response: ASCII decimal exit code (0..255), b"\\n", stdout bytes until EOF
+
+The socket is the top-level "socket" key of the network configuration on
+stdin (default DEFAULT_SOCKET). CNI_COMMAND=VERSION is answered locally.
+Only os, sys, socket and json are imported, and json only when needed.
+"""
+
+import os
+import sys
+
+from coil.cni import spec
+
+DEFAULT_SOCKET = "/run/coild.sock"
+DEFAULT_CNI_VERSION = "1.1.0"
+RELAY_MAGIC = b"COIL1\n"
+RELAY_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
+             "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+RELAY_ENV_B = tuple(key.encode() for key in RELAY_ENV)
+MAX_STDIN = 16 * 1024 * 1024          # larger stdin: ERR_DECODE
+MAX_RESPONSE = 64 * 1024 * 1024       # larger answer: malformed
+RELAY_TIMEOUT = 120.0                 # seconds coild has to answer
+SUN_PATH_MAX = 108                    # sizeof(sockaddr_un.sun_path) on Linux
+DETAILS_START = ("start coild on this node or fix the 'socket' key "
+                 "of the network configuration")
+
+
+class _Config:
+    """The two top-level keys the relay needs. When the document is not a
+    JSON object the defaults apply (coild then reports the decoding error)."""
+
+    __slots__ = ("data", "socket", "_version")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.socket = DEFAULT_SOCKET
+        self._version = None
+        # Fast path: the key "socket" can only be spelled with these bytes
+        # or with \u escapes; without either the default applies and the
+        # common relay path needs no json import.
+        if b"socket" in data or b"\\u" in data:
+            self._parse()
+
+    def _parse(self) -> None:
+        import json
+        self._version = DEFAULT_CNI_VERSION
+        try:
+            doc = json.loads(self.data)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(doc, dict):
+            return
+        value = doc.get("socket")
+        if isinstance(value, str) and value:
+            self.socket = value
+        value = doc.get("cniVersion")
+        if isinstance(value, str) and value:
+            self._version = value
+
+    @property
+    def cni_version(self) -> str:
+        """cniVersion of the request, DEFAULT_CNI_VERSION if it has none."""
+        if self._version is None:
+            self._parse()
+        return self._version
+
+
+def _encode(text: str) -> bytes:
+    # "surrogatepass" keeps lone surrogates as the C launcher encodes them
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _emit(data: bytes) -> int:
+    try:
+        _write_all(1, data)
+    except OSError as exc:
+        sys.stderr.write(f"hypercoil: cannot write the answer: {exc.strerror}\n")
+        return 1
+    return 0
+
+
+def _dumps(obj) -> bytes:
+    import json
+    return _encode(json.dumps(obj, ensure_ascii=False, separators=(",", ":"))) + b"\n"
+
+
+def _error(code: int, msg: str, details: str, cni_version: str) -> int:
+    _emit(_dumps(spec.error_object(code, msg, details, cni_version)))
+    return 1
+
+
+def _read_stdin() -> bytes:
+    chunks = []
+    total = 0
+    while True:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > MAX_STDIN:
+            raise OverflowError
+
+
+def main(argv=None) -> int:
+    """Serve one CNI call; argv is ignored (CNI passes everything in the
+    environment and on stdin)."""
+    try:
+        data = _read_stdin()
+    except OverflowError:
+        return _error(spec.ERR_DECODE, "network configuration on stdin is larger "
+                      f"than {MAX_STDIN >> 20} MiB", "", DEFAULT_CNI_VERSION)
+    except OSError as exc:
+        return _error(spec.ERR_IO, "cannot read the network configuration from "
+                      f"stdin: {exc.strerror}", "", DEFAULT_CNI_VERSION)
+
+    conf = _Config(data)
+    if os.environ.get("CNI_COMMAND") == "VERSION":
+        return _emit(_dumps({"cniVersion": conf.cni_version,
+                             "supportedVersions": list(spec.SUPPORTED_VERSIONS)}))
+    return _relay(conf)
+
+
+def _relay(conf: _Config) -> int:
+    import socket
+    # "time" is loaded by the interpreter at start-up already: no import cost
+    from time import monotonic
+
+    path = conf.socket
+    raw_path = _encode(path)
+    sock = None
+    try:
+        if len(raw_path) > SUN_PATH_MAX:
+            raise OSError(36, os.strerror(36))     # ENAMETOOLONG, as in C
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(raw_path)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        return _error(spec.ERR_TRY_AGAIN, f"coild is not reachable at {path}: "
+                      f"{exc.strerror or exc}", DETAILS_START, conf.cni_version)
+
+    with sock:
+        deadline = monotonic() + RELAY_TIMEOUT
+        env = os.environb
+        request = [RELAY_MAGIC]
+        for key in RELAY_ENV_B:
+            value = env.get(key)
+            if value is not None:
+                request.append(key + b"=" + value + b"\0")
+        request.append(b"\0")
+        try:
+            sock.settimeout(max(deadline - monotonic(), 0.001))
+            sock.sendall(b"".join(request))
+            sock.sendall(conf.data)
+        except TimeoutError:
+            return _timeout(conf, path)
+        except OSError:
+            pass        # coild may have answered and closed early: read it
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+        chunks = []
+        total = 0
+        try:
+            while True:
+                sock.settimeout(max(deadline - monotonic(), 0.001))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > MAX_RESPONSE:
+                    chunks = []     # too large: malformed
+                    break
+        except TimeoutError:
+            return _timeout(conf, path)
+        except OSError as exc:
+            return _error(spec.ERR_TRY_AGAIN, f"lost the connection to coild at "
+                          f"{path}: {exc.strerror or exc}", "", conf.cni_version)
+    response = b"".join(chunks)
+
+    newline = response.find(b"\n", 0, 4)
+    head = response[:newline] if newline > 0 else b""
+    if not (head.isdigit() and int(head) <= 255):
+        return _error(spec.ERR_TRY_AGAIN, f"malformed answer from coild at {path}",
+                      "the answer must start with the exit code and a newline; "
+                      "check the coild log", conf.cni_version)
+    if _emit(response[newline + 1:]):
+        return 1
+    return int(head)
+
+
+def _timeout(conf: _Config, path: str) -> int:
+    return _error(spec.ERR_TRY_AGAIN, f"coild at {path} did not answer within "
+                  f"{int(RELAY_TIMEOUT)} s",
+                  "coild may be overloaded or hung; check the coild log",
+                  conf.cni_version)

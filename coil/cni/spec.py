@@ -1,0 +1,76 @@
+"""CNI specification constants shared by the plugin, coild and the tests.
+
+SUPPORTED_VERSIONS is mirrored by the native launcher
+(coil/_fast/launcher.c, SUPPORTED_VERSIONS): change both together.
+"""
+
+# CNI spec versions the coil plugin speaks, oldest first.
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+# Well-known CNI error codes (CNI spec, "Error").
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_UNKNOWN_CONTAINER = 3
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_NETCONF = 7
+ERR_TRY_AGAIN = 11
+ERR_NOT_AVAILABLE = 50
+ERR_LIMITED = 51
+
+
+def error_object(code: int, msg: str, details: str = "",
+                 cni_version: str = "1.1.0") -> dict:
+    """A CNI error result as printed on stdout (key order as the spec)."""
+    return {"cniVersion": cni_version, "code": code, "msg": msg, "details": details}
+
+
+# Coil's own error codes (CNI reserves 100 and above for plugins).
+ERR_INTERNAL = 100
+ERR_NO_POOL = 101
+ERR_POOL_EXHAUSTED = 102
+ERR_NETWORK = 103
+ERR_CHECK_FAILED = 104
+
+
+class CNIError(Exception):
+    """An error to report as a CNI error object. Raised and caught inside
+    coild only (the edge where errors become CNI codes)."""
+
+    def __init__(self, code: int, msg: str, details: str = ""):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_json(self, cni_version: str = "1.1.0") -> dict:
+        return error_object(self.code, self.msg, self.details, cni_version)
+
+
+def version_tuple(version: str) -> tuple:
+    try:
+        return tuple(int(p) for p in version.split("."))
+    except ValueError:
+        return (0,)
+
+
+def build_result(cni_version: str, host_name: str, host_mac: str, ifname: str,
+                 container_mac: str, netns: str, addresses: list, gateways: dict) -> dict:
+    """The ADD result in the shape of ``cni_version``: interfaces (host end,
+    then container end), one /32 or /128 per address on the container end,
+    default routes via the link-local gateways."""
+    legacy = version_tuple(cni_version) < (1, 0, 0)
+    ips, routes = [], []
+    for addr in addresses:
+        v6 = ":" in addr
+        entry = {"address": f"{addr}/{128 if v6 else 32}", "gateway": gateways[addr],
+                 "interface": 1}
+        if legacy:
+            entry = {"version": "6" if v6 else "4", **entry}
+        ips.append(entry)
+        routes.append({"dst": "::/0" if v6 else "0.0.0.0/0", "gw": gateways[addr]})
+    return {"cniVersion": cni_version,
+            "interfaces": [{"name": host_name, "mac": host_mac},
+                           {"name": ifname, "mac": container_mac, "sandbox": netns}],
+            "ips": ips, "routes": routes, "dns": {}}

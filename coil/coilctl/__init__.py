@@ -1,0 +1,1 @@
+"""coilctl: the operator CLI."""

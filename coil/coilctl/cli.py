@@ -1,0 +1,192 @@
+"""coilctl commands. Thin: parse, call coil.store, render."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from coil import config as cfg
+from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
+from coil.coilctl import render
+
+CONFIG_FILE = "~/.coilctl.yml"
+ENV_PREFIX = "COILCTL_ETCD_"
+
+
+class Ctx:
+    def __init__(self, flags, config_file, output):
+        self.flags = flags
+        self.config_file = config_file
+        self.output = output
+        self._store = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = open_store(cfg.resolve(self.flags, ENV_PREFIX, self.config_file))
+        return self._store
+
+    def emit(self, data, human: str):
+        click.echo(render.as_json(data) if self.output == "json" else human)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@etcd_options
+@click.option("--config", "config_file", default=None, envvar="COILCTL_CONFIG",
+              help=f"YAML/JSON config file [default: {CONFIG_FILE}]")
+@click.option("-o", "--output", type=click.Choice(["human", "json"]), default="human",
+              help="output format")
+@click.pass_context
+def cli(ctx, config_file, output, **kwargs):
+    """Configure coil's address pools and inspect blocks and addresses."""
+    flags = etcd_flags(kwargs)
+    if config_file and not os.path.exists(os.path.expanduser(config_file)):
+        # only the default file may be missing; a named one is a typo
+        from coil.errors import InvalidArgument
+        raise InvalidArgument(f"config file {config_file} does not exist")
+    ctx.obj = Ctx(flags, config_file or CONFIG_FILE, output)
+    ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
+
+
+@cli.group()
+def pool():
+    """Address pools."""
+
+
+@pool.command("create")
+@click.argument("name")
+@click.argument("subnet")
+@click.argument("size")
+@click.pass_obj
+def pool_create(obj, name, subnet, size):
+    """Create pool NAME with SUBNET, blocks of 2^SIZE addresses."""
+    from coil.store.model import parse_subnet, validate_block_size, validate_pool_name
+    validate_pool_name(name)
+    validate_block_size(size, parse_subnet(subnet))
+    p = obj.store.create_pool(name, subnet, size)
+    obj.emit(p.to_json(), f"created pool {p.name} with subnet {p.subnets[0]}, "
+                          f"blocks of {1 << p.block_size} addresses")
+
+
+@pool.command("add-subnet")
+@click.argument("name")
+@click.argument("subnet")
+@click.pass_obj
+def pool_add_subnet(obj, name, subnet):
+    """Add SUBNET to pool NAME."""
+    from coil.store.model import parse_subnet, validate_pool_name
+    validate_pool_name(name)
+    net = parse_subnet(subnet)
+    p = obj.store.add_subnet(name, subnet)
+    obj.emit(p.to_json(), f"added subnet {net} to pool {p.name}")
+
+
+@pool.command("list")
+@click.pass_obj
+def pool_list(obj):
+    """List pools."""
+    pools = obj.store.list_pools()
+    rows = [[p.name, 1 << p.block_size, ", ".join(map(str, p.subnets))] for p in pools]
+    obj.emit([p.to_json() for p in pools],
+             render.table(["POOL", "BLOCK", "SUBNETS"], rows) if pools else "no pools")
+
+
+@pool.command("show")
+@click.argument("name")
+@click.argument("subnet", required=False)
+@click.pass_obj
+def pool_show(obj, name, subnet):
+    """Block usage of pool NAME (optionally only SUBNET)."""
+    from coil.store.model import parse_subnet, validate_pool_name
+    validate_pool_name(name)
+    if subnet is not None:
+        parse_subnet(subnet)
+    u = obj.store.pool_usage(name, subnet)
+    head = (f"pool {u['pool']}  subnets {', '.join(u['subnets'])}  "
+            f"block size {u['addresses_per_block']}\n"
+            f"blocks: {u['blocks_used']} used, {u['blocks_free']} free of {u['blocks_total']}")
+    per_node = {}
+    for b in u["blocks"]:
+        n = per_node.setdefault(b["node"], [0, 0, 0])
+        n[0] += 1
+        n[1] += b["used"]
+        n[2] += b["free"]
+    rows = [[node, *v] for node, v in sorted(per_node.items())]
+    body = render.table(["NODE", "BLOCKS", "USED", "FREE"], rows) if rows else "no blocks in use"
+    detail = render.table(["BLOCK", "NODE", "USED", "FREE"],
+                          [[b["block"], b["node"], b["used"], b["free"]] for b in u["blocks"]])
+    obj.emit(u, head + "\n\n" + body + ("\n\n" + detail if u["blocks"] else ""))
+
+
+@cli.group()
+def node():
+    """Nodes."""
+
+
+@node.command("blocks")
+@click.argument("node_name", metavar="NODE")
+@click.pass_obj
+def node_blocks(obj, node_name):
+    """Address blocks held by NODE."""
+    from coil.errors import NotFound
+    from coil.store.model import validate_node_name
+    validate_node_name(node_name)
+    blocks = obj.store.node_blocks(node_name)
+    if not blocks:
+        raise NotFound(f"node {node_name!r} holds no address block")
+    rows = []
+    data = []
+    for b in sorted(blocks, key=lambda b: (b.pool, b.network.version, b.network)):
+        used = obj.store.count_addresses(b.cidr)
+        rows.append([b.pool, b.cidr, used, b.size - used])
+        data.append({"pool": b.pool, "block": b.cidr, "used": used, "free": b.size - used,
+                     "acquired_at": b.acquired_at})
+    obj.emit(data, render.table(["POOL", "BLOCK", "USED", "FREE"], rows))
+
+
+@cli.group()
+def address():
+    """Addresses."""
+
+
+@address.command("info")
+@click.argument("addr", metavar="ADDRESS")
+@click.pass_obj
+def address_info(obj, addr):
+    """Who holds ADDRESS."""
+    info = obj.store.address_info(addr)
+    obj.emit(info, "\n".join(f"{k}: {info[k]}" for k in
+                             ("address", "pool", "block", "node", "namespace", "pod",
+                              "container_id", "created_at")))
+
+
+@address.command("free")
+@click.argument("addr", metavar="ADDRESS")
+@click.pass_obj
+def address_free(obj, addr):
+    """Free ADDRESS by hand (e.g. leaked by a crashed node)."""
+    rec = obj.store.free_address(addr)
+    obj.emit(rec.to_json(), f"freed {rec.address} (was {rec.namespace}/{rec.pod}, "
+                            f"container {rec.container_id})")
+
+
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for SHELL."""
+    from click.shell_completion import get_completion_class
+    comp = get_completion_class(shell)(cli, {}, "coilctl", "_COILCTL_COMPLETE")
+    click.echo(comp.source())
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("_COILCTL_COMPLETE"):
+        cli.main(args=argv, prog_name="coilctl", complete_var="_COILCTL_COMPLETE")
+        return 0
+    return run_click(cli, argv, "coilctl")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

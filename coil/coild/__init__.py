@@ -1,0 +1,1 @@
+"""coild: the node daemon."""

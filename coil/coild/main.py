@@ -1,0 +1,177 @@
+"""``hypercoil coild``: parse options, build the daemon, run until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from coil import config as cfg
+from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
+from coil.errors import CoilError, InvalidArgument
+
+log = logging.getLogger("coild")
+
+
+class Coild:
+    """The node daemon: allocator + routes + pod network + the two servers."""
+
+    def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
+                 scan_interval: float = 600.0):
+        from coil.coild.allocator import NodeAllocator
+        from coil.coild.cniservice import CNIService
+        from coil.coild.metrics import CoildMetrics
+        from coil.coild.podnet import PodNetwork
+        from coil.coild.pools import PoolResolver
+        from coil.coild.routes import RouteExporter
+        self.node = node
+        self.store = store
+        self.scan_interval = scan_interval
+        self.routes = RouteExporter(table_id, protocol_id)
+        self.allocator = NodeAllocator(store, node, on_block_added=lambda b: self.routes.add(b.cidr),
+                                       on_block_removed=lambda b: self.routes.remove(b.cidr))
+        self.podnet = PodNetwork()
+        self.pools = PoolResolver(store)
+        self.metrics = CoildMetrics(self)
+        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics)
+        self._stop = threading.Event()
+        self._servers = []
+        self.ready = False
+
+    def start(self, http: str | None, socket_path: str):
+        """Load state, reconcile table 119, then open the servers."""
+        from coil.coild.server import PluginServer, RestServer, serve_in_thread
+        from coil.errors import StoreUnavailable
+        delay = 0.5
+        while True:                      # etcd may come up after us: wait for it
+            try:
+                self.allocator.load()
+                break
+            except StoreUnavailable as exc:
+                log.warning("waiting for etcd", extra={"error": exc.one_line(), "retry_s": delay})
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, 10.0)
+        added, removed = self.routes.sync(b.cidr for b in self.allocator.blocks())
+        log.info("state loaded", extra={"node": self.node, "blocks": len(self.allocator.blocks()),
+                                        "addresses": self.allocator.count(),
+                                        "routes_added": sorted(added),
+                                        "routes_removed": sorted(removed)})
+        plugin = PluginServer(socket_path, self)
+        self._servers.append(plugin)
+        serve_in_thread(plugin, "plugin")
+        if http:
+            host, _, port = http.rpartition(":")
+            rest = RestServer((host or "127.0.0.1", int(port)), self)
+            self._servers.append(rest)
+            serve_in_thread(rest, "rest")
+        self.ready = True
+        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http})
+
+    def status(self) -> dict:
+        from coil import __version__
+        snap = self.allocator.snapshot()
+        return {"version": __version__, "node": self.node, "address-blocks": snap["blocks"],
+                "pods": snap["pods"], "status": 200}
+
+    def check_ready(self):
+        if not self.ready:
+            raise CoilError("coild is starting")
+        self.store.etcd.count_prefix("pool/")
+
+    def too_large(self) -> bytes:
+        import json
+        from coil.cni import spec
+        return json.dumps(spec.error_object(spec.ERR_DECODE, "request too large")).encode()
+
+    def scan(self):
+        """Return empty blocks, reload from etcd, reconcile the table."""
+        self.allocator.load()
+        returned = self.allocator.return_empty_blocks()
+        self.routes.sync(b.cidr for b in self.allocator.blocks())
+        self.pools.invalidate()
+        if returned:
+            log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
+
+    def run(self):
+        while not self._stop.wait(self.scan_interval):
+            try:
+                self.scan()
+            except CoilError as exc:
+                log.warning("scan failed", extra={"error": exc.one_line()})
+        self.shutdown()
+
+    def stop(self):
+        self._stop.set()
+
+    def shutdown(self):
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+        self.podnet.close()
+        self.routes.close()
+        self.store.close()
+        log.info("coild stopped")
+
+
+def _validate_http(value: str) -> str:
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"invalid --http {value!r}: expected HOST:PORT")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@etcd_options
+@click.option("--http", default="127.0.0.1:9383", show_default=True,
+              help="REST endpoint HOST:PORT (empty to disable)")
+@click.option("--socket", "socket_path", default="/run/coild.sock", show_default=True,
+              help="UNIX socket the coil plugin talks to (root-only)")
+@click.option("--table-id", default=119, show_default=True, type=click.IntRange(1, 2**31 - 1),
+              help="routing table where address blocks are published")
+@click.option("--protocol-id", default=30, show_default=True, type=click.IntRange(5, 255),
+              help="route protocol id of the published routes")
+@click.option("--scan-interval", default="10m", show_default=True,
+              help="how often empty blocks are returned to the pool")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def cli(http, socket_path, table_id, protocol_id, scan_interval, log_level, **kwargs):
+    """Node daemon: address blocks, pod networks, table 119 export.
+
+    Needs COIL_NODE_NAME in the environment."""
+    from coil import logutil
+    from coil.store.model import validate_node_name
+    logutil.setup(log_level)
+    node = os.environ.get("COIL_NODE_NAME", "")
+    if not node:
+        raise InvalidArgument("COIL_NODE_NAME is not set", hint="set it to this node's name")
+    validate_node_name(node)
+    interval = cfg.parse_duration(scan_interval, "--scan-interval")
+    if interval <= 0:
+        raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
+    _validate_http(http)
+    econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
+    store = open_store(econf)
+    daemon = Coild(node, store, table_id, protocol_id, interval)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    try:
+        daemon.start(http, socket_path)
+    except BaseException:
+        daemon.shutdown()
+        raise
+    daemon.run()
+
+
+def main(argv: list[str]) -> int:
+    return run_click(cli, argv, "coild")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

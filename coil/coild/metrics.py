@@ -1,0 +1,35 @@
+"""coild's Prometheus metrics (own registry, served at GET /metrics)."""
+
+from __future__ import annotations
+
+
+class CoildMetrics:
+    def __init__(self, daemon):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.core import GaugeMetricFamily
+        self.registry = CollectorRegistry()
+        self._daemon = daemon
+        self.cni_requests = Counter("coild_cni_requests_total", "CNI requests handled",
+                                    ["command", "result"], registry=self.registry)
+        self.cni_seconds = Histogram("coild_cni_request_seconds", "CNI request time in coild",
+                                     ["command"], registry=self.registry,
+                                     buckets=(.001, .002, .005, .01, .02, .05, .1, .5, 1, 5))
+
+        class _State:
+            def collect(inner):
+                snap = daemon.allocator.snapshot()
+                blocks = GaugeMetricFamily("coild_blocks", "address blocks held", labels=["pool"])
+                for pool, cidrs in snap["blocks"].items():
+                    blocks.add_metric([pool], len(cidrs))
+                yield blocks
+                yield GaugeMetricFamily("coild_addresses_in_use", "addresses assigned on this node",
+                                        value=daemon.allocator.count())
+        self.registry.register(_State())
+
+    def observe_cni(self, command: str, code: int, seconds: float):
+        self.cni_requests.labels(command, "ok" if code == 0 else "error").inc()
+        self.cni_seconds.labels(command).observe(seconds)
+
+    def render(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

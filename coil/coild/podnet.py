@@ -1,0 +1,180 @@
+"""The network of one pod: veth pair, addresses, routes (add, check, delete).
+
+Wiring (IPv4; IPv6 alike with fe80::1):
+  host end  vethXXXXXXXXXXX: 169.254.1.1/32, route <pod-ip>/32 dev <host end> scope link
+  pod end   CNI_IFNAME:      <pod-ip>/32, route 169.254.1.1/32 dev <ifname> scope link,
+                             default via 169.254.1.1
+The pair is created with its peer directly inside the pod's namespace (one
+netlink request, ~3 ms) instead of creating it there and moving one end out
+(~24 ms).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import os
+
+from coil import netlink
+from coil.errors import CoilError, NetlinkError
+
+GATEWAY4 = "169.254.1.1"
+GATEWAY6 = "fe80::1"
+SCOPE_LINK = 253
+PROTO_STATIC = 4
+MAIN_TABLE = 254
+
+
+class PodNetError(CoilError):
+    """The pod's network is missing or differs from what it should be."""
+
+
+def host_veth_name(namespace: str, pod: str) -> str:
+    """Stable host-side name: 'veth' + 11 hex digits of a hash of ns/pod."""
+    digest = hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()
+    return "veth" + digest[:11]
+
+
+def gateway_for(address: str) -> str:
+    return GATEWAY6 if ":" in address else GATEWAY4
+
+
+def _host_prefix(address: str) -> int:
+    return 128 if ":" in address else 32
+
+
+class PodNetwork:
+    """Sets up, checks and removes pod wiring from the node's namespace.
+
+    ``host_netns`` is where the host ends live (None: coild's own).
+    """
+
+    def __init__(self, host_netns=None):
+        self.host_netns = host_netns
+        self._host = netlink.open_netlink(host_netns)
+
+    def close(self):
+        self._host.close()
+
+    @staticmethod
+    def _open_netns(path: str) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetlinkError(f"opening network namespace {path}", exc.errno) from None
+
+    def setup(self, netns_path: str, ifname: str, host_name: str, addresses: list[str],
+              mtu: int | None = None) -> dict:
+        """Create the pair and wire it. On any failure everything made here is
+        removed before the error is raised. A host end of the same name left
+        by an earlier try is replaced. Returns {host_mac, container_mac}."""
+        fd = self._open_netns(netns_path)
+        try:
+            with netlink.open_netlink(fd) as pod_nl:
+                if pod_nl.link_get(ifname) is not None:
+                    raise NetlinkError(f"creating interface {ifname} in {netns_path}",
+                                       errno.EEXIST, hint="the container already has this interface")
+                self._host.link_del(host_name)     # leftover of an earlier try
+                try:
+                    host_index = self._host.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
+                    return self._wire(pod_nl, host_index, ifname, host_name, addresses)
+                except BaseException:
+                    self._host.link_del(host_name)
+                    raise
+        finally:
+            os.close(fd)
+
+    def _wire(self, pod_nl, host_index, ifname, host_name, addresses) -> dict:
+        h = self._host
+        h.link_set(host_index, up=True)
+        pod_link = pod_nl.link_get(ifname)
+        if pod_link is None:
+            raise NetlinkError(f"finding {ifname} in the pod namespace", errno.ENODEV)
+        families = {":" in a for a in addresses}
+        if False in families:
+            h.addr_add(host_index, GATEWAY4, 32, scope=SCOPE_LINK)
+        if True in families:
+            h.addr_add(host_index, GATEWAY6, 64, scope=SCOPE_LINK, nodad=True)
+        pod_nl.link_set(pod_link.index, up=True)
+        for addr in addresses:
+            plen = _host_prefix(addr)
+            gw = gateway_for(addr)
+            h.route_add(addr, plen, oif=host_index, scope=SCOPE_LINK, protocol=PROTO_STATIC,
+                        replace=True)
+            pod_nl.addr_add(pod_link.index, addr, plen, nodad=(plen == 128))
+            pod_nl.route_add(gw, plen, oif=pod_link.index, scope=SCOPE_LINK,
+                             protocol=PROTO_STATIC)
+            default = "::" if plen == 128 else "0.0.0.0"
+            pod_nl.route_add(default, 0, oif=pod_link.index, gateway=gw, protocol=PROTO_STATIC)
+        host_link = h.link_get_index(host_index)
+        return {"host_mac": host_link.mac if host_link else "", "container_mac": pod_link.mac,
+                "container_index": pod_link.index, "mtu": pod_link.mtu}
+
+    def delete(self, netns_path: str | None, ifname: str, host_name: str,
+               addresses: list[str]) -> bool:
+        """Remove the pair. The host end is removed only when it is this
+        container's (it routes one of ``addresses``) or, failing that, through
+        the container's own interface. Safe to repeat; True if something was
+        removed."""
+        removed = False
+        if netns_path and os.path.exists(netns_path):
+            try:
+                fd = self._open_netns(netns_path)
+            except NetlinkError:
+                fd = None
+            if fd is not None:
+                try:
+                    with netlink.open_netlink(fd) as pod_nl:
+                        removed = pod_nl.link_del(ifname)
+                finally:
+                    os.close(fd)
+        if not removed and addresses:
+            host = self._host.link_get(host_name)
+            if host is not None and self._routes_to(host.index, addresses):
+                removed = self._host.link_del(host_name)
+        return removed
+
+    def _routes_to(self, index: int, addresses: list[str]) -> bool:
+        wanted = {ipaddress.ip_address(a) for a in addresses}
+        for r in self._host.route_list(0, table=MAIN_TABLE):
+            if r.oif == index and r.prefixlen in (32, 128) and ipaddress.ip_address(r.dst) in wanted:
+                return True
+        return False
+
+    def check(self, netns_path: str, ifname: str, host_name: str, addresses: list[str]):
+        """Raise PodNetError naming the first thing that is missing."""
+        host = self._host.link_get(host_name)
+        if host is None:
+            raise PodNetError(f"host interface {host_name} is missing")
+        if not host.up:
+            raise PodNetError(f"host interface {host_name} is down")
+        host_routes = {(ipaddress.ip_address(r.dst), r.prefixlen)
+                       for r in self._host.route_list(0, table=MAIN_TABLE) if r.oif == host.index}
+        for addr in addresses:
+            if (ipaddress.ip_address(addr), _host_prefix(addr)) not in host_routes:
+                raise PodNetError(f"route {addr}/{_host_prefix(addr)} dev {host_name} is missing")
+        if not os.path.exists(netns_path):
+            raise PodNetError(f"network namespace {netns_path} does not exist")
+        fd = self._open_netns(netns_path)
+        try:
+            with netlink.open_netlink(fd) as pod_nl:
+                link = pod_nl.link_get(ifname)
+                if link is None:
+                    raise PodNetError(f"interface {ifname} is missing in {netns_path}")
+                have = {(ipaddress.ip_address(a.address), a.prefixlen)
+                        for a in pod_nl.addr_list(link.index)}
+                routes = pod_nl.route_list(0, table=MAIN_TABLE)
+                for addr in addresses:
+                    plen = _host_prefix(addr)
+                    if (ipaddress.ip_address(addr), plen) not in have:
+                        raise PodNetError(f"address {addr}/{plen} is missing on {ifname}")
+                    gw = ipaddress.ip_address(gateway_for(addr))
+                    if not any(r.oif == link.index and r.prefixlen == plen and
+                               ipaddress.ip_address(r.dst) == gw for r in routes):
+                        raise PodNetError(f"route {gw}/{plen} dev {ifname} is missing")
+                    if not any(r.prefixlen == 0 and r.gateway and
+                               ipaddress.ip_address(r.gateway) == gw for r in routes):
+                        raise PodNetError(f"default route via {gw} is missing in {netns_path}")
+        finally:
+            os.close(fd)

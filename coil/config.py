@@ -1,0 +1,188 @@
+"""etcd connection settings, shared by every role that talks to etcd.
+
+Precedence: command-line flags > environment (``<ROLE>_ETCD_ENDPOINTS`` ...)
+> a YAML/JSON config file (``~/.coilctl.yml`` for coilctl) > defaults.
+The flag names are v1's, so operators' scripts keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from urllib.parse import urlsplit
+
+from coil.errors import InvalidArgument
+
+DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
+DEFAULT_PREFIX = "/coil/"
+DEFAULT_TIMEOUT = 5.0
+
+# field name -> (flag, config-file key)
+FIELDS = {
+    "endpoints": ("--etcd-endpoints", "endpoints"),
+    "prefix": ("--etcd-prefix", "prefix"),
+    "timeout": ("--etcd-timeout", "timeout"),
+    "username": ("--etcd-username", "username"),
+    "password": ("--etcd-password", "password"),
+    "tls_ca": ("--etcd-tls-ca", "tls-ca"),
+    "tls_cert": ("--etcd-tls-cert", "tls-cert"),
+    "tls_key": ("--etcd-tls-key", "tls-key"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINTS,)
+    prefix: str = DEFAULT_PREFIX
+    timeout: float = DEFAULT_TIMEOUT
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def parse_duration(text: str | float | int, what: str = "duration") -> float:
+    """Parse ``10m``, ``30s``, ``1h30m``, ``500ms`` or a number of seconds.
+
+    Raises InvalidArgument naming the value.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise InvalidArgument(f"invalid {what} {text!r}: must be a finite number")
+        if text < 0:
+            raise InvalidArgument(f"invalid {what} {text!r}: must not be negative")
+        return float(text)
+    s = str(text).strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(value):
+            raise InvalidArgument(f"invalid {what} {text!r}: must be a finite number")
+        if value < 0:
+            raise InvalidArgument(f"invalid {what} {text!r}: must not be negative")
+        return value
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    total, num, i = 0.0, "", 0
+    if not s:
+        raise InvalidArgument(f"invalid {what} {text!r}")
+    while i < len(s):
+        c = s[i]
+        if c.isdigit() or c == ".":
+            num += c
+            i += 1
+            continue
+        unit = "ms" if s.startswith("ms", i) else c
+        if unit not in units or not num:
+            raise InvalidArgument(f"invalid {what} {text!r}: use forms like 30s, 10m, 1h")
+        try:
+            total += float(num) * units[unit]
+        except ValueError:
+            raise InvalidArgument(f"invalid {what} {text!r}") from None
+        num = ""
+        i += len(unit)
+    if num:
+        raise InvalidArgument(f"invalid {what} {text!r}: missing unit after {num}")
+    if not math.isfinite(total):
+        raise InvalidArgument(f"invalid {what} {text!r}: must be a finite number")
+    return total
+
+
+def split_endpoints(value: str) -> tuple[str, ...]:
+    """Split and validate a comma-separated list of etcd URLs.
+
+    ``@NAME`` is kept as it is (resolved later from Kubernetes Endpoints).
+    """
+    items = tuple(v.strip() for v in str(value).split(",") if v.strip())
+    if not items:
+        raise InvalidArgument(f"invalid etcd endpoints {value!r}: empty")
+    for item in items:
+        if item.startswith("@"):
+            if len(items) != 1:
+                raise InvalidArgument(f"invalid etcd endpoints {value!r}: @NAME cannot be mixed with URLs")
+            continue
+        u = urlsplit(item)
+        if u.scheme == "unix":
+            if not u.path.startswith("/") or u.netloc:
+                raise InvalidArgument(f"invalid etcd endpoint {item!r}: expected unix:///ABSOLUTE/PATH")
+            continue
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise InvalidArgument(f"invalid etcd endpoint {item!r}: expected http://HOST:PORT, "
+                                  f"https://HOST:PORT or unix:///PATH")
+        try:
+            u.port
+        except ValueError:
+            raise InvalidArgument(f"invalid etcd endpoint {item!r}: bad port") from None
+    return items
+
+
+def load_file(path: str | None) -> dict:
+    """Read a YAML or JSON config file; a missing default file is empty."""
+    if not path:
+        return {}
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        return {}
+    try:
+        import yaml
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read config file {path}: {exc.strerror}") from None
+    except Exception as exc:  # yaml.YAMLError
+        raise InvalidArgument(f"invalid config file {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"invalid config file {path}: expected a mapping of keys")
+    known = {key for _, key in FIELDS.values()}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise InvalidArgument(f"invalid config file {path}: unknown key {unknown[0]!r}")
+    return data
+
+
+def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
+            environ=None) -> EtcdConfig:
+    """Merge flags (values None when not given) > environment > file.
+
+    ``env_prefix`` is e.g. ``COILCTL_ETCD_`` so that ``COILCTL_ETCD_ENDPOINTS``
+    and ``COILCTL_ETCD_TLS_CA`` are read. Raises InvalidArgument.
+    """
+    environ = os.environ if environ is None else environ
+    file_values = load_file(config_file)
+    merged = {}
+    for field, (_flag, file_key) in FIELDS.items():
+        value = flags.get(field)
+        if value is None:
+            value = environ.get(env_prefix + field.upper())
+        if value is None:
+            value = file_values.get(file_key)
+        if value is not None:
+            merged[field] = value
+    if "endpoints" in merged:
+        eps = merged["endpoints"]
+        if isinstance(eps, (list, tuple)):
+            eps = ",".join(map(str, eps))
+        merged["endpoints"] = split_endpoints(eps)
+    if "prefix" in merged:
+        prefix = str(merged["prefix"])
+        if not prefix.startswith("/"):
+            raise InvalidArgument(f"invalid etcd prefix {prefix!r}: must start with '/'")
+        if not prefix.endswith("/"):
+            prefix += "/"
+        merged["prefix"] = prefix
+    if "timeout" in merged:
+        raw = merged["timeout"]
+        merged["timeout"] = parse_duration(raw, "etcd timeout")
+        if merged["timeout"] <= 0:
+            raise InvalidArgument(f"invalid etcd timeout {raw!r}: must be positive")
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if key in merged and not os.path.exists(str(merged[key])):
+            raise InvalidArgument(f"{FIELDS[key][0]} file {merged[key]} does not exist")
+    if ("username" in merged) != ("password" in merged):
+        raise InvalidArgument("--etcd-username and --etcd-password must be given together")
+    if ("tls_cert" in merged) != ("tls_key" in merged):
+        raise InvalidArgument("--etcd-tls-cert and --etcd-tls-key must be given together")
+    return EtcdConfig(**merged)

@@ -1,0 +1,91 @@
+"""The one exception root of coil and its typed children.
+
+Pure Python on purpose: the Cython extensions and their pure-Python twins
+import these classes, so both backends raise exactly the same types.
+Errors are translated only at the edges: CNI error codes in the plugin
+service, HTTP status codes in the REST layer, exit codes in the CLI wrapper.
+"""
+
+from __future__ import annotations
+
+
+class CoilError(Exception):
+    """Root of every error coil raises on purpose.
+
+    ``hint`` tells the user what to do about it (may be empty).
+    """
+
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+    def one_line(self) -> str:
+        """The message and the hint on one line, for stderr and logs."""
+        text = self.message
+        if self.hint:
+            text = f"{text} ({self.hint})"
+        return " ".join(text.split())
+
+
+class InvalidArgument(CoilError):
+    """A value given by the user or a caller is malformed or out of range."""
+
+
+class NotFound(CoilError):
+    """A named pool, subnet, node, block or address does not exist."""
+
+
+class AlreadyExists(CoilError):
+    """Something that must be unique exists already."""
+
+
+class Conflict(CoilError):
+    """A guarded write lost a race more often than the retry bound allows,
+    or the state changed under the caller."""
+
+
+class PoolExhausted(CoilError):
+    """No free address or block is left in a pool."""
+
+    def __init__(self, pool: str, message: str | None = None):
+        super().__init__(message or f"address pool {pool!r} is exhausted",
+                         hint="add a subnet with 'coilctl pool add-subnet'")
+        self.pool = pool
+
+
+class StoreUnavailable(CoilError):
+    """etcd cannot be reached or refused the request."""
+
+
+class StoreAuthError(StoreUnavailable):
+    """etcd rejected the credentials or the TLS material."""
+
+
+class BitmapError(CoilError):
+    """Misuse of an address bitmap (index out of range, bad serialisation)."""
+
+
+class NetlinkError(CoilError):
+    """A netlink request failed; keeps the kernel's errno.
+
+    The message carries the context, e.g.
+    ``adding route 10.0.0.5/32 to table 119: File exists``.
+    """
+
+    def __init__(self, context: str, errno: int = 0, *, hint: str | None = None):
+        import os
+        reason = os.strerror(errno) if errno else "failed"
+        super().__init__(f"{context}: {reason}", hint=hint)
+        self.errno = errno
+        self.context = context
+
+
+class KubernetesError(CoilError):
+    """The Kubernetes API server could not be reached or refused a request."""

@@ -1,0 +1,93 @@
+"""``hypercoil``: one executable, every role.
+
+The role comes from the name the program was called by (``argv[0]``, e.g.
+the ``/opt/cni/bin/coil`` symlink) or, for ``hypercoil ROLE ...``, from the
+first argument. Only the chosen role's module is imported, so the CNI
+plugin path stays free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# role name -> "module:function"; the function takes argv (without the role)
+# and returns an exit code.
+ROLES = {
+    "coil": "coil.cni.plugin:main",
+    "coild": "coil.coild.main:main",
+    "coilctl": "coil.coilctl.cli:main",
+    "coil-controller": "coil.controller.main:main",
+    "coil-installer": "coil.installer.main:main",
+    "sandbox": "coil.sandbox.cli:main",
+    "version": "coil.hypercoil:version_main",
+}
+
+USAGE = """usage: hypercoil ROLE [ARGS...]
+
+roles:
+  coil             the CNI plugin (normally reached as /opt/cni/bin/coil)
+  coild            node daemon
+  coilctl          operator CLI
+  coil-controller  Kubernetes housekeeping
+  coil-installer   installs coil and its CNI configuration on a node
+  sandbox          a local multi-node cluster in network namespaces
+  version          version and active backends
+"""
+
+
+def _run(role: str, argv: list[str]) -> int:
+    target = ROLES[role]
+    module_name, _, func_name = target.partition(":")
+    if module_name == __name__:
+        func = globals()[func_name]
+    else:
+        import importlib
+        func = getattr(importlib.import_module(module_name), func_name)
+    return func(argv)
+
+
+def backends() -> dict:
+    """Which implementation of each hot path is active."""
+    from coil import bitmap, netlink
+    from coil import launcher_path
+    launcher = launcher_path()
+    return {
+        "bitmap": bitmap.BACKEND,
+        "netlink": netlink.BACKEND,
+        "launcher": launcher or "python (native launcher not built)",
+    }
+
+
+def version_main(argv: list[str]) -> int:
+    import json
+    from coil import __version__
+    info = {"version": __version__, "python": sys.version.split()[0],
+            "backends": backends()}
+    if argv[:2] == ["-o", "json"] or argv[:1] == ["--json"]:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"hypercoil {info['version']} (python {info['python']})")
+        for name, backend in info["backends"].items():
+            print(f"  {name:8} {backend}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    name = os.path.basename(argv[0]) if argv else "hypercoil"
+    if name in ROLES:
+        return _run(name, argv[1:])
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if len(argv) >= 2 else 2
+    role = argv[1]
+    if role not in ROLES:
+        sys.stderr.write(f"hypercoil: unknown role {role!r}; choose one of: "
+                         f"{', '.join(ROLES)}\n")
+        return 2
+    return _run(role, argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

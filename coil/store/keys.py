@@ -1,0 +1,68 @@
+"""The etcd key layout. docs/schema.md mirrors this module.
+
+All keys are relative to the configured prefix (default ``/coil/``).
+
+    pool/<name>                   {"subnets": [CIDR...], "block_size": N}
+    subnet/<CIDR>                 {"pool": <name>}      one per subnet: uniqueness
+    subnets-guard                 "<generation>"        serialises subnet changes
+    block/<pool>/<block-CIDR>     {"node", "subnet", "acquired_at"}  one per held block
+    node-block/<node>/<block-CIDR>  "<pool>"            index of a node's blocks
+    ip/<block-CIDR>/<offset>      {"namespace", "pod", "container_id", "created_at"}
+
+A free block has no key: taking one is a create guarded by
+``version(block/...) == 0``, so nodes taking blocks never rewrite a shared
+document.
+"""
+
+POOL = "pool/"
+SUBNET = "subnet/"
+SUBNETS_GUARD = "subnets-guard"
+BLOCK = "block/"
+NODE_BLOCK = "node-block/"
+IP = "ip/"
+
+
+def pool(name: str) -> str:
+    return f"{POOL}{name}"
+
+
+def subnet(cidr: str) -> str:
+    return f"{SUBNET}{cidr}"
+
+
+def pool_blocks(pool_name: str) -> str:
+    return f"{BLOCK}{pool_name}/"
+
+
+def block(pool_name: str, block_cidr: str) -> str:
+    return f"{BLOCK}{pool_name}/{block_cidr}"
+
+
+def node_blocks(node: str) -> str:
+    return f"{NODE_BLOCK}{node}/"
+
+
+def node_block(node: str, block_cidr: str) -> str:
+    return f"{NODE_BLOCK}{node}/{block_cidr}"
+
+
+def block_ips(block_cidr: str) -> str:
+    return f"{IP}{block_cidr}/"
+
+
+def ip(block_cidr: str, offset: int) -> str:
+    return f"{IP}{block_cidr}/{offset}"
+
+
+def parse_block_key(key: str) -> tuple[str, str]:
+    """``block/<pool>/<cidr>`` -> (pool, cidr)."""
+    rest = key[len(BLOCK):]
+    pool_name, _, cidr = rest.partition("/")
+    return pool_name, cidr
+
+
+def parse_ip_key(key: str) -> tuple[str, int]:
+    """``ip/<cidr>/<offset>`` -> (block cidr, offset)."""
+    rest = key[len(IP):]
+    cidr, _, offset = rest.rpartition("/")
+    return cidr, int(offset)

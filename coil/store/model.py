@@ -1,0 +1,481 @@
+"""Pools, blocks and addresses in etcd, each change one guarded transaction.
+
+Invariant under any concurrency, crash or retry: a block or an address is
+never held by two owners, because every acquisition is a create guarded by
+``version(key) == 0``, every address create is also guarded by the block
+key's mod revision (the block is still the caller's, unchanged), and a block
+is only released when no address key exists under it (range compare).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+from coil.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound,
+                         PoolExhausted)
+from coil.store import keys
+from coil.store.etcd import Etcd
+
+MAX_RETRIES = 64
+MAX_BLOCK_SIZE = 16  # 65,536 addresses per block
+DEFAULT_POOL = "default"
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class BlockLost(Conflict):
+    """The block is no longer held by the caller (freed or re-acquired)."""
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def validate_pool_name(name: str) -> str:
+    if not isinstance(name, str) or len(name) > 63 or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid pool name {name!r}: use a DNS label (lower-case letters, digits "
+            f"and '-', at most 63 characters), like a Kubernetes namespace")
+    return name
+
+
+def validate_node_name(name: str) -> str:
+    if not isinstance(name, str) or len(name) > 253 or not _NODE_RE.match(name):
+        raise InvalidArgument(
+            f"invalid node name {name!r}: use a DNS subdomain (lower-case letters, "
+            f"digits, '-' and '.')")
+    return name
+
+
+def parse_subnet(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Parse a subnet in CIDR form. Raises InvalidArgument naming the value."""
+    raw = str(text).strip()
+    if "/" not in raw:
+        raise InvalidArgument(f"invalid subnet {text!r}: prefix length missing (e.g. {raw}/24)")
+    try:
+        return ipaddress.ip_network(raw, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise InvalidArgument(f"invalid subnet {text!r}: expected a CIDR like 10.64.0.0/16") from None
+    raise InvalidArgument(f"invalid subnet {text!r}: host bits set (did you mean {loose}?)")
+
+
+def validate_block_size(size, subnet=None) -> int:
+    try:
+        value = int(size)
+        if str(size).strip() != str(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"invalid block size {size!r}: expected an integer 0..{MAX_BLOCK_SIZE}") from None
+    if not 0 <= value <= MAX_BLOCK_SIZE:
+        raise InvalidArgument(f"invalid block size {value}: must be 0..{MAX_BLOCK_SIZE} "
+                              f"(size 5 means blocks of 32 addresses)")
+    if subnet is not None:
+        host_bits = subnet.max_prefixlen - subnet.prefixlen
+        if value > host_bits:
+            raise InvalidArgument(f"invalid block size {value} for subnet {subnet}: "
+                                  f"a /{subnet.prefixlen} holds at most 2^{host_bits} addresses")
+    return value
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    subnets: tuple
+    block_size: int
+    revision: int = 0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "subnets": [str(s) for s in self.subnets],
+                "block_size": self.block_size}
+
+
+@dataclass(frozen=True)
+class Block:
+    pool: str
+    cidr: str
+    node: str
+    revision: int
+    subnet: str = ""
+    acquired_at: str = ""
+
+    @property
+    def network(self):
+        return ipaddress.ip_network(self.cidr)
+
+    @property
+    def size(self) -> int:
+        return self.network.num_addresses
+
+
+@dataclass(frozen=True)
+class Address:
+    address: str
+    block: str
+    offset: int
+    namespace: str
+    pod: str
+    container_id: str
+    created_at: str
+    revision: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict:
+        return {"address": self.address, "block": self.block, "namespace": self.namespace,
+                "pod": self.pod, "container_id": self.container_id,
+                "created_at": self.created_at}
+
+
+class IPAMStore:
+    """Pools, blocks and addresses. Thread-safe (etcd does the locking).
+
+    Every method that writes is one guarded transaction, retried at most
+    ``MAX_RETRIES`` times on a lost race (then ``Conflict``). All raise
+    ``StoreUnavailable`` when etcd cannot be reached.
+    """
+
+    def __init__(self, etcd: Etcd):
+        self.etcd = etcd
+
+    def close(self):
+        self.etcd.close()
+
+    # -- pools ----------------------------------------------------------------
+    def _decode_pool(self, name, kv) -> Pool:
+        data = json.loads(kv.value)
+        return Pool(name, tuple(ipaddress.ip_network(s) for s in data["subnets"]),
+                    int(data["block_size"]), kv.mod_revision)
+
+    def get_pool(self, name: str) -> Pool:
+        """Raises NotFound."""
+        validate_pool_name(name)
+        kv = self.etcd.get(keys.pool(name))
+        if kv is None:
+            raise NotFound(f"pool {name!r} does not exist", hint="list pools with 'coilctl pool list'")
+        return self._decode_pool(name, kv)
+
+    def list_pools(self) -> list[Pool]:
+        kvs, _ = self.etcd.get_prefix(keys.POOL)
+        return sorted((self._decode_pool(kv.key[len(keys.POOL):], kv) for kv in kvs),
+                      key=lambda p: p.name)
+
+    def pool_for_namespace(self, namespace: str) -> Pool:
+        """The pool named like the namespace, else ``default``. Raises NotFound."""
+        if namespace and _NAME_RE.match(namespace) and len(namespace) <= 63:
+            kv = self.etcd.get(keys.pool(namespace))
+            if kv is not None:
+                return self._decode_pool(namespace, kv)
+        kv = self.etcd.get(keys.pool(DEFAULT_POOL))
+        if kv is None:
+            raise NotFound(f"no pool for namespace {namespace!r}: neither pool {namespace!r} "
+                           f"nor pool 'default' exists",
+                           hint="create one with 'coilctl pool create default SUBNET SIZE'")
+        return self._decode_pool(DEFAULT_POOL, kv)
+
+    def _check_subnet_free(self, net) -> tuple[list, int]:
+        """Returns (compares guarding the subnet set, next guard generation)."""
+        guard = self.etcd.get(keys.SUBNETS_GUARD)
+        kvs, _ = self.etcd.get_prefix(keys.SUBNET)
+        for kv in kvs:
+            other = ipaddress.ip_network(kv.key[len(keys.SUBNET):])
+            if other.version == net.version and other.overlaps(net):
+                owner = json.loads(kv.value).get("pool", "?")
+                if other == net:
+                    raise AlreadyExists(f"subnet {net} already belongs to pool {owner!r}")
+                raise AlreadyExists(f"subnet {net} overlaps subnet {other} of pool {owner!r}")
+        if guard is None:
+            return [("version", keys.SUBNETS_GUARD, "==", 0)], 1
+        return [("mod", keys.SUBNETS_GUARD, "==", guard.mod_revision)], int(guard.value or b"0") + 1
+
+    def create_pool(self, name: str, subnet: str, block_size) -> Pool:
+        """Create a pool with its first subnet.
+
+        Raises InvalidArgument, AlreadyExists (pool, or subnet overlap).
+        """
+        validate_pool_name(name)
+        net = parse_subnet(subnet)
+        size = validate_block_size(block_size, net)
+        for _ in range(MAX_RETRIES):
+            if self.etcd.get(keys.pool(name)) is not None:
+                raise AlreadyExists(f"pool {name!r} already exists",
+                                    hint="add subnets with 'coilctl pool add-subnet'")
+            guards, gen = self._check_subnet_free(net)
+            ok, rev, _ = self.etcd.txn(
+                guards + [("version", keys.pool(name), "==", 0)],
+                [("put", keys.pool(name), _dumps({"subnets": [str(net)], "block_size": size})),
+                 ("put", keys.subnet(str(net)), _dumps({"pool": name})),
+                 ("put", keys.SUBNETS_GUARD, str(gen).encode())])
+            if ok:
+                return Pool(name, (net,), size, rev)
+        raise Conflict(f"creating pool {name!r}: too many concurrent changes, try again")
+
+    def add_subnet(self, name: str, subnet: str) -> Pool:
+        """Add a subnet to an existing pool. Raises NotFound, InvalidArgument, AlreadyExists."""
+        net = parse_subnet(subnet)
+        for _ in range(MAX_RETRIES):
+            pool = self.get_pool(name)
+            validate_block_size(pool.block_size, net)
+            guards, gen = self._check_subnet_free(net)
+            subnets = list(pool.subnets) + [net]
+            ok, rev, _ = self.etcd.txn(
+                guards + [("mod", keys.pool(name), "==", pool.revision)],
+                [("put", keys.pool(name), _dumps({"subnets": [str(s) for s in subnets],
+                                                  "block_size": pool.block_size})),
+                 ("put", keys.subnet(str(net)), _dumps({"pool": name})),
+                 ("put", keys.SUBNETS_GUARD, str(gen).encode())])
+            if ok:
+                return Pool(name, tuple(subnets), pool.block_size, rev)
+        raise Conflict(f"adding subnet {net} to pool {name!r}: too many concurrent changes")
+
+    # -- blocks ---------------------------------------------------------------
+    def _decode_block(self, kv) -> Block:
+        pool_name, cidr = keys.parse_block_key(kv.key)
+        data = json.loads(kv.value)
+        return Block(pool_name, cidr, data["node"], kv.mod_revision,
+                     data.get("subnet", ""), data.get("acquired_at", ""))
+
+    def pool_blocks(self, pool_name: str) -> list[Block]:
+        kvs, _ = self.etcd.get_prefix(keys.pool_blocks(pool_name))
+        return [self._decode_block(kv) for kv in kvs]
+
+    def all_blocks(self) -> list[Block]:
+        kvs, _ = self.etcd.get_prefix(keys.BLOCK)
+        return [self._decode_block(kv) for kv in kvs]
+
+    def node_blocks(self, node: str) -> list[Block]:
+        """Blocks held by ``node`` (one range read plus one transaction)."""
+        kvs, _ = self.etcd.get_prefix(keys.node_blocks(node))
+        if not kvs:
+            return []
+        wanted = [keys.block(kv.value.decode(), kv.key[len(keys.node_blocks(node)):]) for kv in kvs]
+        _, _, responses = self.etcd.txn([], [("get", k) for k in wanted])
+        blocks = []
+        for resp in responses:
+            for kv in resp.response_range.kvs:
+                block = self._decode_block(self.etcd._kv(kv))
+                if block.node == node:
+                    blocks.append(block)
+        return blocks
+
+    @staticmethod
+    def _free_candidates(pool: Pool, used: set, version: int, want: int) -> list:
+        out = []
+        for net in pool.subnets:
+            if net.version != version:
+                continue
+            step = 1 << pool.block_size
+            count = net.num_addresses >> pool.block_size
+            base = int(net.network_address)
+            taken = sorted((int(ipaddress.ip_network(c).network_address) - base) // step
+                           for c in used
+                           if ipaddress.ip_network(c).version == version
+                           and ipaddress.ip_network(c).subnet_of(net))
+            idx = 0
+            ti = 0
+            while idx < count and len(out) < want:
+                while ti < len(taken) and taken[ti] < idx:
+                    ti += 1
+                if ti < len(taken) and taken[ti] == idx:
+                    idx += 1
+                    continue
+                addr = ipaddress.ip_address(base + idx * step)
+                out.append((ipaddress.ip_network(f"{addr}/{net.max_prefixlen - pool.block_size}"), net))
+                idx += 1
+            if len(out) >= want:
+                break
+        return out
+
+    def acquire_block(self, pool_name: str, node: str, version: int = 4) -> Block:
+        """Take a free block of ``pool_name`` for ``node``.
+
+        Raises NotFound (pool), InvalidArgument (no subnet of that IP
+        version), PoolExhausted, Conflict (retry bound). Not idempotent: each
+        call takes one more block.
+        """
+        validate_node_name(node)
+        for attempt in range(MAX_RETRIES):
+            pool = self.get_pool(pool_name)
+            if not any(s.version == version for s in pool.subnets):
+                raise InvalidArgument(f"pool {pool_name!r} has no IPv{version} subnet",
+                                      hint=f"add one with 'coilctl pool add-subnet {pool_name} SUBNET'")
+            kvs, _ = self.etcd.get_prefix(keys.pool_blocks(pool_name), keys_only=True)
+            used = {keys.parse_block_key(kv.key)[1] for kv in kvs}
+            candidates = self._free_candidates(pool, used, version, attempt + 1)
+            if not candidates:
+                raise PoolExhausted(pool_name, f"address pool {pool_name!r} has no free "
+                                               f"IPv{version} block left")
+            block_net, subnet = random.choice(candidates)
+            cidr = str(block_net)
+            acquired_at = now_iso()
+            ok, rev, _ = self.etcd.txn(
+                [("version", keys.block(pool_name, cidr), "==", 0),
+                 ("mod", keys.pool(pool_name), "==", pool.revision)],
+                [("put", keys.block(pool_name, cidr),
+                  _dumps({"node": node, "subnet": str(subnet), "acquired_at": acquired_at})),
+                 ("put", keys.node_block(node, cidr), pool_name.encode())])
+            if ok:
+                return Block(pool_name, cidr, node, rev, str(subnet), acquired_at)
+        raise Conflict(f"taking a block of pool {pool_name!r}: lost the race "
+                       f"{MAX_RETRIES} times, try again")
+
+    def release_block(self, block: Block) -> bool:
+        """Give an empty block back. Returns False (and changes nothing) when
+        the block still holds an address or is no longer the caller's.
+        Safe to repeat."""
+        ok, _, _ = self.etcd.txn(
+            [("mod", keys.block(block.pool, block.cidr), "==", block.revision),
+             ("prefix-empty", keys.block_ips(block.cidr))],
+            [("delete", keys.block(block.pool, block.cidr)),
+             ("delete", keys.node_block(block.node, block.cidr))])
+        return ok
+
+    def free_block(self, block: Block) -> bool:
+        """Free a block and every address in it (the node is gone).
+
+        One transaction guarded by the block's revision; False when it
+        changed meanwhile. Safe to repeat."""
+        ok, _, _ = self.etcd.txn(
+            [("mod", keys.block(block.pool, block.cidr), "==", block.revision)],
+            [("delete", keys.block(block.pool, block.cidr)),
+             ("delete", keys.node_block(block.node, block.cidr)),
+             ("delete-prefix", keys.block_ips(block.cidr))])
+        return ok
+
+    # -- addresses ------------------------------------------------------------
+    def _decode_address(self, kv) -> Address:
+        cidr, offset = keys.parse_ip_key(kv.key)
+        data = json.loads(kv.value)
+        addr = ipaddress.ip_network(cidr).network_address + offset
+        return Address(str(addr), cidr, offset, data.get("namespace", ""), data.get("pod", ""),
+                       data.get("container_id", ""), data.get("created_at", ""),
+                       kv.mod_revision)
+
+    def assign_address(self, block: Block, offset: int, namespace: str, pod: str,
+                       container_id: str) -> Address | None:
+        """Record the address at ``offset`` of ``block`` for a container.
+
+        Returns None when that address is already taken (nothing written).
+        Raises BlockLost when the block is no longer the caller's.
+        """
+        if not 0 <= offset < block.size:
+            raise InvalidArgument(f"offset {offset} is outside block {block.cidr}")
+        created_at = now_iso()
+        ip_key = keys.ip(block.cidr, offset)
+        block_key = keys.block(block.pool, block.cidr)
+        ok, rev, responses = self.etcd.txn(
+            [("mod", block_key, "==", block.revision), ("version", ip_key, "==", 0)],
+            [("put", ip_key, _dumps({"namespace": namespace, "pod": pod,
+                                     "container_id": container_id, "created_at": created_at}))],
+            [("get", block_key)])
+        if ok:
+            addr = block.network.network_address + offset
+            return Address(str(addr), block.cidr, offset, namespace, pod, container_id,
+                           created_at, rev)
+        kvs = responses[0].response_range.kvs if responses else []
+        if not kvs or kvs[0].mod_revision != block.revision:
+            raise BlockLost(f"block {block.cidr} of pool {block.pool!r} is no longer held "
+                            f"by node {block.node!r}")
+        return None
+
+    def release_address(self, cidr: str, offset: int, revision: int | None = None) -> bool:
+        """Delete an address record; with ``revision``, only that very record.
+        Returns False when nothing matched. Safe to repeat."""
+        ip_key = keys.ip(cidr, offset)
+        guard = ("mod", ip_key, "==", revision) if revision else ("version", ip_key, ">", 0)
+        ok, _, _ = self.etcd.txn([guard], [("delete", ip_key)])
+        return ok
+
+    def block_addresses(self, cidr: str) -> list[Address]:
+        kvs, _ = self.etcd.get_prefix(keys.block_ips(cidr))
+        return [self._decode_address(kv) for kv in kvs]
+
+    def all_addresses(self) -> tuple[list[Address], int]:
+        kvs, rev = self.etcd.get_prefix(keys.IP)
+        return [self._decode_address(kv) for kv in kvs], rev
+
+    def count_addresses(self, cidr: str) -> int:
+        return self.etcd.count_prefix(keys.block_ips(cidr))
+
+    def _locate(self, address: str):
+        try:
+            addr = ipaddress.ip_address(str(address).strip())
+        except ValueError:
+            raise InvalidArgument(f"invalid address {address!r}: expected an IPv4 or IPv6 address") from None
+        for pool in self.list_pools():
+            for net in pool.subnets:
+                if addr.version == net.version and addr in net:
+                    block_net = ipaddress.ip_network(
+                        f"{addr}/{net.max_prefixlen - pool.block_size}", strict=False)
+                    return addr, pool, block_net
+        raise NotFound(f"address {addr} is not in any pool's subnet")
+
+    def address_info(self, address: str) -> dict:
+        """Pool, block, node and assignment of an address.
+
+        Raises InvalidArgument, NotFound (no pool, or not assigned)."""
+        addr, pool, block_net = self._locate(address)
+        cidr = str(block_net)
+        offset = int(addr) - int(block_net.network_address)
+        _, _, responses = self.etcd.txn([], [("get", keys.block(pool.name, cidr)),
+                                             ("get", keys.ip(cidr, offset))])
+        block_kvs = responses[0].response_range.kvs
+        ip_kvs = responses[1].response_range.kvs
+        if not ip_kvs:
+            owner = json.loads(block_kvs[0].value)["node"] if block_kvs else None
+            where = f"block {cidr} of node {owner!r}" if owner else f"free block {cidr}"
+            raise NotFound(f"address {addr} is not assigned (pool {pool.name!r}, {where})")
+        rec = self._decode_address(self.etcd._kv(ip_kvs[0]))
+        info = rec.to_json()
+        info.update(pool=pool.name,
+                    node=json.loads(block_kvs[0].value)["node"] if block_kvs else None)
+        return info
+
+    def free_address(self, address: str) -> Address:
+        """Free an assigned address by hand. Raises InvalidArgument, NotFound,
+        Conflict (changed while freeing)."""
+        addr, pool, block_net = self._locate(address)
+        cidr = str(block_net)
+        offset = int(addr) - int(block_net.network_address)
+        kv = self.etcd.get(keys.ip(cidr, offset))
+        if kv is None:
+            raise NotFound(f"address {addr} is not assigned (pool {pool.name!r})")
+        rec = self._decode_address(kv)
+        if not self.release_address(cidr, offset, kv.mod_revision):
+            raise Conflict(f"address {addr} changed while being freed, try again")
+        return rec
+
+    def pool_usage(self, name: str, subnet: str | None = None) -> dict:
+        """Block usage of a pool (optionally one subnet): per node, per block."""
+        pool = self.get_pool(name)
+        nets = list(pool.subnets)
+        if subnet is not None:
+            net = parse_subnet(subnet)
+            if net not in nets:
+                raise NotFound(f"subnet {net} is not a subnet of pool {name!r} "
+                               f"(its subnets: {', '.join(map(str, nets))})")
+            nets = [net]
+        blocks = [b for b in self.pool_blocks(name)
+                  if any(b.network.subnet_of(n) for n in nets if n.version == b.network.version)]
+        per_block = 1 << pool.block_size
+        total_blocks = sum(n.num_addresses >> pool.block_size for n in nets)
+        rows = []
+        for b in sorted(blocks, key=lambda b: (b.network.version, b.network)):
+            used = self.count_addresses(b.cidr)
+            rows.append({"block": b.cidr, "node": b.node, "used": used,
+                         "free": per_block - used, "acquired_at": b.acquired_at})
+        return {"pool": name, "subnets": [str(n) for n in nets], "block_size": pool.block_size,
+                "addresses_per_block": per_block, "blocks_total": total_blocks,
+                "blocks_used": len(blocks), "blocks_free": total_blocks - len(blocks),
+                "blocks": rows}

@@ -1,0 +1,450 @@
+"""coild and the coil CNI plugin, for real: etcd, network namespaces, the
+libcni client (tests/cniclient), the reference plugins for chaining.
+
+Each test gets a node namespace running its own coild and pod namespaces;
+all are removed afterwards, even on failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+@pytest.fixture
+def cluster(etcd_server, store, etcd_prefix, tmp_path):
+    """One node: namespace + coild + libcni client; pods made on demand."""
+    class Cluster:
+        pass
+
+    c = Cluster()
+    c.store = store
+    c.prefix = etcd_prefix
+    c.etcd = etcd_server
+    c.node = Netns("node")
+    c.pods = []
+    c.coild = Coild(c.node, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix)
+    c.cni = None
+
+    def new_pod():
+        p = Netns("pod")
+        c.pods.append(p)
+        return p
+
+    def start(**conf):
+        c.coild.start()
+        c.cni = CNI(c.node, str(tmp_path), coil_conflist(c.coild.socket, **conf), plugin_binary())
+        return c
+
+    c.new_pod = new_pod
+    c.start = start
+    try:
+        yield c
+    finally:
+        c.coild.stop()
+        for p in c.pods:
+            p.delete()
+        c.node.delete()
+
+
+def add(c, pod, cid, ns="default", name=None):
+    rc, out = c.cni.call("add", pod, cid, ns, name or cid)
+    assert rc == 0, (out, c.coild.log())
+    return out
+
+
+def pod_ip(result) -> str:
+    return str(ipaddress.ip_interface(result["ips"][0]["address"]).ip)
+
+
+def etcd_ips(store) -> dict:
+    addrs, _ = store.all_addresses()
+    return {a.address: a for a in addrs}
+
+
+def test_add_wires_pod_and_publishes_block(cluster):
+    cluster.store.create_pool("default", "10.20.0.0/24", 3)
+    cluster.start()
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1", "default", "web")
+    ip = pod_ip(res)
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.20.0.0/24")
+    assert res["cniVersion"] == "1.0.0"
+    assert res["ips"][0]["gateway"] == "169.254.1.1"
+    assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+    host, cont = res["interfaces"]
+    assert host["name"].startswith("veth") and len(host["name"]) == 15
+    assert cont == {"name": "eth0", "mac": cont["mac"], "sandbox": pod.path}
+    # pod side
+    assert f"inet {ip}/32" in pod.exec("ip", "addr", "show", "eth0").stdout
+    routes = pod.exec("ip", "route").stdout
+    assert "default via 169.254.1.1 dev eth0" in routes
+    assert "169.254.1.1 dev eth0" in routes
+    # node side
+    assert f"{ip} dev {host['name']}" in cluster.node.exec("ip", "route").stdout
+    assert "169.254.1.1/32" in cluster.node.exec("ip", "addr", "show", host["name"]).stdout
+    table = cluster.node.exec("ip", "route", "show", "table", "119").stdout
+    assert "10.20.0.0/29 dev lo proto 30" in table
+    # etcd knows who holds it
+    rec = etcd_ips(cluster.store)[ip]
+    assert (rec.namespace, rec.pod, rec.container_id) == ("default", "web", "c1")
+    # traffic both ways
+    assert pod.exec("ping", "-c1", "-W2", "169.254.1.1", check=False).returncode == 0
+    assert cluster.node.exec("ping", "-c1", "-W2", ip, check=False).returncode == 0
+
+
+def test_addresses_unique_and_second_block_taken(cluster):
+    cluster.store.create_pool("default", "10.21.0.0/24", 2)   # blocks of 4
+    cluster.start()
+    ips = []
+    for i in range(6):
+        ips.append(pod_ip(add(cluster, cluster.new_pod(), f"c{i}")))
+    assert len(set(ips)) == 6
+    table = cluster.node.exec("ip", "route", "show", "table", "119").stdout
+    assert "10.21.0.0/30 dev lo proto 30" in table and "10.21.0.4/30 dev lo proto 30" in table
+    assert sorted(etcd_ips(cluster.store)) == sorted(ips)
+    blocks = {b.cidr for b in cluster.store.node_blocks("node1")}
+    assert blocks == {"10.21.0.0/30", "10.21.0.4/30"}
+
+
+def test_namespace_pool_only_for_its_namespace(cluster):
+    cluster.store.create_pool("default", "10.22.0.0/24", 4)
+    cluster.store.create_pool("global", "10.23.0.0/24", 4)
+    cluster.start()
+    a = pod_ip(add(cluster, cluster.new_pod(), "g1", "global"))
+    b = pod_ip(add(cluster, cluster.new_pod(), "d1", "default"))
+    c = pod_ip(add(cluster, cluster.new_pod(), "o1", "other"))
+    assert ipaddress.ip_address(a) in ipaddress.ip_network("10.23.0.0/24")
+    assert ipaddress.ip_address(b) in ipaddress.ip_network("10.22.0.0/24")
+    assert ipaddress.ip_address(c) in ipaddress.ip_network("10.22.0.0/24")
+
+
+def test_check_passes_then_fails_without_route(cluster):
+    cluster.store.create_pool("default", "10.24.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    add(cluster, pod, "c1")
+    assert cluster.cni.call("check", pod, "c1", "default", "c1") == (0, None)
+    pod.exec("ip", "route", "del", "default")
+    rc, err = cluster.cni.call("check", pod, "c1", "default", "c1")
+    assert rc != 0
+    assert err["code"] == 104 and "default route" in err["msg"]
+
+
+def test_del_removes_everything_and_is_idempotent(cluster):
+    cluster.store.create_pool("default", "10.25.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    host = res["interfaces"][0]["name"]
+    assert host in cluster.node.links()
+    for _ in range(2):
+        assert cluster.cni.call("del", pod, "c1", "default", "c1") == (0, None)
+        assert host not in cluster.node.links()
+        assert "eth0" not in pod.links()
+        assert etcd_ips(cluster.store) == {}
+    # DEL of a container never seen, and without a netns, also succeeds
+    assert cluster.cni.call("del", "", "never-added", "default", "x") == (0, None)
+
+
+def test_address_reused_after_del(cluster):
+    cluster.store.create_pool("default", "10.26.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    first = pod_ip(add(cluster, pod, "c1"))
+    assert cluster.cni.call("del", pod, "c1", "default", "c1")[0] == 0
+    again = pod_ip(add(cluster, cluster.new_pod(), "c2"))
+    assert again == first
+
+
+def test_chained_tuning_sets_mtu(cluster):
+    cluster.store.create_pool("default", "10.27.0.0/24", 4)
+    cluster.start(chain=[{"type": "tuning", "mtu": 1400}])
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    assert res["ips"][0]["address"].endswith("/32")
+    assert "mtu 1400" in pod.exec("ip", "link", "show", "eth0").stdout
+    assert cluster.cni.call("check", pod, "c1", "default", "c1")[0] == 0
+    assert cluster.cni.call("del", pod, "c1", "default", "c1")[0] == 0
+
+
+def test_chained_portmap_and_bandwidth(cluster):
+    cluster.store.create_pool("default", "10.28.0.0/24", 4)
+    cluster.start(chain=[{"type": "bandwidth", "ingressRate": 1000000, "ingressBurst": 100000,
+                          "egressRate": 1000000, "egressBurst": 100000}])
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    host = res["interfaces"][0]["name"]
+    # bandwidth puts a tbf qdisc on the host end (our host veth from prevResult)
+    assert "tbf" in cluster.node.exec("tc", "qdisc", "show", "dev", host).stdout
+    assert cluster.cni.call("del", pod, "c1", "default", "c1")[0] == 0
+
+
+def test_coild_restart_keeps_state(cluster):
+    cluster.store.create_pool("default", "10.29.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    ip = pod_ip(add(cluster, pod, "c1"))
+    # a stale route of our protocol and a foreign route in table 119
+    cluster.node.exec("ip", "route", "add", "10.99.0.0/24", "dev", "lo", "table", "119", "proto", "30")
+    cluster.node.exec("ip", "route", "add", "10.98.0.0/24", "dev", "lo", "table", "119", "proto", "static")
+    assert cluster.coild.stop() == 0          # SIGTERM: graceful
+    cluster.coild.start()
+    status, body = cluster.coild.rest("GET", "/ip/default/c1/c1")
+    assert status == 200 and body["address"] == ip
+    table = cluster.node.exec("ip", "route", "show", "table", "119").stdout
+    assert "10.29.0.0/28 dev lo proto 30" in table
+    assert "10.99.0.0/24" not in table            # stale route of ours: removed
+    assert "10.98.0.0/24" in table                # somebody else's: kept
+    other = pod_ip(add(cluster, cluster.new_pod(), "c2"))
+    assert other != ip
+    assert cluster.node.exec("ping", "-c1", "-W2", ip, check=False).returncode == 0
+
+
+def test_rest_api(cluster):
+    cluster.store.create_pool("default", "10.30.0.0/24", 4)
+    cluster.store.create_pool("tiny", "10.31.0.0/31", 0)
+    cluster.start()
+    rest = cluster.coild.rest
+    status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a",
+                                        "container-id": "x1"})
+    assert status == 200 and body["status"] == 200
+    ip = body["address"]
+    assert rest("GET", "/ip/default/a/x1") == (200, {"address": ip, "addresses": [ip], "status": 200})
+    status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a",
+                                        "container-id": "x1"})
+    assert status == 409 and body["status"] == 409 and "x1" in body["error"]
+    status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a"})
+    assert status == 400 and "container-id" in body["error"]
+    status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a",
+                                        "container-id": "x2", "address-type": "ipv5"})
+    assert status == 400 and "ipv5" in body["error"]
+    status, body = rest("GET", "/status")
+    assert status == 200 and body["pods"] == {"default/a": [ip]}
+    assert body["address-blocks"] == {"default": ["10.30.0.0/28"]}
+    for i in range(2):
+        assert rest("POST", "/ip", {"pod-namespace": "tiny", "pod-name": f"t{i}",
+                                    "container-id": f"t{i}"})[0] == 200
+    status, body = rest("POST", "/ip", {"pod-namespace": "tiny", "pod-name": "t9",
+                                        "container-id": "t9"})
+    assert status == 503 and "tiny" in body["error"]
+    assert rest("DELETE", "/ip/default/a/x1")[0] == 200
+    assert rest("GET", "/ip/default/a/x1")[0] == 404
+    assert rest("DELETE", "/ip/default/a/x1")[0] == 404
+    status, text = rest("GET", "/healthz")
+    assert status == 200
+
+
+def test_ipv6_pool(cluster):
+    cluster.store.create_pool("default", "fd00:10::/120", 4)
+    cluster.start(ipv4=False, ipv6=True)
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    ip = pod_ip(res)
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("fd00:10::/120")
+    assert res["ips"][0]["gateway"] == "fe80::1"
+    assert "fd00:10::/124 dev lo proto 30" in cluster.node.exec(
+        "ip", "-6", "route", "show", "table", "119").stdout
+    assert cluster.node.exec("ping", "-6", "-c1", "-W2", ip, check=False).returncode == 0
+    assert cluster.cni.call("check", pod, "c1", "default", "c1")[0] == 0
+    assert cluster.cni.call("del", pod, "c1", "default", "c1")[0] == 0
+    assert etcd_ips(cluster.store) == {}
+
+
+def test_dual_stack(cluster):
+    cluster.store.create_pool("default", "10.32.0.0/24", 4)
+    cluster.store.add_subnet("default", "fd00:32::/120")
+    cluster.start(ipv6=True)
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    got = sorted(i["address"] for i in res["ips"])
+    assert got[0].startswith("10.32.0.") and got[1].startswith("fd00:32::")
+    assert cluster.node.exec("ping", "-c1", "-W2", got[0].split("/")[0], check=False).returncode == 0
+    assert cluster.node.exec("ping", "-6", "-c1", "-W2", got[1].split("/")[0],
+                             check=False).returncode == 0
+
+
+# -- bad input and faults ------------------------------------------------------
+
+def leftovers(cluster):
+    """(links on the node besides lo, addresses held in etcd)."""
+    return [l for l in cluster.node.links() if l != "lo"], etcd_ips(cluster.store)
+
+
+def raw_call(cluster, env: dict, stdin: str):
+    """Exec the plugin directly (no libcni) to feed it malformed input."""
+    base = {"PATH": os.environ["PATH"], "CNI_PATH": cluster.cni.bin}
+    r = subprocess.run(["ip", "netns", "exec", cluster.node.name,
+                        os.path.join(cluster.cni.bin, "coil")],
+                       input=stdin, capture_output=True, text=True, env={**base, **env}, timeout=30)
+    return r.returncode, json.loads(r.stdout) if r.stdout.strip() else None
+
+
+def base_env(pod, cid="bad1", **kw):
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": pod.path,
+           "CNI_IFNAME": "eth0", "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"}
+    env.update(kw)
+    return env
+
+
+def conf(cluster, **kw):
+    d = {"cniVersion": "1.0.0", "name": "coil-test", "type": "coil", "socket": cluster.coild.socket}
+    d.update(kw)
+    return json.dumps(d)
+
+
+def test_bad_input_is_rejected_cleanly(cluster):
+    cluster.store.create_pool("default", "10.33.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    cases = [
+        (base_env(pod), "{not json", 6, "not valid JSON"),
+        (base_env(pod), conf(cluster, cniVersion="9.9.9"), 1, "9.9.9"),
+        (base_env(pod, CNI_ARGS="K8S_POD_NAMESPACE=default"), conf(cluster), 4, "K8S_POD_NAME"),
+        (base_env(pod, CNI_ARGS="garbage"), conf(cluster), 4, "garbage"),
+        (base_env(pod, CNI_NETNS="/run/netns/does-not-exist"), conf(cluster), 4, "does-not-exist"),
+        (base_env(pod, CNI_COMMAND="FROB"), conf(cluster), 4, "FROB"),
+        (base_env(pod, CNI_CONTAINERID=""), conf(cluster), 4, "CNI_CONTAINERID"),
+        (base_env(pod), conf(cluster, mtu="big"), 7, "mtu"),
+    ]
+    for env, stdin, code, needle in cases:
+        rc, err = raw_call(cluster, env, stdin)
+        assert rc != 0, (env, stdin)
+        assert err["code"] == code and needle in err["msg"], (err, needle)
+        assert leftovers(cluster) == ([], {})
+    assert pod.links() == ["lo"]
+
+
+def test_coild_not_running_gives_code_11(cluster):
+    cluster.store.create_pool("default", "10.34.0.0/24", 4)
+    cluster.start()
+    cluster.coild.stop()
+    rc, err = cluster.cni.call("add", cluster.new_pod(), "c1")
+    assert rc != 0 and err["code"] == 11
+    assert cluster.coild.socket in err["msg"]
+
+
+def test_etcd_down_gives_code_11_and_leaves_nothing(cluster, tmp_path):
+    from helpers import EtcdServer
+    from coil.config import EtcdConfig
+    from coil.store import IPAMStore
+    from coil.store.etcd import Etcd
+    private = EtcdServer(str(tmp_path / "etcd2")).start()
+    try:
+        s = IPAMStore(Etcd(EtcdConfig(endpoints=(private.endpoint,), prefix="/x/")))
+        s.create_pool("default", "10.38.0.0/24", 4)
+        s.close()
+        cluster.coild.etcd_endpoint = private.unix_endpoint
+        cluster.coild.prefix = "/x/"
+        cluster.coild.extra = ["--etcd-timeout", "1s"]
+        cluster.start()
+        private.stop()
+        pod = cluster.new_pod()
+        rc, err = cluster.cni.call("add", pod, "c1")
+        assert rc != 0 and err["code"] == 11 and "etcd" in err["msg"]
+        assert cluster.node.links() == ["lo"] and pod.links() == ["lo"]
+        # coild survives and works again once etcd is back
+        private.start()
+        deadline = time.time() + 10      # the runtime retries a code-11 ADD
+        while True:
+            rc, out = cluster.cni.call("add", pod, "c1")
+            if rc == 0 or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert rc == 0, (out, cluster.coild.log())
+    finally:
+        private.stop()
+
+
+def test_coild_waits_for_etcd_at_start(cluster, tmp_path):
+    from helpers import EtcdServer
+    private = EtcdServer(str(tmp_path / "etcd3"))
+    cluster.coild.etcd_endpoint = private.unix_endpoint
+    cluster.coild.start(wait=False)
+    time.sleep(1.5)
+    assert cluster.coild.proc.poll() is None           # still waiting, not crashed
+    assert "waiting for etcd" in cluster.coild.log()
+    try:
+        private.start()
+        cluster.coild.wait_ready()
+    finally:
+        private.stop()
+
+
+def test_pool_exhausted_names_pool(cluster):
+    cluster.store.create_pool("default", "10.35.0.0/31", 0)     # two addresses
+    cluster.start()
+    add(cluster, cluster.new_pod(), "c1")
+    add(cluster, cluster.new_pod(), "c2")
+    pod = cluster.new_pod()
+    rc, err = cluster.cni.call("add", pod, "c3")
+    assert rc != 0 and err["code"] == 102 and "'default'" in err["msg"]
+    assert pod.links() == ["lo"]
+    assert len(etcd_ips(cluster.store)) == 2
+
+
+def test_no_pool_at_all(cluster):
+    cluster.start()
+    pod = cluster.new_pod()
+    rc, err = cluster.cni.call("add", pod, "c1")
+    assert rc != 0 and err["code"] == 101 and "default" in err["msg"]
+    assert leftovers(cluster) == ([], {})
+
+
+def test_failed_add_leaves_nothing_then_retry_works(cluster):
+    """The container already has eth0 (made by someone else): ADD fails,
+    rolls back its address and veth; after the runtime's DEL, ADD works."""
+    cluster.store.create_pool("default", "10.36.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    pod.exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other0")
+    rc, err = cluster.cni.call("add", pod, "c1")
+    assert rc != 0 and err["code"] == 103 and "eth0" in err["msg"]
+    assert leftovers(cluster) == ([], {})
+    pod.exec("ip", "link", "del", "eth0")
+    assert cluster.cni.call("del", pod, "c1")[0] == 0
+    res = add(cluster, pod, "c1")
+    assert pod_ip(res) in etcd_ips(cluster.store)
+
+
+def test_sigkill_in_the_middle_of_add(cluster):
+    cluster.store.create_pool("default", "10.37.0.0/24", 4)
+    cluster.coild.start_env = None
+    os.environ["COIL_FAULT_ADD_PAUSE"] = "30"
+    try:
+        cluster.start()
+    finally:
+        del os.environ["COIL_FAULT_ADD_PAUSE"]
+    pod = cluster.new_pod()
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", cluster.node.name, "tests/cniclient/cnitool", "add",
+         cluster.cni.conf_path, pod.path, "c1", "eth0", "default", "c1"],
+        env=cluster.cni.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not etcd_ips(cluster.store) and time.time() < deadline:   # address recorded
+        time.sleep(0.05)
+    while "eth0" not in pod.links() and time.time() < deadline:      # veth made
+        time.sleep(0.05)
+    assert etcd_ips(cluster.store) and "eth0" in pod.links()
+    cluster.coild.stop(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    # the runtime calls DEL: coild is down, so it must fail (and be retried)
+    rc, err = cluster.cni.call("del", pod, "c1")
+    assert rc != 0 and err["code"] == 11
+    cluster.coild.start()
+    assert cluster.cni.call("del", pod, "c1")[0] == 0
+    assert leftovers(cluster) == ([], {})
+    assert pod.links() == ["lo"]
+    # and the retried ADD works
+    assert pod_ip(add(cluster, pod, "c1"))
