@@ -12,7 +12,7 @@ APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-d
 CNITOOL := tests/cniclient/cnitool
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build test demo bench clean
+.PHONY: all deps venv build test demo bench clean kube-apiserver
 
 all: build
 
@@ -33,11 +33,15 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 venv: deps $(VENV)/.installed
 
+# kube-apiserver 1.20.2 from Debian's source package, once, into .cache/kube/
+kube-apiserver: deps
+	tools/build-kube-apiserver.sh
+
 $(CNITOOL): tests/cniclient/main.go
 	cd tests/cniclient && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/.cache/go-build \
 	  go build -o cnitool .
 
-build: venv
+build: venv kube-apiserver
 	COIL_REQUIRE_FAST=1 $(PY) setup.py -q build_ext --inplace
 	$(MAKE) --no-print-directory $(CNITOOL)
 

@@ -3,7 +3,6 @@ where exceptions become exit codes."""
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click

@@ -20,6 +20,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+pytest_plugins = ["kube"]  # the kube_apiserver fixture (tests/kube.py)
 
 from helpers import EtcdServer, free_port, wait_port  # noqa: E402,F401
 

@@ -79,7 +79,7 @@ class EtcdServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log.name}")
-            if self.netns is None and wait_port(self.host, self.client_port, 0.2):
+            if self.netns is None and self.healthy():
                 break
             if self.netns is not None:
                 r = subprocess.run(["ip", "netns", "exec", self.netns, "etcdctl",
@@ -92,6 +92,15 @@ class EtcdServer:
             self.stop()
             raise RuntimeError("etcd did not start within 20 s")
         return self
+
+    def healthy(self) -> bool:
+        """etcd answers /health (listening alone is not serving yet)."""
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as r:
+                return b'"true"' in r.read()
+        except OSError:
+            return False
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

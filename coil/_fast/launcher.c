@@ -28,6 +28,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stddef.h>
@@ -59,6 +60,7 @@
 /* CNI error codes (spec.ERR_*) */
 #define ERR_IO 5
 #define ERR_DECODE 6
+#define NOT_AN_OBJECT "network configuration on stdin is not a JSON object"
 #define ERR_TRY_AGAIN 11
 
 static const char *const RELAY_ENV[] = {
@@ -229,6 +231,7 @@ typedef struct {
     char socket[VALUE_CAP];
     size_t socket_len;
     int socket_set, socket_overflow;
+    int is_object;                          /* the whole stdin is one JSON object */
     char version[VALUE_CAP];
     size_t version_len;
     int version_set, version_overflow;
@@ -506,8 +509,9 @@ static int scan_value(json_t *j)
 }
 
 /* Parse the configuration; on any syntax error (or a top level that is not
- * an object) nothing is extracted and the defaults apply, exactly like the
- * Python twin, and coild reports the decoding error. */
+ * an object) nothing is extracted, is_object is 0, and every command but
+ * VERSION is answered with ERR_DECODE here: without a configuration the
+ * socket of coild is unknown. Exactly like the Python twin. */
 static void scan_config(json_t *j, const char *data, size_t len)
 {
     memset(j, 0, sizeof *j);
@@ -521,6 +525,7 @@ static void scan_config(json_t *j, const char *data, size_t len)
         skip_ws(j);
         ok = j->p == j->end;
     }
+    j->is_object = ok;
     if (!ok) {
         j->socket_set = 0;
         j->version_set = 0;
@@ -536,6 +541,16 @@ static void scan_config(json_t *j, const char *data, size_t len)
 
 static const char *g_version = DEFAULT_CNI_VERSION;
 static size_t g_version_len = sizeof DEFAULT_CNI_VERSION - 1;
+
+/* Write the answer to stdout: 0, or 1 with a note on stderr. */
+static int emit(const char *p, size_t n)
+{
+    if (write_all(STDOUT_FILENO, p, n) < 0) {
+        fprintf(stderr, "hypercoil: cannot write the answer: %s\n", strerror(errno));
+        return 1;
+    }
+    return 0;
+}
 
 /* Print a CNI error object on stdout; returns the exit code 1. */
 static int cni_error(int code, const char *msg, size_t msg_len, const char *details)
@@ -553,7 +568,7 @@ static int cni_error(int code, const char *msg, size_t msg_len, const char *deta
         fputs("hypercoil: out of memory\n", stderr);
         return 1;
     }
-    write_all(STDOUT_FILENO, b.data, b.len);
+    emit(b.data, b.len);
     free(b.data);
     return 1;
 }
@@ -601,6 +616,11 @@ static int recv_all(int fd, buf_t *b, long long deadline)
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
                 continue;
+            /* coild closed with part of our request unread (it answered
+             * early): the kernel delivers all queued data first, so this
+             * is the end of the answer */
+            if (errno == ECONNRESET)
+                return 0;
             return -1;
         }
         if (r == 0)
@@ -655,8 +675,11 @@ static int cni_main(void)
             buf_put_json(&b, g_version, g_version_len) < 0 ||
             buf_puts(&b, "\",\"supportedVersions\":[" SUPPORTED_VERSIONS "]}\n") < 0)
             return 1;
-        return write_all(STDOUT_FILENO, b.data, b.len) < 0 ? 1 : 0;
+        return emit(b.data, b.len);
     }
+
+    if (!j->is_object)
+        return cni_error(ERR_DECODE, NOT_AN_OBJECT, sizeof NOT_AN_OBJECT - 1, "");
 
     /* connect */
     struct sockaddr_un addr;
@@ -668,6 +691,12 @@ static int cni_main(void)
     } else {
         memcpy(addr.sun_path, path, path_len);
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0 && fd <= STDERR_FILENO) {
+            /* stdout or stderr is closed: keep the socket off those fds */
+            int high = fcntl(fd, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+            close(fd);
+            fd = high;
+        }
         if (fd < 0) {
             err = errno;
         } else {
@@ -743,11 +772,7 @@ static int cni_main(void)
                             path, path_len, "", "the answer must start with "
                             "the exit code and a newline; check the coild log");
     size_t skip = digits + 1;
-    if (write_all(STDOUT_FILENO, resp.data + skip, resp.len - skip) < 0) {
-        fprintf(stderr, "hypercoil: cannot write the answer: %s\n", strerror(errno));
-        return 1;
-    }
-    return code;
+    return emit(resp.data + skip, resp.len - skip) ? 1 : code;
 
 timeout:
     snprintf(msg, sizeof msg, " did not answer within %d s",

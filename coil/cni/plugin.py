@@ -15,7 +15,7 @@ Relay protocol (coild is the server):
 
 The socket is the top-level "socket" key of the network configuration on
 stdin (default DEFAULT_SOCKET). CNI_COMMAND=VERSION is answered locally.
-Only os, sys, socket and json are imported, and json only when needed.
+Only os, sys, socket and json are imported.
 """
 
 import os
@@ -38,43 +38,34 @@ DETAILS_START = ("start coild on this node or fix the 'socket' key "
 
 
 class _Config:
-    """The two top-level keys the relay needs. When the document is not a
-    JSON object the defaults apply (coild then reports the decoding error)."""
+    """The two top-level keys the relay needs, and whether stdin is one JSON
+    object at all (if not, every command but VERSION is answered with
+    ERR_DECODE here: the socket of coild is unknown)."""
 
-    __slots__ = ("data", "socket", "_version")
+    __slots__ = ("data", "socket", "cni_version", "is_object")
 
     def __init__(self, data: bytes):
+        import json
         self.data = data
         self.socket = DEFAULT_SOCKET
-        self._version = None
-        # Fast path: the key "socket" can only be spelled with these bytes
-        # or with \u escapes; without either the default applies and the
-        # common relay path needs no json import.
-        if b"socket" in data or b"\\u" in data:
-            self._parse()
-
-    def _parse(self) -> None:
-        import json
-        self._version = DEFAULT_CNI_VERSION
+        self.cni_version = DEFAULT_CNI_VERSION
+        self.is_object = False
         try:
-            doc = json.loads(self.data)
+            doc = json.loads(data)
         except (ValueError, RecursionError):
             return
         if not isinstance(doc, dict):
             return
+        self.is_object = True
         value = doc.get("socket")
         if isinstance(value, str) and value:
             self.socket = value
         value = doc.get("cniVersion")
         if isinstance(value, str) and value:
-            self._version = value
+            self.cni_version = value
 
-    @property
-    def cni_version(self) -> str:
-        """cniVersion of the request, DEFAULT_CNI_VERSION if it has none."""
-        if self._version is None:
-            self._parse()
-        return self._version
+
+NOT_AN_OBJECT = "network configuration on stdin is not a JSON object"
 
 
 def _encode(text: str) -> bytes:
@@ -136,6 +127,8 @@ def main(argv=None) -> int:
     if os.environ.get("CNI_COMMAND") == "VERSION":
         return _emit(_dumps({"cniVersion": conf.cni_version,
                              "supportedVersions": list(spec.SUPPORTED_VERSIONS)}))
+    if not conf.is_object:
+        return _error(spec.ERR_DECODE, NOT_AN_OBJECT, "", conf.cni_version)
     return _relay(conf)
 
 
@@ -185,7 +178,13 @@ def _relay(conf: _Config) -> int:
         try:
             while True:
                 sock.settimeout(max(deadline - monotonic(), 0.001))
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    # coild closed with part of our request unread (it
+                    # answered early): all queued data came first, so
+                    # this is the end of the answer
+                    break
                 if not chunk:
                     break
                 chunks.append(chunk)

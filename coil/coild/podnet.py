@@ -52,10 +52,14 @@ class PodNetwork:
 
     def __init__(self, host_netns=None):
         self.host_netns = host_netns
-        self._host = netlink.open_netlink(host_netns)
 
     def close(self):
-        self._host.close()
+        pass
+
+    def _host_nl(self):
+        # one handle per operation: cheap (~20 us) and safe across threads,
+        # which the pyroute2 fallback's handles are not
+        return netlink.open_netlink(self.host_netns)
 
     @staticmethod
     def _open_netns(path: str) -> int:
@@ -71,22 +75,22 @@ class PodNetwork:
         by an earlier try is replaced. Returns {host_mac, container_mac}."""
         fd = self._open_netns(netns_path)
         try:
-            with netlink.open_netlink(fd) as pod_nl:
+            with netlink.open_netlink(fd) as pod_nl, self._host_nl() as h:
                 if pod_nl.link_get(ifname) is not None:
                     raise NetlinkError(f"creating interface {ifname} in {netns_path}",
                                        errno.EEXIST, hint="the container already has this interface")
-                self._host.link_del(host_name)     # leftover of an earlier try
+                h.link_del(host_name)     # leftover of an earlier try
                 try:
-                    host_index = self._host.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
-                    return self._wire(pod_nl, host_index, ifname, host_name, addresses)
+                    host_index = h.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
+                    return self._wire(h, pod_nl, host_index, ifname, addresses)
                 except BaseException:
-                    self._host.link_del(host_name)
+                    h.link_del(host_name)
                     raise
         finally:
             os.close(fd)
 
-    def _wire(self, pod_nl, host_index, ifname, host_name, addresses) -> dict:
-        h = self._host
+    @staticmethod
+    def _wire(h, pod_nl, host_index, ifname, addresses) -> dict:
         h.link_set(host_index, up=True)
         pod_link = pod_nl.link_get(ifname)
         if pod_link is None:
@@ -130,27 +134,30 @@ class PodNetwork:
                 finally:
                     os.close(fd)
         if not removed and addresses:
-            host = self._host.link_get(host_name)
-            if host is not None and self._routes_to(host.index, addresses):
-                removed = self._host.link_del(host_name)
+            with self._host_nl() as h:
+                host = h.link_get(host_name)
+                if host is not None and self._routes_to(h, host.index, addresses):
+                    removed = h.link_del(host_name)
         return removed
 
-    def _routes_to(self, index: int, addresses: list[str]) -> bool:
+    @staticmethod
+    def _routes_to(h, index: int, addresses: list[str]) -> bool:
         wanted = {ipaddress.ip_address(a) for a in addresses}
-        for r in self._host.route_list(0, table=MAIN_TABLE):
+        for r in h.route_list(0, table=MAIN_TABLE):
             if r.oif == index and r.prefixlen in (32, 128) and ipaddress.ip_address(r.dst) in wanted:
                 return True
         return False
 
     def check(self, netns_path: str, ifname: str, host_name: str, addresses: list[str]):
         """Raise PodNetError naming the first thing that is missing."""
-        host = self._host.link_get(host_name)
-        if host is None:
-            raise PodNetError(f"host interface {host_name} is missing")
-        if not host.up:
-            raise PodNetError(f"host interface {host_name} is down")
-        host_routes = {(ipaddress.ip_address(r.dst), r.prefixlen)
-                       for r in self._host.route_list(0, table=MAIN_TABLE) if r.oif == host.index}
+        with self._host_nl() as h:
+            host = h.link_get(host_name)
+            if host is None:
+                raise PodNetError(f"host interface {host_name} is missing")
+            if not host.up:
+                raise PodNetError(f"host interface {host_name} is down")
+            host_routes = {(ipaddress.ip_address(r.dst), r.prefixlen)
+                           for r in h.route_list(0, table=MAIN_TABLE) if r.oif == host.index}
         for addr in addresses:
             if (ipaddress.ip_address(addr), _host_prefix(addr)) not in host_routes:
                 raise PodNetError(f"route {addr}/{_host_prefix(addr)} dev {host_name} is missing")

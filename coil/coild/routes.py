@@ -29,33 +29,38 @@ class RouteExporter:
     def __init__(self, table: int = 119, protocol: int = 30, netns=None):
         self.table = table
         self.protocol = protocol
-        self._nl = netlink.open_netlink(netns)
+        self.netns = netns
         self._lock = threading.Lock()
-        lo = self._nl.link_get("lo")
-        if lo is None:
-            raise NetlinkError("looking up device lo", 19)
-        self._lo = lo.index
-        if not lo.up:
-            self._nl.link_set(lo.index, up=True)
+        with self._nl() as nl:
+            lo = nl.link_get("lo")
+            if lo is None:
+                raise NetlinkError("looking up device lo", 19)
+            self._lo = lo.index
+            if not lo.up:
+                nl.link_set(lo.index, up=True)
+
+    def _nl(self):
+        # a handle per operation: the pyroute2 fallback's handles are bound to one thread
+        return netlink.open_netlink(self.netns)
 
     def close(self):
-        self._nl.close()
+        pass
 
     def add(self, cidr: str):
         net = ipaddress.ip_network(cidr)
-        with self._lock:
-            self._nl.route_add(str(net.network_address), net.prefixlen, oif=self._lo,
+        with self._lock, self._nl() as nl:
+            nl.route_add(str(net.network_address), net.prefixlen, oif=self._lo,
                                table=self.table, protocol=self.protocol, replace=True)
 
     def remove(self, cidr: str):
         net = ipaddress.ip_network(cidr)
-        with self._lock:
-            self._nl.route_del(str(net.network_address), net.prefixlen, table=self.table,
+        with self._lock, self._nl() as nl:
+            nl.route_del(str(net.network_address), net.prefixlen, table=self.table,
                                protocol=self.protocol)
 
     def current(self) -> set[str]:
-        with self._lock:
-            routes = self._nl.route_list(0, table=self.table, protocol=self.protocol)
+        with self._lock, self._nl() as nl:
+            routes = nl.route_list(0, table=self.table, protocol=self.protocol)
         return {str(ipaddress.ip_network(f"{r.dst}/{r.prefixlen}")) for r in routes}
 
     def sync(self, cidrs) -> tuple[set, set]:

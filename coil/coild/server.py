@@ -40,6 +40,9 @@ class RestServer(ThreadingHTTPServer):
 class RestHandler(BaseHTTPRequestHandler):
     server_version = f"coild/{__version__}"
     protocol_version = "HTTP/1.1"
+    # headers and body are two writes: without TCP_NODELAY a keep-alive client
+    # waits ~40 ms for the delayed ACK on every request
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):
         log.debug("http " + fmt, *args)

@@ -271,19 +271,20 @@ class IPAMStore:
 
     @staticmethod
     def _free_candidates(pool: Pool, used: set, version: int, want: int) -> list:
+        """Up to ``want`` free blocks of ``pool``, lowest first: (block, subnet)."""
+        used_nets = [ipaddress.ip_network(c) for c in used]
+        used_nets = [n for n in used_nets if n.version == version]
+        step = 1 << pool.block_size
         out = []
         for net in pool.subnets:
             if net.version != version:
                 continue
-            step = 1 << pool.block_size
-            count = net.num_addresses >> pool.block_size
             base = int(net.network_address)
-            taken = sorted((int(ipaddress.ip_network(c).network_address) - base) // step
-                           for c in used
-                           if ipaddress.ip_network(c).version == version
-                           and ipaddress.ip_network(c).subnet_of(net))
-            idx = 0
-            ti = 0
+            end = base + net.num_addresses
+            count = net.num_addresses >> pool.block_size
+            taken = sorted((int(n.network_address) - base) // step for n in used_nets
+                           if base <= int(n.network_address) < end)
+            idx, ti = 0, 0
             while idx < count and len(out) < want:
                 while ti < len(taken) and taken[ti] < idx:
                     ti += 1

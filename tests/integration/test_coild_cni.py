@@ -308,7 +308,7 @@ def test_bad_input_is_rejected_cleanly(cluster):
     cluster.start()
     pod = cluster.new_pod()
     cases = [
-        (base_env(pod), "{not json", 6, "not valid JSON"),
+        (base_env(pod), "{not json", 6, "not a JSON object"),
         (base_env(pod), conf(cluster, cniVersion="9.9.9"), 1, "9.9.9"),
         (base_env(pod, CNI_ARGS="K8S_POD_NAMESPACE=default"), conf(cluster), 4, "K8S_POD_NAME"),
         (base_env(pod, CNI_ARGS="garbage"), conf(cluster), 4, "garbage"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -551,6 +552,8 @@ def _wire_pod(nlmod, node, pod, host_if, pod_ip, pod_ip6=None):
 
 
 def _ping_ok(ns, address: str, tries: int = 3):
+    if shutil.which("ping") is None:
+        pytest.skip("needs ping (Debian: iputils-ping)")
     result = None
     for _ in range(tries):
         result = _ping(ns, address)

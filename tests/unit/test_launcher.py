@@ -117,10 +117,12 @@ class FakeCoild:
     """Accepts connections one after the other, records each request (read
     to EOF) and answers with `reply`; with hang=True it never answers."""
 
-    def __init__(self, path: str, reply: bytes = b"0\n{}", hang: bool = False):
+    def __init__(self, path: str, reply: bytes = b"0\n{}", hang: bool = False,
+                 early: bool = False):
         self.path = path
         self.reply = reply
         self.hang = hang
+        self.early = early      # answer after the first chunk, close unread
         self.requests: list[bytes] = []
         self._stop = threading.Event()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,6 +138,10 @@ class FakeCoild:
             except OSError:
                 return
             with conn:
+                if self.early:
+                    self.requests.append(conn.recv(4096))
+                    conn.sendall(self.reply)
+                    continue
                 chunks = []
                 while chunk := conn.recv(1 << 20):
                     chunks.append(chunk)
@@ -147,6 +153,10 @@ class FakeCoild:
 
     def close(self):
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept()
+        except OSError:
+            pass
         self._sock.close()
         self._thread.join(10)
         if os.path.exists(self.path):
@@ -264,14 +274,21 @@ def test_default_socket(client):
         pytest.skip(f"{plugin.DEFAULT_SOCKET} exists on this machine")
     for stdin, version in [(conf(None, version="0.3.1"), "0.3.1"),
                            (conf(""), "1.0.0"),
-                           (conf(42), "1.0.0"),
-                           (b'{"socket":"/elsewhere.sock", broken', "1.1.0"),
-                           (b'["socket", "/elsewhere.sock"]', "1.1.0")]:
+                           (conf(42), "1.0.0")]:
         proc = client.run(stdin, CNI_COMMAND="ADD")
         assert proc.returncode == 1
         out = json.loads(proc.stdout)
         assert out["msg"].startswith(f"coild is not reachable at {plugin.DEFAULT_SOCKET}: ")
         assert out["cniVersion"] == version, stdin
+
+
+@pytest.mark.parametrize("stdin", [b'{"socket":"/elsewhere.sock", broken',
+                                   b'["socket", "/elsewhere.sock"]', b"", b"42"])
+def test_not_an_object_is_a_decode_error(client, stdin):
+    """Without a configuration the socket is unknown: answered locally."""
+    proc = client.run(stdin, CNI_COMMAND="ADD")
+    assert proc.returncode == 1
+    assert proc.stdout == error_bytes(spec.ERR_DECODE, plugin.NOT_AN_OBJECT)
 
 
 def test_stdin_too_large(client):
@@ -318,6 +335,14 @@ def test_round_trip_large(client, coild):
     assert proc.returncode == 3
     assert proc.stdout == body
     assert server.requests[0].endswith(b"\0\0" + stdin)
+
+
+def test_coild_answers_before_reading_everything(client, coild):
+    """coild refuses a huge request early (EPIPE for the client): its answer
+    still comes through."""
+    server = coild(reply=b"1\n{\"code\":6}", early=True)
+    proc = client.run(conf(server.path, pad="x" * (8 << 20)), CNI_COMMAND="ADD")
+    assert (proc.returncode, proc.stdout) == (1, b'{"code":6}')
 
 
 @pytest.mark.parametrize("reply", [b"", b"0", b"abc\n{}", b"256\n{}", b"1234\n",
@@ -415,7 +440,7 @@ def test_scanner_agrees_with_python_json(hypercoil, build_dir, sock_dir):
     target = os.path.join(sock_dir, "t.sock")
     decoy = os.path.join(sock_dir, "d.sock")
     cases = []
-    for i in range(300):
+    for i in range(600):
         doc = _random_doc(rng, target, decoy)
         text = json.dumps(doc, ensure_ascii=rng.random() < 0.5,
                           indent=rng.choice([None, 1])).encode()
@@ -434,12 +459,16 @@ def test_scanner_agrees_with_python_json(hypercoil, build_dir, sock_dir):
     mismatches = []
     for data in cases:
         expected = plugin._Config(data)
-        want = (expected.socket, expected.cni_version)
         proc = subprocess.run([coil], input=data, env=_env(CNI_COMMAND="ADD"),
                               capture_output=True, timeout=30)
         out = json.loads(proc.stdout.decode("utf-8", "surrogatepass"))
-        prefix = "coild is not reachable at "
-        got = (out["msg"][len(prefix):].rsplit(": ", 1)[0], out["cniVersion"])
+        if not expected.is_object:
+            want = (plugin.NOT_AN_OBJECT, spec.ERR_DECODE)
+            got = (out["msg"], out["code"])
+        else:
+            want = (expected.socket, expected.cni_version)
+            prefix = "coild is not reachable at "
+            got = (out["msg"][len(prefix):].rsplit(": ", 1)[0], out["cniVersion"])
         if got != want:
             mismatches.append((data, want, got))
     assert not mismatches, mismatches[:5]
@@ -522,7 +551,7 @@ def test_strict_c99(hypercoil):
 
 
 def test_python_twin_imports_stay_minimal():
-    """The fallback plugin imports only os, sys, socket (and json when needed)."""
+    """The fallback plugin imports only os, sys, socket and json."""
     code = ("import sys; before = set(sys.modules); import coil.cni.plugin; "
             "print(sorted(set(sys.modules) - before))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

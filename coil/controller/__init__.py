@@ -1,0 +1,1 @@
+"""coil-controller: frees blocks of deleted Nodes and finds leaked addresses."""

@@ -1,0 +1,87 @@
+"""coil-controller's Prometheus metrics (own registry, served at GET /metrics
+on ``--metrics-addr`` together with /healthz and /readyz)."""
+
+from __future__ import annotations
+
+import threading
+
+
+class ControllerMetrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.core import GaugeMetricFamily
+        r = self.registry = CollectorRegistry()
+        self.scan_seconds = Histogram(
+            "coil_controller_scan_duration_seconds", "time of one leak scan",
+            registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.scans = Counter("coil_controller_scans_total", "leak scans", ["result"], registry=r)
+        self.last_scan = Gauge("coil_controller_last_scan_timestamp_seconds",
+                               "when the last successful leak scan finished", registry=r)
+        self.leaked = Gauge("coil_controller_leaked_addresses",
+                            "addresses held in etcd by no Pod and older than the expiration "
+                            "(last scan)", registry=r)
+        self.leaks_found = Counter("coil_controller_leaked_addresses_found_total",
+                                   "leaked addresses reported, summed over scans", registry=r)
+        self.leaks_released = Counter("coil_controller_leaked_addresses_released_total",
+                                      "leaked addresses freed (--release-leaked)", registry=r)
+        self.unknown = Gauge("coil_controller_unknown_pod_addresses",
+                             "Pod addresses in coil's pools that etcd does not hold (last scan)",
+                             registry=r)
+        self.nodes_cleaned = Counter("coil_controller_deleted_nodes_total",
+                                     "deleted nodes whose blocks were freed", registry=r)
+        self.blocks_freed = Counter("coil_controller_blocks_freed_total",
+                                    "blocks freed because their node was deleted", registry=r)
+        self.addresses_freed = Counter("coil_controller_node_addresses_freed_total",
+                                       "addresses freed with the blocks of deleted nodes",
+                                       registry=r)
+        self.watch_restarts = Counter("coil_controller_node_watch_restarts_total",
+                                      "node watch restarts", ["reason"], registry=r)
+        self.api_errors = Counter("coil_controller_api_errors_total",
+                                  "failed Kubernetes API requests", ["resource"], registry=r)
+        self.store_errors = Counter("coil_controller_etcd_errors_total",
+                                    "failed etcd operations", ["operation"], registry=r)
+        self._lock = threading.Lock()
+        self._blocks: dict[tuple[str, str], int] = {}
+        self._addresses: dict[str, int] = {}
+        self._have_blocks = False
+        self._have_addresses = False
+        metrics = self
+
+        class _State:
+            def collect(inner):
+                with metrics._lock:
+                    blocks = dict(metrics._blocks)
+                    addresses = dict(metrics._addresses)
+                    have_blocks, have_addresses = metrics._have_blocks, metrics._have_addresses
+                if have_blocks:
+                    fam = GaugeMetricFamily("coil_controller_blocks", "address blocks held",
+                                            labels=["pool", "node"])
+                    for (pool, node), n in sorted(blocks.items()):
+                        fam.add_metric([pool, node], n)
+                    yield fam
+                if have_addresses:
+                    fam = GaugeMetricFamily("coil_controller_addresses_in_use",
+                                            "addresses held in etcd", labels=["pool"])
+                    for pool, n in sorted(addresses.items()):
+                        fam.add_metric([pool], n)
+                    yield fam
+        r.register(_State())
+
+    def set_blocks(self, blocks):
+        """Blocks per (pool, node) from a list of store Blocks."""
+        counts: dict[tuple[str, str], int] = {}
+        for b in blocks:
+            key = (b.pool, b.node)
+            counts[key] = counts.get(key, 0) + 1
+        with self._lock:
+            self._blocks = counts
+            self._have_blocks = True
+
+    def set_addresses(self, by_pool: dict[str, int]):
+        with self._lock:
+            self._addresses = dict(by_pool)
+            self._have_addresses = True
+
+    def render(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,246 @@
+"""The leak scan: addresses held in etcd versus the addresses of Pods.
+
+It is a join over two sets, linear in the number of addresses and Pods:
+
+- **leaked**: an address held in etcd that no Pod has (``status.podIPs``)
+  and that was assigned longer ago than the expiration. Reported; freed
+  only when asked (``--release-leaked``), each with a transaction guarded by
+  the record's mod revision, so a record that changed meanwhile is kept.
+- **unknown**: an address of a running or pending Pod, inside one of coil's
+  pools, that etcd does not hold. Reported as an error (it may be handed
+  out twice).
+
+Pods with ``hostNetwork`` are ignored (their address is the node's). Pods
+that finished (Succeeded/Failed) still count as holding their address while
+the Pod object exists, so nothing they might use is freed; they are not
+checked for "unknown" (their address was legitimately freed when the
+runtime tore down their sandbox).
+
+A failed or partial Pod list aborts the scan: it never counts as "no Pods".
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+
+from coil.controller.watcher import list_all
+
+log = logging.getLogger("coil-controller.scan")
+
+_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"     # coil's own created_at format (27 characters)
+TERMINATED = ("Succeeded", "Failed")
+MAX_DETAIL_LOGS = 200               # per kind and scan; the counts are always logged
+
+
+def iso_cutoff(now: float, expiration: float) -> str:
+    return datetime.datetime.fromtimestamp(now - expiration, datetime.timezone.utc).strftime(_ISO)
+
+
+def parse_time(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time, or None."""
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00")
+                                             if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+@dataclass(frozen=True)
+class PodAddress:
+    namespace: str
+    name: str
+    ip: str
+    node: str = ""
+
+
+@dataclass
+class PodIPs:
+    """What the Pod list tells the join."""
+    held: set = field(default_factory=set)          # every IP a Pod object reports
+    active: list = field(default_factory=list)      # PodAddress of running/pending Pods
+    pods: int = 0
+
+
+def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
+    """Collect Pod addresses from raw Pod dicts (as the API returns them)."""
+    out = into or PodIPs()
+    for pod in items:
+        out.pods += 1
+        spec = pod.get("spec") or {}
+        if spec.get("hostNetwork"):
+            continue
+        status = pod.get("status") or {}
+        ips = [e.get("ip") for e in (status.get("podIPs") or []) if isinstance(e, dict)]
+        if not ips and status.get("podIP"):
+            ips = [status["podIP"]]
+        if not ips:
+            continue
+        meta = pod.get("metadata") or {}
+        active = status.get("phase") not in TERMINATED
+        for raw in ips:
+            try:
+                ip = str(ipaddress.ip_address(str(raw)))
+            except ValueError:
+                log.warning("pod reports an invalid IP", extra={
+                    "namespace": meta.get("namespace"), "pod": meta.get("name"), "ip": raw})
+                continue
+            out.held.add(ip)
+            if active:
+                out.active.append(PodAddress(meta.get("namespace", ""), meta.get("name", ""), ip,
+                                             spec.get("nodeName", "") or ""))
+    return out
+
+
+def list_pod_ips(core, page_size: int = 500) -> PodIPs:
+    """Every Pod in the cluster, paginated. Raises on any API failure."""
+    items, _ = list_all(core.list_pod_for_all_namespaces, page_size)
+    return pod_ips_from_items(items)
+
+
+@dataclass(frozen=True)
+class Leak:
+    address: object          # store Address
+    age: float | None        # seconds; None when created_at is missing or malformed
+
+
+def find_leaks(addresses, held_ips, now: float, expiration: float) -> list[Leak]:
+    """Addresses not in ``held_ips`` and assigned more than ``expiration``
+    seconds before ``now``. One pass, one set lookup per address."""
+    cutoff = iso_cutoff(now, expiration)
+    cutoff_ts = now - expiration
+    leaks = []
+    for a in addresses:
+        if a.address in held_ips:
+            continue
+        c = a.created_at
+        if len(c) == 27 and c[26] == "Z" and c[10] == "T":
+            # coil's own fixed-width UTC format: compare as strings (fast path)
+            if c < cutoff:
+                ts = parse_time(c)
+                leaks.append(Leak(a, now - ts if ts is not None else None))
+            continue
+        ts = parse_time(c)
+        if ts is None:
+            leaks.append(Leak(a, None))
+        elif ts < cutoff_ts:
+            leaks.append(Leak(a, now - ts))
+    return leaks
+
+
+def find_unknown(active, etcd_ips, networks) -> list[PodAddress]:
+    """Active Pod addresses inside coil's pools that etcd does not hold."""
+    out = []
+    by_version = {4: [n for n in networks if n.version == 4],
+                  6: [n for n in networks if n.version == 6]}
+    for pa in active:
+        if pa.ip in etcd_ips:
+            continue
+        ip = ipaddress.ip_address(pa.ip)
+        if any(ip in n for n in by_version[ip.version]):
+            out.append(pa)
+    return out
+
+
+@dataclass
+class ScanResult:
+    addresses: int
+    pods: int
+    leaks: list
+    unknown: list
+    released: int
+    seconds: float
+    in_use_by_pool: dict
+
+
+class LeakScanner:
+    """One ``scan()`` = read etcd, list Pods, join, report (and free)."""
+
+    def __init__(self, store, core, *, expiration: float = 86400.0, release: bool = False,
+                 metrics=None, clock=time.time, page_size: int = 500):
+        self.store = store
+        self.core = core
+        self.expiration = expiration
+        self.release = release
+        self.metrics = metrics
+        self.clock = clock
+        self.page_size = page_size
+
+    def scan(self) -> ScanResult:
+        t0 = time.monotonic()
+        # etcd first, then Pods: an address assigned after this read is not
+        # looked at, and a Pod that got an address before it is in the list.
+        pools = self.store.list_pools()
+        blocks = self.store.all_blocks()
+        addresses, _rev = self.store.all_addresses()
+        pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
+        now = self.clock()
+        leaks = find_leaks(addresses, pods.held, now, self.expiration)
+        etcd_ips = {a.address for a in addresses}
+        networks = [n for p in pools for n in p.subnets]
+        unknown = find_unknown(pods.active, etcd_ips, networks)
+        if unknown:
+            # a Pod may have got its address after our etcd read: look again
+            fresh, _ = self.store.all_addresses()
+            fresh_ips = {a.address for a in fresh}
+            unknown = [u for u in unknown if u.ip not in fresh_ips]
+        released = self._release(leaks) if self.release else 0
+
+        pool_of_block = {b.cidr: b.pool for b in blocks}
+        in_use: dict[str, int] = {}
+        for a in addresses:
+            pool = pool_of_block.get(a.block, "")
+            in_use[pool] = in_use.get(pool, 0) + 1
+        seconds = time.monotonic() - t0
+        result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use)
+        self._report(result, blocks)
+        return result
+
+    def _release(self, leaks) -> int:
+        released = 0
+        for leak in leaks:
+            a = leak.address
+            if leak.age is None:
+                continue            # unknown age: reported, never freed automatically
+            if self.store.release_address(a.block, a.offset, a.revision):
+                released += 1
+                log.warning("released leaked address", extra={
+                    "address": a.address, "namespace": a.namespace, "pod": a.pod,
+                    "container_id": a.container_id, "created_at": a.created_at})
+            else:
+                log.info("leaked address changed meanwhile; kept", extra={"address": a.address})
+        return released
+
+    def _report(self, r: ScanResult, blocks):
+        for leak in r.leaks[:MAX_DETAIL_LOGS]:
+            a = leak.address
+            log.warning("leaked address: held in etcd but used by no Pod", extra={
+                "address": a.address, "block": a.block, "namespace": a.namespace,
+                "pod": a.pod, "container_id": a.container_id, "created_at": a.created_at,
+                "age_s": round(leak.age) if leak.age is not None else None})
+        for u in r.unknown[:MAX_DETAIL_LOGS]:
+            log.error("pod address unknown to etcd", extra={
+                "address": u.ip, "namespace": u.namespace, "pod": u.name, "node": u.node})
+        log.info("leak scan done", extra={
+            "addresses": r.addresses, "pods": r.pods, "leaked": len(r.leaks),
+            "unknown": len(r.unknown), "released": r.released,
+            "seconds": round(r.seconds, 3), "release_leaked": self.release})
+        m = self.metrics
+        if m is not None:
+            m.scan_seconds.observe(r.seconds)
+            m.scans.labels("ok").inc()
+            m.last_scan.set(time.time())
+            m.leaked.set(len(r.leaks))
+            m.leaks_found.inc(len(r.leaks))
+            m.leaks_released.inc(r.released)
+            m.unknown.set(len(r.unknown))
+            m.set_blocks(blocks)
+            m.set_addresses(r.in_use_by_pool)

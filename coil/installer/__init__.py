@@ -1,0 +1,1 @@
+"""coil-installer: installs coil and its CNI configuration on a node."""

@@ -1,0 +1,188 @@
+"""Every manifest in deploy/ is valid Kubernetes, and the pieces agree.
+
+Schemas: kubernetes-validate's offline, strict schemas (no unknown fields).
+Its oldest bundled version is 1.25, the closest to the 1.20 API server the
+integration tests use (tests/integration/test_k8s_endpoints.py also creates
+the objects on that server with dry-run); the newest is checked as well.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEPLOY = os.path.join(REPO, "deploy")
+MANIFESTS = sorted(glob.glob(os.path.join(DEPLOY, "*.yaml")))
+
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def all_objects():
+    return [obj for path in MANIFESTS for obj in load(path)]
+
+
+def by_kind(kind):
+    return [o for o in all_objects() if o["kind"] == kind]
+
+
+def schema_versions():
+    import kubernetes_validate.utils as kv
+    versions = sorted(kv.all_versions(), key=lambda v: tuple(int(x) for x in v.split(".")))
+    return sorted({versions[0], versions[-1]})
+
+
+def test_there_are_manifests():
+    names = {os.path.basename(p) for p in MANIFESTS}
+    assert {"rbac.yaml", "coild.yaml", "coil-controller.yaml", "coil-config.yaml",
+            "etcd-endpoints.yaml"} <= names
+    assert os.path.exists(os.path.join(DEPLOY, "Dockerfile"))
+
+
+@pytest.mark.parametrize("version", schema_versions())
+@pytest.mark.parametrize("path", MANIFESTS, ids=os.path.basename)
+def test_manifest_validates(path, version):
+    import kubernetes_validate
+    docs = load(path)
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+        assert doc["metadata"].get("namespace", "kube-system") == "kube-system"
+
+
+def test_validator_rejects_a_broken_manifest():
+    import kubernetes_validate
+    ds = json.loads(json.dumps(by_kind("DaemonSet")[0]))
+    ds["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, schema_versions()[0], strict=True)
+    ds = json.loads(json.dumps(by_kind("DaemonSet")[0]))
+    ds["spec"]["template"]["spec"]["hostNetwrok"] = True      # unknown field: strict
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, schema_versions()[0], strict=True)
+
+
+def _container(obj, name, init=False):
+    spec = obj["spec"]["template"]["spec"]
+    for c in spec.get("initContainers" if init else "containers", []):
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name}")
+
+
+def _arg(container, flag):
+    for a in container["command"] + container.get("args", []):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def test_coild_daemonset_is_consistent():
+    (ds,) = by_kind("DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    assert spec["serviceAccountName"] == "coild"
+    coild = _container(ds, "coild")
+    installer = _container(ds, "coil-installer", init=True)
+    assert coild["command"][:2] == ["hypercoil", "coild"]
+    assert installer["command"] == ["hypercoil", "coil-installer"]
+    # the plugin socket: coild's flag, the mounted host directory, the conflist
+    socket = _arg(coild, "--socket")
+    assert socket == "/run/coild/coild.sock"
+    mounts = {m["mountPath"]: m["name"] for m in coild["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/run/coild"]]["hostPath"]["path"] == "/run/coild"
+    assert volumes[mounts["/run/netns"]]["hostPath"]["path"] == "/run/netns"
+    (cm,) = by_kind("ConfigMap")
+    conf = json.loads(cm["data"]["cni_netconf"])
+    assert conf["plugins"][0] == {"type": "coil", "socket": socket}
+    from coil.installer.main import DEFAULT_NETCONF, validate_netconf
+    assert DEFAULT_NETCONF["plugins"][0]["socket"] == socket
+    validate_netconf(cm["data"]["cni_netconf"], "10-coil.conflist", "ConfigMap")
+    # installer mounts: the host's CNI directories at the default env paths
+    imounts = {m["mountPath"]: m["name"] for m in installer["volumeMounts"]}
+    assert volumes[imounts["/host/opt/cni/bin"]]["hostPath"]["path"] == "/opt/cni/bin"
+    assert volumes[imounts["/host/etc/cni/net.d"]]["hostPath"]["path"] == "/etc/cni/net.d"
+    env = {e["name"]: e for e in installer["env"]}
+    assert env["COIL_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["CNI_NETCONF"]["valueFrom"]["configMapKeyRef"]["name"] == cm["metadata"]["name"]
+    # privileges only where needed
+    assert installer["securityContext"]["privileged"] is True
+    assert coild["securityContext"].get("privileged") is False
+    assert set(coild["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN"}
+    # probes on coild's REST endpoint
+    http = _arg(coild, "--http")
+    host, port = http.rsplit(":", 1)
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = coild[probe]["httpGet"]
+        assert (get["host"], str(get["port"]), get["path"]) == (host, port, path)
+
+
+def test_controller_deployment_is_consistent():
+    (dep,) = by_kind("Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert spec["serviceAccountName"] == "coil-controller"
+    c = _container(dep, "coil-controller")
+    assert c["command"][:2] == ["hypercoil", "coil-controller"]
+    port = _arg(c, "--metrics-addr").rsplit(":", 1)[1]
+    assert str(c["livenessProbe"]["httpGet"]["port"]) == port
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    # the options parse
+    from click.testing import CliRunner  # noqa: F401  (click is a dependency)
+    from coil.controller.main import cli
+    ctx = cli.make_context("coil-controller", c["command"][2:])
+    assert ctx.params["etcd_endpoints"] == "@coil-etcd"
+
+
+def test_etcd_endpoints_name_matches_rbac_and_flags():
+    (ep,) = by_kind("Endpoints")
+    name = ep["metadata"]["name"]
+    (role,) = by_kind("Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["endpoints"],
+                              "resourceNames": [name], "verbs": ["get"]}]
+    for obj in by_kind("DaemonSet") + by_kind("Deployment"):
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            assert _arg(c, "--etcd-endpoints") == f"@{name}"
+    from coil.k8s import parse_etcd_endpoints_object
+    urls = parse_etcd_endpoints_object(ep, name, secure=False)
+    assert urls and all(u.startswith("http://") and u.endswith(":2379") for u in urls)
+
+
+def test_rbac_is_least_privilege():
+    rules = {r["metadata"]["name"]: r["rules"] for r in by_kind("ClusterRole")}
+    assert rules["coil:coild"] == [{"apiGroups": [""], "resources": ["nodes"],
+                                    "verbs": ["get", "patch"]}]
+    assert rules["coil:coil-controller"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    for rule in [r for rs in rules.values() for r in rs]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    sas = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in by_kind("ServiceAccount")}
+    for binding in by_kind("ClusterRoleBinding") + by_kind("RoleBinding"):
+        for subject in binding["subjects"]:
+            assert (subject["namespace"], subject["name"]) in sas
+
+
+def test_dockerfile_builds_from_this_repo():
+    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+        text = f.read()
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for item in src.split():
+            assert os.path.exists(os.path.join(REPO, item)), item
+    assert "hypercoil" in text and "launcher.c" in text
+    images = {c["image"] for o in by_kind("DaemonSet") + by_kind("Deployment")
+              for c in (o["spec"]["template"]["spec"]["containers"]
+                        + o["spec"]["template"]["spec"].get("initContainers", []))}
+    assert len(images) == 1
+    assert images.pop() in text      # the build command in the header names the tag
