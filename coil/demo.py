@@ -1,29 +1,23 @@
-"""``python -m coil.demo``: a short scripted tour of coil's address management.
+"""``python -m coil.demo`` (``make demo``): coil on a real, local cluster.
 
-Starts a throw-away etcd (temporary data directory, free loopback ports),
-creates pools with ``coilctl``, lets three simulated nodes take address
-blocks and give addresses to pods through ``IPAMStore`` (what coild does on
-every node), and shows the result with ``coilctl``. etcd is always stopped
-(by its process id) and its data removed. Exits non-zero on any failure.
+1. ``sandbox up``: a fabric bridge and 3 node network namespaces, etcd,
+   coild and BIRD on every node, a few pods per node made by the coil CNI
+   plugin through libcni;
+2. ``sandbox check``: every pod pings a pod on every other node, across the
+   BGP routes BIRD learned from table 119;
+3. ``sandbox status``: pools, blocks, table 119, BGP sessions, pods;
+4. ``sandbox down``: everything is removed again.
+
+``--keep`` leaves the sandbox running for exploration and prints how to use
+and stop it. Without ``--keep`` the sandbox is always removed, also when a
+step fails. Needs root; changes nothing outside its own network namespaces.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import shlex
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-
-PREFIX = "/coil/"
-NODES = ("node-1", "node-2", "node-3")
-
-
-class DemoFailed(Exception):
-    pass
 
 
 def say(text: str = "") -> None:
@@ -35,177 +29,93 @@ def step(text: str) -> None:
     say(f"==> {text}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def hypercoil_command(state_dir: str, default_dir: str) -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "hypercoil")
+    if not os.path.exists(exe):
+        exe = f"{sys.executable} -m coil"
+    else:
+        rel = os.path.relpath(exe)
+        exe = rel if not rel.startswith("..") else exe
+    flag = "" if state_dir == default_dir else f" --state-dir {state_dir}"
+    return f"{exe} sandbox{flag}"
 
 
-class ThrowawayEtcd:
-    """One etcd member on loopback, data in a temporary directory."""
-
-    def __init__(self):
-        self.tmp = tempfile.mkdtemp(prefix="coil-demo-etcd-")
-        self.client_port = free_port()
-        self.peer_port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
-        self.proc = None
-
-    def start(self, timeout: float = 20.0) -> None:
-        exe = shutil.which("etcd") or "/usr/bin/etcd"
-        if not os.path.exists(exe):
-            raise DemoFailed("etcd is not installed (Debian: apt-get install etcd-server)")
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        cmd = [exe, "--name", "demo", "--data-dir", os.path.join(self.tmp, "data"),
-               "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"demo={peer}", "--log-level", "error", "--logger", "zap"]
-        self.log = open(os.path.join(self.tmp, "etcd.log"), "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
-                                     env=dict(os.environ, ETCD_UNSUPPORTED_ARCH="amd64"))
-        from coil.config import EtcdConfig
-        from coil.errors import StoreUnavailable
-        from coil.store.etcd import Etcd
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise DemoFailed(f"etcd exited with code {self.proc.returncode}: "
-                                 f"{self.log_tail()}")
-            try:
-                client = Etcd(EtcdConfig(endpoints=(self.endpoint,), prefix=PREFIX, timeout=1.0))
-                try:
-                    client.get("ready-check")
-                    return
-                finally:
-                    client.close()
-            except StoreUnavailable:
-                if time.time() > deadline:
-                    raise DemoFailed(f"etcd did not answer within {timeout:g}s") from None
-                time.sleep(0.1)
-
-    def log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.tmp, "etcd.log"), "rb") as f:
-                return " ".join(f.read()[-400:].decode(errors="replace").split())
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def coilctl(endpoint: str, *args: str, expect_failure: bool = False) -> str:
-    """Run ``hypercoil coilctl ARGS`` against the demo etcd, print and return its output."""
-    shown = " ".join(shlex.quote(a) for a in args)
-    say(f"$ coilctl {shown}")
-    r = subprocess.run([sys.executable, "-m", "coil", "coilctl", "--etcd-endpoints", endpoint,
-                        "--etcd-prefix", PREFIX, *args], capture_output=True, text=True,
-                       timeout=60)
-    for line in (r.stdout + r.stderr).rstrip("\n").splitlines():
-        say(f"  {line}")
-    if expect_failure:
-        if r.returncode == 0:
-            raise DemoFailed(f"coilctl {shown} should have been rejected")
-    elif r.returncode != 0:
-        raise DemoFailed(f"coilctl {shown} failed with exit code {r.returncode}")
-    return r.stdout
-
-
-def simulate_nodes(store) -> None:
-    """What coild does: take a block when needed, record one address per pod."""
-    pods = {
-        "node-1": [("default", "web-0"), ("default", "web-1"), ("global", "lb-0")],
-        "node-2": [("default", "db-0"), ("global", "lb-1")],
-        "node-3": [("kube-system", "dns-0"), ("default", "web-2"), ("default", "web-3")],
-    }
-    for node in NODES:
-        step(f"{node}: address blocks and pod addresses (IPAMStore, as coild does it)")
-        held = {}     # (pool, version) -> [Block, next free offset]
-        for n, (namespace, pod) in enumerate(pods[node]):
-            pool = store.pool_for_namespace(namespace)
-            versions = sorted({s.version for s in pool.subnets})
-            for version in versions:
-                entry = held.get((pool.name, version))
-                if entry is None or entry[1] >= entry[0].size:
-                    block = store.acquire_block(pool.name, node, version=version)
-                    say(f"  took block {block.cidr} of pool {pool.name!r}")
-                    entry = held[(pool.name, version)] = [block, 0]
-                block, offset = entry
-                container_id = f"{node}-{pod}-{n:04d}"
-                addr = store.assign_address(block, offset, namespace, pod, container_id)
-                if addr is None:
-                    raise DemoFailed(f"offset {offset} of fresh block {block.cidr} is taken")
-                entry[1] += 1
-                say(f"  pod {namespace}/{pod}: {addr.address} (block {block.cidr})")
-
-
-def run(etcd: ThrowawayEtcd) -> None:
-    from coil.config import EtcdConfig
-    from coil.store import IPAMStore
-    from coil.store.etcd import Etcd
-
-    ep = etcd.endpoint
-    step("address pools (coilctl)")
-    coilctl(ep, "pool", "create", "default", "10.100.0.0/16", "5")
-    coilctl(ep, "pool", "create", "global", "192.168.100.0/24", "3")
-    coilctl(ep, "pool", "add-subnet", "global", "fd00:100::/112")
-    coilctl(ep, "pool", "list")
-
-    step("bad input is rejected with one line and changes nothing")
-    coilctl(ep, "pool", "add-subnet", "global", "10.100.128.0/20", expect_failure=True)
-    coilctl(ep, "pool", "create", "team-a", "10.200.0.1/24", "5", expect_failure=True)
-
-    store = IPAMStore(Etcd(EtcdConfig(endpoints=(ep,), prefix=PREFIX)))
-    try:
-        simulate_nodes(store)
-        step("node-3's pod web-3 is deleted: its address is released")
-        for a in store.all_addresses()[0]:
-            if a.pod == "web-3":
-                if not store.release_address(a.block, a.offset, a.revision):
-                    raise DemoFailed(f"could not release {a.address}")
-                say(f"  released {a.address}")
-    finally:
-        store.close()
-
-    step("what coilctl shows")
-    coilctl(ep, "pool", "show", "default")
-    coilctl(ep, "pool", "show", "global")
-    for node in NODES:
-        coilctl(ep, "node", "blocks", node)
-    coilctl(ep, "address", "info", "10.100.0.0")
-    coilctl(ep, "-o", "json", "address", "info", "fd00:100::")
+def explore_hints(sb, cmd: str) -> str:
+    n1 = sb.node("node1")
+    pods = sb.state.pods
+    a = next(p for p in pods if p["node"] == "node1")
+    b = next((p for p in pods if p["node"] != "node1" and p.get("address")), a)
+    return "\n".join([
+        "The sandbox keeps running. Try:",
+        f"  {cmd} status                      # pools, blocks, table 119, BGP, pods",
+        f"  {cmd} check                       # the ping matrix again",
+        f"  ip netns exec {a['netns']} ping -c3 {b['address']}   "
+        f"# {a['name']} -> {b['name']} on {b['node']}",
+        f"  ip -n {n1['netns']} route show table 119        # node1's blocks (coild)",
+        f"  ip -n {n1['netns']} route show proto bird       # other nodes' blocks (BIRD)",
+        f"  birdc -s {n1['bird_ctl']} show protocols",
+        f"  birdc -s {n1['bird_ctl']} show route",
+        f"  less {n1['bird_conf']}   # the BIRD configuration (docs/routing.md)",
+        f"  logs: {os.path.join(sb.dir, 'node1', 'coild.log')}, "
+        f"{os.path.join(sb.dir, 'node1', 'bird.log')}",
+        "Stop it with:",
+        f"  {cmd} down",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    etcd = ThrowawayEtcd()
+    from coil.sandbox import cli as sandbox_cli
+    from coil.sandbox.cluster import Config, Progress, Sandbox, SandboxError
+    from coil.sandbox.state import DEFAULT_STATE_DIR, StateError
+
+    parser = argparse.ArgumentParser(prog="python -m coil.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the sandbox running and print how to explore and stop it")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--pods", type=int, default=3, help="pods per node")
+    parser.add_argument("--state-dir", default=os.environ.get("COIL_SANDBOX_DIR",
+                                                              DEFAULT_STATE_DIR))
+    args = parser.parse_args(argv)
+
+    if os.geteuid() != 0:
+        sys.stderr.write("demo: error: needs root (it creates network namespaces)\n")
+        return 1
+    sb = Sandbox(os.path.abspath(args.state_dir))
+    cmd = hypercoil_command(sb.dir, DEFAULT_STATE_DIR)
+    made = False
+    ok = False
     try:
-        step(f"starting a throw-away etcd at {etcd.endpoint} (data in {etcd.tmp})")
-        etcd.start()
-        say("  etcd is ready")
-        run(etcd)
-        step("done")
-        return 0
+        step(f"{cmd} up --nodes {args.nodes} --pods {args.pods}")
+        res = sb.up(Config(nodes=args.nodes, pods=args.pods), Progress(),
+                    cleanup_on_failure=not args.keep)
+        made = True
+        say(f"sandbox up in {res['seconds']:.1f}s: {res['nodes']} nodes, {res['pods']} pods")
+
+        step(f"{cmd} check")
+        result = sb.check()
+        say(sandbox_cli.render_check(result))
+
+        step(f"{cmd} status")
+        say(sandbox_cli.render_status(sb.status()))
+        ok = result["ok"]
+        if not ok:
+            sys.stderr.write("demo: error: the connectivity check failed (see above)\n")
+        return 0 if ok else 1
     except KeyboardInterrupt:
-        say("demo: interrupted")
+        sys.stderr.write("demo: interrupted\n")
         return 130
-    except Exception as exc:  # one line, like every coil program
-        from coil.errors import CoilError
-        text = exc.one_line() if isinstance(exc, CoilError) else str(exc)
-        sys.stderr.write(f"demo: error: {text}\n")
+    except (SandboxError, StateError) as exc:
+        sys.stderr.write(f"demo: error: {exc}\n")
         return 1
     finally:
-        etcd.stop()
-        say(f"  stopped etcd and removed {etcd.tmp}")
+        sb.close()
+        if args.keep and made:
+            step("kept running (--keep)")
+            say(explore_hints(sb, cmd))
+        elif made:       # a failed up removed its own leftovers already
+            step(f"{cmd} down")
+            sb.down(Progress())
+            say("sandbox removed: nothing of it is left")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,17 @@ def describe(exc) -> str:
         if message:
             text += f": {' '.join(str(message).split())}"
         return text
+    try:
+        import urllib3
+        if isinstance(exc, urllib3.exceptions.MaxRetryError):
+            pool = getattr(exc, "pool", None)
+            where = f"{pool.scheme}://{pool.host}:{pool.port}" if pool is not None else "?"
+            reason = " ".join(str(exc.reason or "").split())
+            # "HTTPSConnection(host=..., port=...): Failed to establish ..." -> the cause
+            reason = reason.split("): ", 1)[-1] if reason.startswith(("HTTP", "<")) else reason
+            return f"no answer from {where}: {reason or 'connection failed'}"
+    except ImportError:
+        pass
     text = " ".join(str(exc).split())
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 

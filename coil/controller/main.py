@@ -178,7 +178,9 @@ def _duration(value: str, flag: str, allow_zero: bool = False) -> float:
 
 
 def resolve_with_retry(econf, api, stop_event: threading.Event):
-    """Resolve ``@NAME`` endpoints, retrying while the API server is unreachable."""
+    """Resolve ``@NAME`` endpoints, retrying while the API server is unreachable.
+    None when stopped meanwhile; bad content (InvalidArgument) and refused
+    credentials raise at once."""
     from coil.controller.watcher import Backoff
     from coil.k8s import resolve_etcd_endpoints
     backoff = Backoff(0.5, 30.0)
@@ -186,13 +188,13 @@ def resolve_with_retry(econf, api, stop_event: threading.Event):
         try:
             return resolve_etcd_endpoints(econf, api)
         except KubernetesError as exc:
-            if getattr(exc, "status", 0) in (401, 403) or stop_event.is_set():
+            if getattr(exc, "status", 0) in (401, 403):
                 raise
             delay = backoff.next()
             log.warning("cannot read the etcd Endpoints; retrying", extra={
                 "error": exc.one_line(), "retry_s": round(delay, 2)})
             if stop_event.wait(delay):
-                raise
+                return None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -213,6 +215,8 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
     """Frees the blocks of deleted Nodes and finds leaked addresses."""
     from coil import k8s, logutil
     logutil.setup(log_level)
+    # the client's own connection retries are logged by urllib3; ours say more
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     interval = _duration(scan_interval, "--scan-interval")
     expiration = _duration(address_expiration, "--address-expiration", allow_zero=True)
     if metrics_addr:
@@ -224,6 +228,8 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: stop_event.set())
     econf = resolve_with_retry(econf, api, stop_event)
+    if econf is None:               # stopped while waiting for the API server
+        return
     store = open_store(econf)
     controller = Controller(store, core, scan_interval=interval, address_expiration=expiration,
                             release_leaked=release_leaked)

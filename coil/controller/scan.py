@@ -180,7 +180,7 @@ class LeakScanner:
         # looked at, and a Pod that got an address before it is in the list.
         pools = self.store.list_pools()
         blocks = self.store.all_blocks()
-        addresses, _rev = self.store.all_addresses()
+        addresses, _rev = self.store.all_addresses_paged()
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
         leaks = find_leaks(addresses, pods.held, now, self.expiration)
@@ -189,9 +189,7 @@ class LeakScanner:
         unknown = find_unknown(pods.active, etcd_ips, networks)
         if unknown:
             # a Pod may have got its address after our etcd read: look again
-            fresh, _ = self.store.all_addresses()
-            fresh_ips = {a.address for a in fresh}
-            unknown = [u for u in unknown if u.ip not in fresh_ips]
+            unknown = self._still_unknown(unknown)
         released = self._release(leaks) if self.release else 0
 
         pool_of_block = {b.cidr: b.pool for b in blocks}
@@ -203,6 +201,20 @@ class LeakScanner:
         result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use)
         self._report(result, blocks)
         return result
+
+    def _still_unknown(self, candidates, recheck_limit: int = 200):
+        from coil.errors import NotFound
+        if len(candidates) > recheck_limit:
+            fresh, _ = self.store.all_addresses_paged()
+            fresh_ips = {a.address for a in fresh}
+            return [u for u in candidates if u.ip not in fresh_ips]
+        out = []
+        for u in candidates:
+            try:
+                self.store.address_info(u.ip)
+            except NotFound:
+                out.append(u)
+        return out
 
     def _release(self, leaks) -> int:
         released = 0

@@ -108,8 +108,10 @@ class NodeWatcher:
             except Exception:   # noqa: BLE001 - best effort, the loop checks stop_event
                 pass
 
-    def run(self):
-        rv = None
+    def run(self, resource_version: str | None = None):
+        """Until stopped. ``resource_version``: resume a watch from there
+        instead of starting with a list."""
+        rv = resource_version
         while not self.stop_event.is_set():
             try:
                 if rv is None:

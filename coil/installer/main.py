@@ -314,6 +314,7 @@ def main(argv: list[str]) -> int:
                          f"(it is configured by environment variables; see --help)\n")
         return 2
     logutil.setup(os.environ.get("COIL_LOG_LEVEL", "info"))
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         run()
     except CoilError as exc:

@@ -540,7 +540,7 @@ class Sandbox:
         step = max(1, total // 5)
         cnitool = cnitool_path()
         with futures.ThreadPoolExecutor(min(parallel, total)) as pool:
-            jobs = {pool.submit(self._cni, cnitool, "add", p): p for p in new}
+            jobs = {pool.submit(self._add_one, cnitool, p): p for p in new}
             for fut in futures.as_completed(jobs):
                 p = jobs[fut]
                 rc, out = fut.result()
@@ -548,7 +548,6 @@ class Sandbox:
                 if rc == 0:
                     p["address"] = out["ips"][0]["address"].split("/")[0]
                     p["host_veth"] = out["interfaces"][0]["name"]
-                    p["host_mac"] = out["interfaces"][0].get("mac")
                     p["mac"] = out["interfaces"][1].get("mac")
                 else:
                     failed.append((p["name"], out))
@@ -572,28 +571,22 @@ class Sandbox:
         sandbox never touches. Hundreds of pods in one kernel (a real
         cluster spreads them over many) would overflow it ("neighbor table
         overflow", pings lost) -- permanent entries are exempt from that
-        limit. Only the sandbox needs this; the wiring is coild's."""
+        limit. Only the sandbox needs this; the wiring is coild's. The pod
+        side is done right after each ADD (_add_one), the node side here,
+        one ``ip -batch`` per node."""
         by_node: dict[str, list[str]] = {}
-        pod_lines = []
         for p in pods:
             if p.get("mac") and p.get("host_veth"):
                 by_node.setdefault(p["node"], []).append(
                     f"neigh replace {p['address']} lladdr {p['mac']} dev {p['host_veth']} "
                     "nud permanent")
-            if p.get("host_mac"):
-                pod_lines.append(p)
+
         for node, lines in by_node.items():
             r = subprocess.run(["ip", "-n", self.node(node)["netns"], "-force", "-batch", "-"],
                                input="\n".join(lines) + "\n", capture_output=True, text=True,
                                timeout=60)
             if r.returncode != 0:
                 raise SandboxError(f"static neighbours on {node}: {r.stderr.strip()}")
-
-        def pod_side(p):
-            run("ip", "-n", p["netns"], "neigh", "replace", GATEWAY, "lladdr", p["host_mac"],
-                "dev", p["ifname"], "nud", "permanent")
-        with futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(pod_side, pod_lines))
 
     def _loopback_up(self, netns_names: list[str]):
         """lo up in fresh pod namespaces, in-process (one netlink socket per
@@ -607,6 +600,19 @@ class Sandbox:
         except Exception:          # noqa: BLE001 - fall back to ip, one per namespace
             for ns in netns_names:
                 run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def _add_one(self, cnitool: str, p: dict):
+        """CNI ADD, then the pod side of the static neighbour entries (see
+        _static_neighbours)."""
+        rc, out = self._cni(cnitool, "add", p)
+        if rc == 0:
+            host_mac = out["interfaces"][0].get("mac")
+            if host_mac:
+                r = run("ip", "-n", p["netns"], "neigh", "replace", GATEWAY, "lladdr", host_mac,
+                        "dev", p["ifname"], "nud", "permanent", check=False)
+                if r.returncode != 0:
+                    return 1, {"msg": f"static neighbour in {p['netns']}: {r.stderr.strip()}"}
+        return rc, out
 
     def _cni(self, cnitool: str, command: str, p: dict):
         n = self.node(p["node"])

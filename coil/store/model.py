@@ -406,6 +406,27 @@ class IPAMStore:
         kvs, rev = self.etcd.get_prefix(keys.IP)
         return [self._decode_address(kv) for kv in kvs], rev
 
+    def all_addresses_paged(self, page_size: int = 5000) -> tuple[list[Address], int]:
+        """Like ``all_addresses()`` for any number of records: one consistent
+        snapshot (the first page's revision) read in pages of ``page_size``
+        keys. A single range of more than ~30,000 records exceeds gRPC's
+        4 MiB message limit. (Added for coil-controller's leak scan.)"""
+        from coil.store.etcd import prefix_end
+        rpc = self.etcd._rpc
+        start = self.etcd._key(keys.IP)
+        end = prefix_end(start)
+        revision = 0
+        out = []
+        while True:
+            req = rpc.RangeRequest(key=start, range_end=end, limit=page_size, revision=revision)
+            resp = self.etcd._range(req)
+            if not revision:
+                revision = resp.header.revision
+            out.extend(self._decode_address(self.etcd._kv(kv)) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return out, revision
+            start = resp.kvs[-1].key + b"\0"
+
     def count_addresses(self, cidr: str) -> int:
         return self.etcd.count_prefix(keys.block_ips(cidr))
 

@@ -448,3 +448,51 @@ def test_sigkill_in_the_middle_of_add(cluster):
     assert pod.links() == ["lo"]
     # and the retried ADD works
     assert pod_ip(add(cluster, pod, "c1"))
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0"])
+def test_legacy_result_shape(cluster, version):
+    cluster.store.create_pool("default", "10.39.0.0/24", 4)
+    cluster.start(version=version)
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    assert res["cniVersion"] == version
+    assert res["ips"][0]["version"] == "4" and res["ips"][0]["interface"] == 1
+    rc, _ = cluster.cni.call("del", pod, "c1")
+    assert rc == 0
+
+
+def test_gc_frees_stale_attachments_and_status(cluster):
+    cluster.store.create_pool("default", "10.40.0.0/24", 4)
+    cluster.start()
+    keep, stale = cluster.new_pod(), cluster.new_pod()
+    add(cluster, keep, "keep1", "default", "keep")
+    stale_res = add(cluster, stale, "stale1", "default", "stale")
+    gc_conf = conf(cluster, cniVersion="1.1.0",
+                   **{"cni.dev/valid-attachments": [{"containerID": "keep1", "ifname": "eth0"}]})
+    rc, out = raw_call(cluster, {"CNI_COMMAND": "GC", "CNI_PATH": cluster.cni.bin}, gc_conf)
+    assert (rc, out) == (0, None)
+    held = etcd_ips(cluster.store)
+    assert [a.container_id for a in held.values()] == ["keep1"]
+    assert stale_res["interfaces"][0]["name"] not in cluster.node.links()
+    assert "eth0" in keep.links()
+    # STATUS: ready while a pool exists
+    rc, out = raw_call(cluster, {"CNI_COMMAND": "STATUS"}, conf(cluster, cniVersion="1.1.0"))
+    assert (rc, out) == (0, None)
+    # GC and STATUS need cniVersion 1.1.0
+    rc, out = raw_call(cluster, {"CNI_COMMAND": "STATUS"}, conf(cluster, cniVersion="1.0.0"))
+    assert rc != 0 and out["code"] == 1
+
+
+def test_status_without_pool_is_not_available(cluster):
+    cluster.start()
+    rc, out = raw_call(cluster, {"CNI_COMMAND": "STATUS"}, conf(cluster, cniVersion="1.1.0"))
+    assert rc != 0 and out["code"] == 50 and "default" in out["msg"]
+
+
+def test_version_without_coild(cluster):
+    cluster.start()
+    cluster.coild.stop()
+    rc, out = raw_call(cluster, {"CNI_COMMAND": "VERSION"}, conf(cluster, cniVersion="0.4.0"))
+    assert rc == 0 and out["cniVersion"] == "0.4.0"
+    assert {"0.3.1", "0.4.0", "1.0.0", "1.1.0"} <= set(out["supportedVersions"])

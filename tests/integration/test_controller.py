@@ -1,0 +1,638 @@
+"""coil-controller against a real kube-apiserver (1.20) and a real etcd.
+
+The controller authenticates with a token of its own ServiceAccount, bound
+only by the RBAC objects in deploy/rbac.yaml (tokens are minted with the
+TokenRequest API). Node deletions free blocks in etcd; the watch survives an
+API server restart and a 410 Gone; the leak scan over 100,000 planted
+addresses finds exactly the planted leaks; faults never free anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+from helpers import REPO, EtcdServer, free_port
+from leakdata import create_pods, delete_pods, iso, plant_addresses, pod_manifest
+
+pytestmark = [pytest.mark.etcd]
+
+DEPLOY = os.path.join(REPO, "deploy")
+
+
+# -- fixtures and helpers ------------------------------------------------------------
+def load_deploy(name):
+    with open(os.path.join(DEPLOY, name)) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+@pytest.fixture(scope="module")
+def rbac(kube_apiserver):
+    """deploy/rbac.yaml applied; tokens of both service accounts."""
+    kube_apiserver.apply(load_deploy("rbac.yaml"))
+    return {"controller": kube_apiserver.service_account_token("kube-system", "coil-controller"),
+            "coild": kube_apiserver.service_account_token("kube-system", "coild")}
+
+
+@pytest.fixture
+def admin(kube_apiserver):
+    return kube_apiserver.core()
+
+
+@pytest.fixture
+def controller_core(kube_apiserver, rbac):
+    return kube_apiserver.core(rbac["controller"])
+
+
+@pytest.fixture
+def namespace(admin):
+    name = f"coiltest-{uuid.uuid4().hex[:8]}"
+    admin.create_namespace({"metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        delete_pods(admin, name)
+
+
+def unique(prefix="n"):
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def create_node(core, name, taints=None):
+    body = {"metadata": {"name": name}}
+    if taints:
+        body["spec"] = {"taints": taints}
+    return core.create_node(body)
+
+
+def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def status_of(fn, *args, **kwargs) -> int:
+    """HTTP status of an API call (200 when it succeeds)."""
+    from kubernetes.client.exceptions import ApiException
+    try:
+        fn(*args, **kwargs)
+        return 200
+    except ApiException as exc:
+        return exc.status
+
+
+def block_nodes(store):
+    return sorted({b.node for b in store.all_blocks()})
+
+
+def take_blocks(store, node, n=1, addresses=2):
+    blocks = []
+    for _ in range(n):
+        b = store.acquire_block("default", node)
+        for off in range(addresses):
+            assert store.assign_address(b, off, "ns", f"pod-{node}-{off}", f"c-{off}")
+        blocks.append(b)
+    return blocks
+
+
+class ControllerProcess:
+    """``python -m coil coil-controller`` as a subprocess; stopped by PID."""
+
+    def __init__(self, tmp_path, kubeconfig, etcd_config, *args):
+        self.port = free_port()
+        self.log_path = tmp_path / f"controller-{self.port}.log"
+        cmd = [sys.executable, "-m", "coil", "coil-controller",
+               "--etcd-endpoints", etcd_config.endpoints[0], "--etcd-prefix", etcd_config.prefix,
+               "--metrics-addr", f"127.0.0.1:{self.port}", "--kubeconfig", kubeconfig, *args]
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metric(self, name, labels=""):
+        from prometheus_client.parser import text_string_to_metric_families
+        _, text = self.get("/metrics")
+        want = dict(kv.split("=", 1) for kv in labels.split(",") if kv)
+        total = None
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in want.items()):
+                    total = (total or 0) + sample.value
+        return total
+
+    def wait_ready(self, timeout=60):
+        wait_for(lambda: self.proc.poll() is not None or self.get("/readyz")[0] == 200,
+                 timeout, what="coil-controller ready")
+        assert self.proc.poll() is None, self.logs()
+
+    def logs(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self):
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def run_controller(tmp_path, kube_apiserver, rbac, etcd_config):
+    started = []
+
+    def start(*args, token=None):
+        kc = kube_apiserver.kubeconfig(token or rbac["controller"], str(tmp_path / "kubeconfig"))
+        p = ControllerProcess(tmp_path, kc, etcd_config, *args)
+        started.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in started:
+            p.stop()
+
+
+# -- RBAC -------------------------------------------------------------------------------
+def test_rbac_grants_exactly_what_is_needed(kube_apiserver, rbac, admin):
+    node = unique()
+    create_node(admin, node)
+    ctl = kube_apiserver.core(rbac["controller"])
+    dmn = kube_apiserver.core(rbac["coild"])
+    try:
+        # coil-controller: nodes get/list/watch, pods list, its Endpoints
+        assert status_of(ctl.list_node) == 200
+        assert status_of(ctl.read_node, node) == 200
+        assert status_of(ctl.list_node, watch=True, timeout_seconds=1,
+                         _preload_content=False) == 200
+        assert status_of(ctl.list_pod_for_all_namespaces, limit=1) == 200
+        assert status_of(ctl.read_namespaced_endpoints, "coil-etcd", "kube-system") in (200, 404)
+        # ... and nothing more
+        assert status_of(ctl.delete_node, node) == 403
+        assert status_of(ctl.patch_node, node, {"metadata": {"labels": {"x": "y"}}}) == 403
+        assert status_of(ctl.list_namespaced_secret, "kube-system") == 403
+        assert status_of(ctl.list_secret_for_all_namespaces) == 403
+        assert status_of(ctl.read_namespaced_endpoints, "kubernetes", "default") == 403
+        assert status_of(ctl.list_namespaced_endpoints, "kube-system") == 403
+        assert status_of(ctl.create_namespaced_pod, "default",
+                         pod_manifest("x")[0]) == 403
+        # coild (and its init container coil-installer): get/patch nodes
+        assert status_of(dmn.read_node, node) == 200
+        assert status_of(dmn.patch_node, node, {"metadata": {"labels": {"x": "y"}}}) == 200
+        assert status_of(dmn.read_namespaced_endpoints, "coil-etcd", "kube-system") in (200, 404)
+        assert status_of(dmn.delete_node, node) == 403
+        assert status_of(dmn.list_node) == 403
+        assert status_of(dmn.list_pod_for_all_namespaces) == 403
+        assert status_of(dmn.list_namespaced_secret, "kube-system") == 403
+    finally:
+        admin.delete_node(node)
+
+
+# -- deleted nodes ------------------------------------------------------------------------
+def test_deleted_nodes_blocks_are_freed(run_controller, store, admin):
+    store.create_pool("default", "10.200.0.0/20", 4)
+    a, b, gone = unique(), unique(), unique()
+    create_node(admin, a)
+    create_node(admin, b)
+    try:
+        take_blocks(store, a, 2)
+        take_blocks(store, b, 1)
+        take_blocks(store, gone, 2)          # a node that no longer exists
+        assert block_nodes(store) == sorted([a, b, gone])
+        ctl = run_controller("--scan-interval", "1h")
+        ctl.wait_ready()
+        # on start: the blocks of the missing node are freed, with their addresses
+        wait_for(lambda: gone not in block_nodes(store), what="orphan blocks freed")
+        assert block_nodes(store) == sorted([a, b])
+        assert store.etcd.count_prefix("ip/") == 6
+        # a Node deleted while watching
+        admin.delete_node(a)
+        wait_for(lambda: a not in block_nodes(store), what="blocks of deleted node freed")
+        assert block_nodes(store) == [b]
+        assert store.etcd.count_prefix("ip/") == 2
+        assert store.etcd.count_prefix(f"node-block/{a}/") == 0
+        wait_for(lambda: ctl.metric("coil_controller_blocks_freed_total") == 4,
+                 what="metrics")
+        assert ctl.metric("coil_controller_deleted_nodes_total") == 2
+        assert ctl.metric("coil_controller_node_addresses_freed_total") == 8
+        assert ctl.metric("coil_controller_blocks", f"pool=default,node={b}") == 1
+        assert ctl.get("/healthz")[0] == 200
+        msgs = [r["msg"] for r in ctl.log_records()]
+        assert "freed blocks of deleted node" in msgs
+    finally:
+        for n in (a, b):
+            status_of(admin.delete_node, n)
+    assert ctl.stop() == 0
+
+
+def test_recreated_node_keeps_its_blocks(store, controller_core, admin):
+    """A node deleted and registered again before the cleanup ran keeps its blocks."""
+    from coil.controller.janitor import NodeJanitor
+    store.create_pool("default", "10.201.0.0/20", 4)
+    n = unique()
+    create_node(admin, n)
+    try:
+        take_blocks(store, n)
+        janitor = NodeJanitor(store, controller_core)
+        assert janitor.free_node(n) == 0          # it exists: nothing freed
+        assert block_nodes(store) == [n]
+    finally:
+        admin.delete_node(n)
+    assert janitor.free_node(n) == 1
+    assert block_nodes(store) == []
+
+
+def test_watch_survives_apiserver_restart(run_controller, kube_apiserver, store, admin):
+    store.create_pool("default", "10.202.0.0/20", 4)
+    a, b = unique(), unique()
+    create_node(admin, a)
+    create_node(admin, b)
+    try:
+        take_blocks(store, a)
+        take_blocks(store, b)
+        ctl = run_controller("--scan-interval", "1h")
+        ctl.wait_ready()
+        kube_apiserver.restart()
+        admin = kube_apiserver.core()
+        admin.delete_node(a)
+        wait_for(lambda: a not in block_nodes(store), timeout=90,
+                 what="blocks freed after the API server restarted")
+        assert block_nodes(store) == [b]
+        assert ctl.proc.poll() is None
+        assert ctl.metric("coil_controller_node_watch_restarts_total", "reason=error") >= 1
+        records = ctl.log_records()
+        assert any(r["msg"] in ("watching nodes failed; retrying", "listing nodes failed; retrying")
+                   and r["level"] == "warning" and "retry_s" in r for r in records)
+        # later deletions still arrive through the resumed watch
+        admin.delete_node(b)
+        wait_for(lambda: block_nodes(store) == [], what="second node freed")
+    finally:
+        for n in (a, b):
+            status_of(kube_apiserver.core().delete_node, n)
+    assert ctl.stop() == 0
+
+
+def test_watch_relists_after_410_gone(controller_core, admin):
+    from coil.controller.metrics import ControllerMetrics
+    from coil.controller.watcher import NodeWatcher, WatchExpired
+    n = unique()
+    create_node(admin, n)
+    synced, deleted = [], []
+    metrics = ControllerMetrics()
+    w = NodeWatcher(controller_core, synced.append, deleted.append, metrics=metrics,
+                    watch_timeout=5)
+    try:
+        # a resourceVersion far in the past is answered with 410 Gone
+        with pytest.raises(Exception) as info:
+            w.watch("1")
+        assert isinstance(info.value, WatchExpired) or getattr(info.value, "status", 0) == 410
+        # the loop, fed an expired resourceVersion, relists and carries on
+        names, rv = w.list_nodes()
+        assert n in names
+        t = threading.Thread(target=w.run, args=("1",), daemon=True)   # resume from rv 1
+        t.start()
+        wait_for(lambda: synced, what="relist")
+        assert n in synced[0]
+        assert metrics.watch_restarts.labels("expired")._value.get() == 1
+        wait_for(lambda: w.synced.is_set() and w.resource_version not in (None, "1"),
+                 what="watching again")
+        time.sleep(0.5)
+        admin.delete_node(n)
+        wait_for(lambda: n in deleted, what="deletion seen by the new watch")
+    finally:
+        w.stop()
+        status_of(admin.delete_node, n)
+
+
+# -- leak scan -----------------------------------------------------------------------------
+SCAN_N = 100_000
+
+
+def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, admin,
+                                                        namespace):
+    """100,000 addresses in etcd, a few hundred Pods through the API.
+
+    Planted (indexes into the planted list):
+      old & no Pod           -> leaks (i % 400 == 7), some in a foreign time format
+      old & a Running Pod    -> kept (i % 400 == 9)
+      old & a Succeeded Pod  -> kept (i % 4000 == 11)
+      young & no Pod         -> not yet leaks (everything else)
+    Pods with addresses etcd does not hold: in a pool -> unknown (errors);
+    outside every pool, hostNetwork, or finished -> ignored.
+    """
+    from coil.controller.metrics import ControllerMetrics
+    from coil.controller.scan import LeakScanner
+    now = time.time()
+    old, young = iso(now - 3 * 86400), iso(now - 600)
+
+    def created(i):
+        if i % 400 in (7, 9) or i % 4000 == 11:
+            return "2020-01-01T00:00:00Z" if i % 2000 == 7 else old
+        return young
+
+    t0 = time.monotonic()
+    planted = plant_addresses(store, "default", "10.64.0.0/12", SCAN_N,
+                              [f"scan-node-{k}" for k in range(8)], created)
+    plant_s = time.monotonic() - t0
+    leaks = {addr for i, (addr, _, _) in enumerate(planted) if i % 400 == 7}
+    held_running = [addr for i, (addr, _, _) in enumerate(planted) if i % 400 == 9]
+    held_done = [addr for i, (addr, _, _) in enumerate(planted) if i % 4000 == 11]
+    unknown = {f"10.79.255.{k}" for k in range(1, 21)}          # in the pool, not held
+    pods = []
+    for k, ip in enumerate(held_running):
+        pods.append(pod_manifest(f"run-{k}", [ip, f"fd00::{k + 1:x}"]))
+    for k, ip in enumerate(held_done):
+        pods.append(pod_manifest(f"done-{k}", [ip], phase="Succeeded"))
+    for k, ip in enumerate(sorted(unknown)):
+        pods.append(pod_manifest(f"unknown-{k}", [ip], phase="Pending", node="scan-node-0"))
+    for k in range(10):
+        pods.append(pod_manifest(f"outside-{k}", [f"192.168.77.{k + 1}"]))
+        pods.append(pod_manifest(f"hostnet-{k}", [f"10.79.254.{k + 1}"], host_network=True))
+        pods.append(pod_manifest(f"finished-{k}", [f"10.79.253.{k + 1}"], phase="Failed"))
+    pods.append(pod_manifest("no-ip-yet"))
+    create_pods(admin, namespace, pods)
+    assert len(leaks) == 250 and len(held_running) == 250 and len(held_done) == 25
+    assert len(pods) == 326
+
+    metrics = ControllerMetrics()
+    scanner = LeakScanner(store, controller_core, expiration=86400, metrics=metrics,
+                          page_size=100)
+    t0 = time.monotonic()
+    result = scanner.scan()
+    scan_s = time.monotonic() - t0
+    print(f"\nplanted {SCAN_N} addresses in {plant_s:.1f}s; scan took {scan_s:.2f}s")
+    assert result.addresses == SCAN_N
+    assert result.pods >= len(pods)
+    assert {lk.address.address for lk in result.leaks} == leaks
+    assert {u.ip for u in result.unknown} == unknown
+    assert {u.node for u in result.unknown} == {"scan-node-0"}
+    assert all(lk.age is not None and lk.age > 86400 for lk in result.leaks)
+    assert result.released == 0
+    assert store.etcd.count_prefix("ip/") == SCAN_N
+    assert scan_s < 30, f"scan of {SCAN_N} addresses took {scan_s:.1f}s"
+    assert metrics.leaked._value.get() == 250
+    assert metrics.unknown._value.get() == 20
+    from prometheus_client import generate_latest
+    text = generate_latest(metrics.registry).decode()
+    assert 'coil_controller_addresses_in_use{pool="default"} 100000.0' in text
+    assert 'coil_controller_blocks{node="scan-node-0",pool="default"} 391.0' in text
+
+    # --release-leaked: exactly the leaks go, everything else stays
+    releaser = LeakScanner(store, controller_core, expiration=86400, release=True)
+    result = releaser.scan()
+    assert result.released == 250
+    assert store.etcd.count_prefix("ip/") == SCAN_N - 250
+    remaining = {a.address for a in store.all_addresses_paged()[0]}
+    assert not (remaining & leaks)
+    assert set(held_running) <= remaining and set(held_done) <= remaining
+    assert releaser.scan().leaks == []
+
+
+def test_controller_process_reports_and_releases_leaks(run_controller, store, admin,
+                                                        namespace):
+    now = time.time()
+    planted = plant_addresses(store, "default", "10.203.0.0/20", 64, ["leak-node"],
+                              lambda i: iso(now - 7200) if i < 10 else iso(now))
+    create_node(admin, "leak-node")
+    try:
+        # addresses 0..4 are used by Pods; 5..9 are old and unused: leaks
+        create_pods(admin, namespace, [pod_manifest(f"p{i}", [planted[i][0]]) for i in range(5)])
+        ctl = run_controller("--scan-interval", "2s", "--address-expiration", "1h")
+        ctl.wait_ready()
+        wait_for(lambda: ctl.metric("coil_controller_leaked_addresses") == 5, what="report")
+        assert store.etcd.count_prefix("ip/") == 64            # reported, not freed
+        leaked = {r["address"] for r in ctl.log_records()
+                  if r["msg"] == "leaked address: held in etcd but used by no Pod"}
+        assert leaked == {planted[i][0] for i in range(5, 10)}
+        assert ctl.metric("coil_controller_scan_duration_seconds_count") >= 1
+        assert ctl.metric("coil_controller_addresses_in_use", "pool=default") == 64
+        assert ctl.stop() == 0
+
+        ctl = run_controller("--scan-interval", "1h", "--address-expiration", "1h",
+                             "--release-leaked")
+        wait_for(lambda: store.etcd.count_prefix("ip/") == 59, what="leaks released")
+        wait_for(lambda: ctl.metric("coil_controller_leaked_addresses_released_total") == 5,
+                 what="metrics")
+        kept = {a.address for a in store.all_addresses_paged()[0]}
+        assert {planted[i][0] for i in range(5)} <= kept
+        assert ctl.stop() == 0
+    finally:
+        admin.delete_node("leak-node")
+
+
+# -- faults -------------------------------------------------------------------------------
+class _Erroring(BaseHTTPRequestHandler):
+    """An API server that answers every request with 500."""
+
+    def do_GET(self):
+        body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "message": "etcdserver: request timed out", "code": 500}).encode()
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(params=["unreachable", "http-500"])
+def broken_api(request):
+    from kubernetes import client
+    conf = client.Configuration()
+    server = None
+    if request.param == "unreachable":
+        conf.host = f"https://127.0.0.1:{free_port()}"     # nothing listens there
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Erroring)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        conf.host = f"http://127.0.0.1:{server.server_address[1]}"
+    conf.retries = 0
+    try:
+        yield client.CoreV1Api(client.ApiClient(conf))
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def test_api_failures_retry_with_backoff_and_free_nothing(store, broken_api, caplog):
+    from coil.controller.main import Controller
+    now = time.time()
+    plant_addresses(store, "default", "10.204.0.0/20", 32, ["ghost-node"],
+                    lambda i: iso(now - 10 * 86400))
+    caplog.set_level(logging.INFO)
+    c = Controller(store, broken_api, scan_interval=3600, address_expiration=60,
+                   release_leaked=True)
+    c.scan_backoff.initial = c.scan_backoff._next = 0.2
+    c.start()
+    try:
+        time.sleep(4)
+        assert c.healthy()
+        assert not c.ready()
+    finally:
+        c.shutdown()
+    # nothing freed: not the "ghost" node's block, not the old addresses
+    assert block_nodes(store) == ["ghost-node"]
+    assert store.etcd.count_prefix("ip/") == 32
+    records = [r for r in caplog.records if r.name.startswith("coil-controller")]
+    node_retries = [r for r in records if r.getMessage() == "listing nodes failed; retrying"]
+    scan_retries = [r for r in records
+                    if r.getMessage() == "leak scan failed: nothing was freed; retrying"]
+    assert len(node_retries) >= 2 and len(scan_retries) >= 2
+    delays = [r.retry_s for r in node_retries]
+    assert delays[1] > delays[0]                     # backing off
+    assert all(r.levelno == logging.WARNING and r.error for r in node_retries + scan_retries)
+    assert c.metrics.scans.labels("error")._value.get() >= 2
+
+
+def test_failed_pod_list_never_counts_as_no_pods(store, controller_core, admin, namespace,
+                                                 kube_apiserver):
+    """A Pod list that fails midway (pagination) or is forbidden frees nothing."""
+    from kubernetes.client.exceptions import ApiException
+
+    from coil.controller.scan import LeakScanner
+    now = time.time()
+    planted = plant_addresses(store, "default", "10.205.0.0/20", 16, ["n"],
+                              lambda i: iso(now - 10 * 86400))
+    create_pods(admin, namespace, [pod_manifest(f"p{i}", [planted[i][0]]) for i in range(6)])
+
+    class FailingSecondPage:
+        def __init__(self, core):
+            self.core, self.calls = core, 0
+
+        def list_pod_for_all_namespaces(self, **kwargs):
+            self.calls += 1
+            if self.calls == 2:
+                raise ApiException(status=500, reason="Internal Server Error")
+            return self.core.list_pod_for_all_namespaces(**kwargs)
+
+    failing = FailingSecondPage(controller_core)
+    with pytest.raises(ApiException):
+        LeakScanner(store, failing, expiration=60, release=True, page_size=2).scan()
+    assert failing.calls == 2
+    assert store.etcd.count_prefix("ip/") == 16
+    # a token that may not list Pods: 403, nothing freed
+    forbidden = kube_apiserver.core(kube_apiserver.service_account_token("kube-system", "coild"))
+    with pytest.raises(ApiException) as info:
+        LeakScanner(store, forbidden, expiration=60, release=True).scan()
+    assert info.value.status == 403
+    assert store.etcd.count_prefix("ip/") == 16
+    # with a working list, only the 10 unused addresses go
+    result = LeakScanner(store, controller_core, expiration=60, release=True,
+                         page_size=2).scan()
+    assert result.released == 10
+    assert {a.address for a in store.all_addresses_paged()[0]} == {p[0] for p in planted[:6]}
+
+
+def test_node_cleanup_waits_for_etcd(tmp_path, controller_core, admin, caplog):
+    """etcd down when a Node is deleted: the cleanup is retried until it works."""
+    from coil.config import EtcdConfig
+    from coil.controller.janitor import NodeJanitor
+    from coil.controller.watcher import Backoff
+    from coil.store import IPAMStore
+    from coil.store.etcd import Etcd
+    server = EtcdServer(str(tmp_path / "etcd"))                  # not started yet
+    store = IPAMStore(Etcd(EtcdConfig(endpoints=(server.endpoint,), prefix="/late/",
+                                      timeout=1.0)))
+    caplog.set_level(logging.INFO)
+    janitor = NodeJanitor(store, controller_core, backoff=Backoff(0.2, 1.0))
+    t = threading.Thread(target=janitor.run, daemon=True)
+    t.start()
+    n = unique()
+    try:
+        janitor.node_deleted(n)
+        janitor.nodes_synced(set())
+        time.sleep(2.5)
+        assert t.is_alive()
+        assert any("will retry" in r.getMessage() for r in caplog.records)
+        server.start()
+        store.create_pool("default", "10.206.0.0/20", 4)
+        take_blocks(store, n)
+        take_blocks(store, "other-gone")
+        wait_for(lambda: block_nodes(store) == [], timeout=30, what="cleanup after etcd came up")
+        wait_for(janitor.idle.is_set, what="idle")
+    finally:
+        janitor.stop_event.set()
+        janitor.wake()
+        t.join(5)
+        store.close()
+        server.stop()
+
+
+def test_invalid_node_names_are_rejected(store, controller_core, caplog):
+    from coil.controller.janitor import NodeJanitor
+    from coil.controller.watcher import NodeWatcher
+    from coil.errors import InvalidArgument
+    janitor = NodeJanitor(store, controller_core)
+    for bad in ("", "Node_1", "../etc", "a/b", "x" * 254, None, "-a"):
+        with pytest.raises(InvalidArgument):
+            janitor.node_deleted(bad)
+        with pytest.raises(InvalidArgument):
+            janitor.free_node(bad)
+    assert janitor.idle.is_set()
+    # a DELETED event with such a name is logged and skipped; the watch goes on
+    caplog.set_level(logging.INFO)
+    w = NodeWatcher(controller_core, lambda names: None, janitor.node_deleted)
+    event = {"type": "DELETED", "object": {"metadata": {"name": "Bad_Name",
+                                                        "resourceVersion": "42"}}}
+    assert w._handle(json.dumps(event), "41") == "42"
+    assert any(r.getMessage() == "ignoring deleted node with an invalid name"
+               for r in caplog.records)
+    from coil.controller.watcher import WatchError
+    with pytest.raises(WatchError):
+        w._handle("{not json", "1")
+
+
+def test_cli_rejects_bad_options(tmp_path):
+    from helpers import hypercoil
+    for args, needle in ((["--scan-interval", "0"], "--scan-interval"),
+                         (["--scan-interval", "ten"], "--scan-interval"),
+                         (["--address-expiration", "-1h"], "--address-expiration"),
+                         (["--metrics-addr", "nope"], "--metrics-addr"),
+                         (["--etcd-endpoints", "@Bad_Name", "--kubeconfig",
+                           str(tmp_path / "missing")], "kubeconfig")):
+        r = hypercoil("coil-controller", *args, timeout=60)
+        assert r.returncode != 0
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
