@@ -230,7 +230,13 @@ class NodeAllocator:
                     continue
                 if self._blocks.get(held.block.cidr) is held:
                     del self._blocks[held.block.cidr]
-            if self.store.release_block(held.block):
+            try:
+                released = self.store.release_block(held.block)
+            except BaseException:
+                with self._lock:      # still ours: keep using it
+                    self._blocks.setdefault(held.block.cidr, held)
+                raise
+            if released:
                 returned.append(held.block)
                 self._on_removed(held.block)
             else:   # changed meanwhile: the next load() tells what it is now
