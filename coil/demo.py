@@ -47,12 +47,12 @@ def explore_hints(sb, cmd: str) -> str:
     b = next((p for p in pods if p["node"] != "node1" and p.get("address")), a)
     return "\n".join([
         "The sandbox keeps running. Try:",
-        f"  {cmd} status                      # pools, blocks, table 119, BGP, pods",
-        f"  {cmd} check                       # the ping matrix again",
-        f"  ip netns exec {a['netns']} ping -c3 {b['address']}   "
+        f"  {cmd} status    # pools, blocks, table 119, BGP, pods",
+        f"  {cmd} check     # the ping matrix again",
+        f"  ip netns exec {a['netns']} ping -c3 {b['address']}    "
         f"# {a['name']} -> {b['name']} on {b['node']}",
-        f"  ip -n {n1['netns']} route show table 119        # node1's blocks (coild)",
-        f"  ip -n {n1['netns']} route show proto bird       # other nodes' blocks (BIRD)",
+        f"  ip -n {n1['netns']} route show table 119     # node1's blocks (coild)",
+        f"  ip -n {n1['netns']} route show proto bird    # other nodes' blocks (BIRD)",
         f"  birdc -s {n1['bird_ctl']} show protocols",
         f"  birdc -s {n1['bird_ctl']} show route",
         f"  less {n1['bird_conf']}   # the BIRD configuration (docs/routing.md)",

@@ -42,12 +42,17 @@ def api_client(kubeconfig: str | None = None):
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
     conf = client.Configuration()
-    path = kubeconfig or os.environ.get("KUBECONFIG") or None
+    env_path = os.environ.get("KUBECONFIG") or None
     try:
-        if path:
-            if not os.path.exists(path.split(os.pathsep)[0]):
-                raise KubernetesError(f"kubeconfig {path} does not exist")
-            config.load_kube_config(config_file=path, client_configuration=conf)
+        if kubeconfig:
+            if not os.path.exists(kubeconfig):
+                raise KubernetesError(f"kubeconfig {kubeconfig} does not exist")
+            config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
+        elif env_path:
+            # KUBECONFIG may list several files (merged by the client)
+            if not any(os.path.exists(p) for p in env_path.split(os.pathsep) if p):
+                raise KubernetesError(f"KUBECONFIG {env_path} does not exist")
+            config.load_kube_config(client_configuration=conf)
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=conf)
         else:

@@ -7,7 +7,7 @@ on a free loopback port, with:
 - a static token file: ``admin`` in ``system:masters``;
 - a service-account key pair made with ``openssl`` (TokenRequest works: the
   apiserver signs service-account tokens itself, no controller-manager);
-- ``--authorization-mode=RBAC``;
+- ``--authorization-mode=RBAC``, ``--allow-privileged=true`` (as kubeadm sets it);
 - the ServiceAccount admission plugin off (no token controller runs, so
   Pods could not be created otherwise).
 
@@ -102,6 +102,7 @@ class KubeAPIServer:
                "--authorization-mode=RBAC",
                f"--token-auth-file={tokens}",
                "--disable-admission-plugins=ServiceAccount",
+               "--allow-privileged=true",      # as kubeadm clusters run it
                "--enable-priority-and-fairness=false",
                "--logtostderr=true", "--v=0"]
         self.log = open(self.log_path, "ab")
@@ -196,7 +197,7 @@ class KubeAPIServer:
 
     def apply(self, objects: list[dict]):
         """Create (or replace) plain manifest dicts with the admin client."""
-        from kubernetes import client, utils
+        from kubernetes import utils
         api = self.api()
         for obj in objects:
             try:

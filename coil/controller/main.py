@@ -110,13 +110,17 @@ class Controller:
                 log.warning("leak scan failed: nothing was freed; retrying", extra={
                     "error": exc.one_line(), "retry_s": round(delay, 2)})
                 continue
-            except Exception as exc:         # noqa: BLE001 - API errors of every kind
+            except Exception as exc:         # noqa: BLE001 - keep the loop alive
                 from coil import k8s
                 delay = self.scan_backoff.next()
                 self.metrics.scans.labels("error").inc()
-                self.metrics.api_errors.labels("pods").inc()
-                log.warning("leak scan failed: nothing was freed; retrying", extra={
-                    "error": k8s.describe(exc), "retry_s": round(delay, 2)})
+                if isinstance(exc, k8s.transient_errors()):
+                    self.metrics.api_errors.labels("pods").inc()
+                    log.warning("leak scan failed: nothing was freed; retrying", extra={
+                        "error": k8s.describe(exc), "retry_s": round(delay, 2)})
+                else:                        # a bug or a malformed answer: with traceback
+                    log.error("leak scan failed: nothing was freed; retrying", exc_info=True,
+                              extra={"error": k8s.describe(exc), "retry_s": round(delay, 2)})
                 continue
             self.scan_backoff.reset()
             delay = self.scan_interval

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import threading
+import time
 
 from coil import k8s
 from coil.errors import InvalidArgument
@@ -120,8 +121,15 @@ class NodeWatcher:
                     log.info("listed nodes", extra={"nodes": len(names), "resource_version": rv})
                     self.synced.set()
                     self.on_sync(names)
+                started = time.monotonic()
                 rv = self.watch(rv)
-                self.backoff.reset()
+                if time.monotonic() - started < 1.0 and not self.stop_event.is_set():
+                    # the server ended the watch at once: do not spin
+                    delay = self.backoff.next()
+                    log.debug("node watch ended at once", extra={"retry_s": round(delay, 2)})
+                    self.stop_event.wait(delay)
+                else:
+                    self.backoff.reset()
             except WatchExpired as exc:
                 log.info("node watch expired, relisting", extra={"reason": str(exc)})
                 self._count("expired")

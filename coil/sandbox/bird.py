@@ -64,7 +64,7 @@ protocol pipe coil_pipe {{
 # Blocks of the other nodes, learned by BGP, go to the main table
 # ("<block> via <node> dev {fabric_if} proto bird").
 protocol kernel kernel_main {{
-  scan time {scan};
+  scan time 10;
   ipv4 {{
     import none;
     export where source = RTS_BGP;
@@ -100,7 +100,9 @@ def render_config(node: str, router_id: str, peers: list[tuple[str, str]], log: 
                   scan: int = 1, fabric_if: str = "eth0") -> str:
     """BIRD 2 configuration for ``node``: ``peers`` is [(name, address)] of
     the other nodes. Protocol names must be identifiers: node names with
-    dashes become underscores."""
+    dashes become underscores. ``scan`` is the period (s) of the full scan
+    of table 119; on Linux BIRD also hears route changes at once through
+    netlink notifications, the scan is the safety net."""
     peer_text = "\n".join(PEER_TEMPLATE.format(name=protocol_name(name), address=addr, asn=asn)
                           for name, addr in peers)
     return CONFIG_TEMPLATE.format(node=node, router_id=router_id, asn=asn, table=table,

@@ -179,6 +179,7 @@ class Sandbox:
         self.state = State(state_dir)
         self._children: dict[int, subprocess.Popen] = {}
         self._store = None
+        self.phases: dict[str, float] = {}      # seconds per phase of the last up
 
     # -- basic facts -------------------------------------------------------
     @property
@@ -277,6 +278,9 @@ class Sandbox:
         config.validate()
         self._preflight()
         if os.path.isdir(self.dir):
+            if State(self.dir).load().data.get("namespaces"):
+                raise SandboxError(f"a sandbox already exists in {self.dir} (run "
+                                   f"'hypercoil sandbox --state-dir {self.dir} down' first)")
             foreign = set(os.listdir(self.dir)) - {"state.json", "state.lock"}
             if foreign:
                 raise SandboxError(f"state directory {self.dir} is not empty "
@@ -309,7 +313,7 @@ class Sandbox:
             self._remove_dir()
             raise error
         return {"seconds": progress.elapsed(), "nodes": config.nodes,
-                "pods": len(self.state.pods)}
+                "pods": len(self.state.pods), "phases": dict(self.phases)}
 
     def _preflight(self):
         if os.geteuid() != 0:
@@ -347,15 +351,28 @@ class Sandbox:
         if taken:
             raise SandboxError(f"network namespace(s) {', '.join(taken)} already exist: "
                                "choose another --name or remove them")
+        self.phases = {}
+        mark = time.monotonic()
+
+        def phase(name):
+            nonlocal mark
+            now = time.monotonic()
+            self.phases[name] = round(now - mark, 3)
+            mark = now
         self._make_network(fabric, nodes, progress)
+        phase("network")
         self._start_services(cfg, fabric, nodes, progress)
         for ext in self.extensions:
             if hasattr(ext, "on_nodes_ready"):
                 ext.on_nodes_ready(self)
-        self.add_pods([(n, "default", cfg.pods) for n in nodes], progress)
+        phase("services")
+        wanted = [(n, "default", cfg.pods) for n in nodes]
         if cfg.global_pods:
-            self.add_pods([(node_name(1), "global", cfg.global_pods)], progress, tag="g")
+            wanted.append((node_name(1), "global", cfg.global_pods))
+        self.add_pods(wanted, progress)
+        phase("pods")
         self.wait_routes(progress=progress)
+        phase("routes")
 
     def _make_network(self, fabric: str, nodes: dict, progress):
         st = self.state
@@ -399,6 +416,8 @@ class Sandbox:
             "--listen-client-urls", f"{url},unix://{ETCD_SOCKET}",
             "--advertise-client-urls", url, "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer, "--initial-cluster", f"sandbox={peer}",
+            # one member, no peers: a short election timeout makes it leader in ~0.1 s
+            "--election-timeout", "250", "--heartbeat-interval", "50",
             "--log-level", "warn", "--logger", "zap"],
             os.path.join(etcd_dir, "etcd.log"), env={"ETCD_UNSUPPORTED_ARCH": "amd64"},
             cwd=etcd_dir)
@@ -493,10 +512,12 @@ class Sandbox:
             return False
 
     # -- pods --------------------------------------------------------------
-    def add_pods(self, wanted: list[tuple[str, str, int]], progress=None, tag: str = "p",
+    def add_pods(self, wanted: list[tuple[str, str, int]], progress=None, tag: str | None = None,
                  names: list[str] | None = None) -> list[dict]:
         """Create pods: ``wanted`` is [(node, k8s namespace, count)] (or give
-        explicit ``names`` with one entry in ``wanted``). Each pod is a netns
+        explicit ``names`` with one entry in ``wanted``). Pods are named
+        NODE-TAGnn, TAG "p" for namespace default, else the namespace's first
+        letter, unless ``tag`` is given. Each pod is a netns
         wired by the coil plugin through the libcni client, CNI ADDs run
         in parallel. Raises SandboxError naming the pods that failed (those
         stay recorded, so ``down`` still removes them)."""
@@ -513,11 +534,12 @@ class Sandbox:
                     raise SandboxError(f"pod(s) {', '.join(dup)} exist already")
                 pnames = list(names)
             else:
+                t = tag or ("p" if namespace == "default" else namespace[:1])
                 pnames, i = [], 0
                 while len(pnames) < count:
                     i += 1
-                    if f"{node}-{tag}{i:02d}" not in existing:
-                        pnames.append(f"{node}-{tag}{i:02d}")
+                    if f"{node}-{t}{i:02d}" not in existing:
+                        pnames.append(f"{node}-{t}{i:02d}")
             for pname in pnames:
                 existing.add(pname)
                 new.append({"name": pname, "namespace": namespace, "node": node,
@@ -536,8 +558,8 @@ class Sandbox:
         total = len(new)
         done = 0
         failed = []
-        parallel = cfg.parallel or max(4, 3 * (os.cpu_count() or 2))
-        step = max(1, total // 5)
+        parallel = cfg.parallel or 2 * (os.cpu_count() or 2)   # CPU-bound: more is slower
+        step = max(1, -(-total // 5))
         cnitool = cnitool_path()
         with futures.ThreadPoolExecutor(min(parallel, total)) as pool:
             jobs = {pool.submit(self._add_one, cnitool, p): p for p in new}

@@ -64,7 +64,9 @@ class Etcd:
         endpoints = []
         # reconnect quickly after an etcd restart (gRPC's default backoff grows to 120 s)
         opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000)]
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                # whole-prefix reads of a large installation exceed gRPC's 4 MiB default
+                ("grpc.max_receive_message_length", 256 << 20)]
         for url in cfg.endpoints:
             u = urlsplit(url)
             if u.scheme == "unix":

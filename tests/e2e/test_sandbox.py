@@ -268,3 +268,21 @@ def test_up_refuses_a_busy_state_dir_and_bad_config(make_sandbox, tmp_path):
     with pytest.raises(SandboxError, match="private"):
         sb.up(Config(nodes=1, name=sb.test_name, default_subnet="8.8.0.0/16"))
     assert not os.path.exists(sb.dir)
+
+
+def test_docs_show_the_exact_bird_config_and_bird_accepts_it(tmp_path):
+    import shutil
+    import pytest
+    conf = bird.render_config("node1", "10.250.0.11", [("node2", "10.250.0.12"),
+                                                       ("node3", "10.250.0.13")],
+                              "/run/coil-sandbox/node1/bird.log")
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "docs", "routing.md")
+    with open(docs, encoding="utf-8") as f:
+        assert conf in f.read(), "docs/routing.md is out of date with coil/sandbox/bird.py"
+    if shutil.which("bird") is None and not os.path.exists("/usr/sbin/bird"):
+        pytest.skip("needs bird2")
+    path = tmp_path / "bird.conf"
+    path.write_text(conf)
+    r = subprocess.run(["bird", "-p", "-c", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

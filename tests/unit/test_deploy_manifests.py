@@ -139,7 +139,6 @@ def test_controller_deployment_is_consistent():
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert spec["securityContext"]["runAsNonRoot"] is True
     # the options parse
-    from click.testing import CliRunner  # noqa: F401  (click is a dependency)
     from coil.controller.main import cli
     ctx = cli.make_context("coil-controller", c["command"][2:])
     assert ctx.params["etcd_endpoints"] == "@coil-etcd"
