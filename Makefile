@@ -8,11 +8,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-dev \
-	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps
+	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps openssl dpkg-dev
 CNITOOL := tests/cniclient/cnitool
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build test demo bench clean kube-apiserver
+.PHONY: all deps venv core build test demo bench clean kube-apiserver
 
 all: build
 
@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 venv: deps $(VENV)/.installed
 
-# kube-apiserver 1.20.2 from Debian's source package, once, into .cache/kube/
+# kube-apiserver 1.20.2 from Debian's source package, once, into /var/cache/coil-kube (KUBE_CACHE_DIR)
 kube-apiserver: deps
 	tools/build-kube-apiserver.sh
 
@@ -41,9 +41,13 @@ $(CNITOOL): tests/cniclient/main.go
 	cd tests/cniclient && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/.cache/go-build \
 	  go build -o cnitool .
 
-build: venv kube-apiserver
+# the package with its Cython extensions and native launcher, and the libcni client
+core: venv
 	COIL_REQUIRE_FAST=1 $(PY) setup.py -q build_ext --inplace
 	$(MAKE) --no-print-directory $(CNITOOL)
+
+# everything the tests need
+build: core kube-apiserver
 
 test: build
 	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest tests -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
@@ -52,7 +56,7 @@ test: build
 bench: build
 	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-only $(PYTEST_ARGS)
 
-demo: build
+demo: core
 	$(PY) -m coil.demo
 
 clean:

@@ -1,7 +1,7 @@
 """A real Kubernetes API server for tests (pytest plugin, see tests/conftest.py).
 
 ``kube_apiserver`` (session) starts kube-apiserver 1.20.2, built once by
-tools/build-kube-apiserver.sh into .cache/kube/, against an etcd of its own,
+tools/build-kube-apiserver.sh into /var/cache/coil-kube/ (KUBE_CACHE_DIR), against an etcd of its own,
 on a free loopback port, with:
 
 - a static token file: ``admin`` in ``system:masters``;
@@ -32,7 +32,8 @@ import pytest
 from helpers import REPO, EtcdServer, free_port
 
 BUILD_SCRIPT = os.path.join(REPO, "tools", "build-kube-apiserver.sh")
-DEFAULT_BINARY = os.path.join(REPO, ".cache", "kube", "bin", "kube-apiserver")
+DEFAULT_BINARY = os.path.join(os.environ.get("KUBE_CACHE_DIR", "/var/cache/coil-kube"),
+                              "bin", "kube-apiserver")
 ADMIN_TOKEN = "coiltest-admin-token"
 
 

@@ -4,12 +4,12 @@
 # already there. Never touches the system's apt configuration: it uses a
 # private deb-src list and a private apt lists directory under the cache.
 #
-# Usage: tools/build-kube-apiserver.sh [CACHE_DIR]   (default: .cache/kube)
+# Usage: tools/build-kube-apiserver.sh [CACHE_DIR]   (default: $KUBE_CACHE_DIR or /var/cache/coil-kube, outside the clone so that every clone and CI run reuses it)
 # Prints the path of the binary on its last line.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CACHE="${1:-${KUBE_CACHE_DIR:-$ROOT/.cache/kube}}"
+CACHE="${1:-${KUBE_CACHE_DIR:-/var/cache/coil-kube}}"
 mkdir -p "$CACHE"
 CACHE="$(cd "$CACHE" && pwd)"
 BIN="$CACHE/bin/kube-apiserver"
