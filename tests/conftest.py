@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import pytest
@@ -22,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 pytest_plugins = ["kube"]  # the kube_apiserver fixture (tests/kube.py)
 
-from helpers import EtcdServer, free_port, wait_port  # noqa: E402,F401
+from helpers import EtcdServer  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

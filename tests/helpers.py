@@ -30,6 +30,17 @@ def wait_port(host: str, port: int, timeout: float) -> bool:
             time.sleep(0.05)
 
 
+def stop_process(proc, timeout: float):
+    """SIGTERM a process we started, SIGKILL it after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def hypercoil(*args, env=None, input=None, check=False, timeout=60):
     """Run ``python -m coil ARGS`` and return the CompletedProcess."""
     full_env = dict(os.environ)
@@ -103,11 +114,5 @@ class EtcdServer:
             return False
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None

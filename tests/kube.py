@@ -29,7 +29,7 @@ import urllib.request
 
 import pytest
 
-from helpers import REPO, EtcdServer, free_port
+from helpers import REPO, EtcdServer, free_port, stop_process
 
 BUILD_SCRIPT = os.path.join(REPO, "tools", "build-kube-apiserver.sh")
 DEFAULT_BINARY = os.path.join(os.environ.get("KUBE_CACHE_DIR", "/var/cache/coil-kube"),
@@ -138,13 +138,7 @@ class KubeAPIServer:
 
     def stop(self):
         """Stop kube-apiserver (by PID); its etcd keeps running."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.proc = None
 
     def restart(self):

@@ -293,23 +293,20 @@ class Sandbox:
             st.data.update(format=1, config=asdict(config), started_at=time.time(),
                            ready=False)
             st.save()
+            error = None
             try:
                 self._up(config, progress)
-            except BaseException as exc:
+            except BaseException as exc:       # also Ctrl-C: never leave half a sandbox
                 if not cleanup_on_failure:
                     raise
                 progress(f"failed ({exc.__class__.__name__}): removing what was made")
                 self._down(Progress(quiet=True))
-                failed = True
-                if not isinstance(exc, Exception):
-                    raise
                 error = exc
             else:
-                failed = False
                 st.data["ready"] = True
                 st.data["up_seconds"] = round(progress.elapsed(), 2)
                 st.save()
-        if failed:
+        if error is not None:
             self._remove_dir()
             raise error
         return {"seconds": progress.elapsed(), "nodes": config.nodes,
@@ -394,8 +391,8 @@ class Sandbox:
         run("ip", "-n", fabric, "link", "set", n["fabric_port"], "master", "br0", "up")
         run("ip", "-n", ns, "addr", "add", f"{n['address']}/{n['prefixlen']}", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
-        # inside the node namespace only: `ip netns exec` remounts /proc/sys/net for it
-        run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+        # runs inside the node namespace: its /proc/sys/net is that namespace's only
+        run("ip", "netns", "exec", ns, "sysctl", "-qew", "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1")
         for d in (n["dir"], n["cni_bin"], n["cni_cache"]):
             os.makedirs(d, exist_ok=True)

@@ -50,8 +50,7 @@ class Etcd:
         self._lock = threading.Lock()
         self._client = None
         self._endpoint_text = ",".join(config.endpoints)
-        import pyetcd  # noqa: F401  (heavy: imported only by roles that talk to etcd)
-        from pyetcd import etcdrpc
+        from pyetcd import etcdrpc  # heavy: imported only by roles that talk to etcd
         self._rpc = etcdrpc
         self._connect()
 

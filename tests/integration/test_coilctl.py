@@ -13,23 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers import REPO, free_port, hypercoil
-
-
-@pytest.fixture(scope="module", autouse=True)
-def etcd_ready(etcd_server):
-    """etcd opens its client port before it serves; wait until it answers."""
-    env = dict(os.environ, ETCDCTL_API="3")
-    deadline = time.time() + 30
-    while subprocess.run(["etcdctl", "--endpoints", etcd_server.endpoint, "--command-timeout",
-                          "2s", "endpoint", "health"], capture_output=True, env=env,
-                         timeout=20).returncode != 0:
-        assert time.time() < deadline, f"etcd at {etcd_server.endpoint} never became healthy"
-        time.sleep(0.1)
 
 
 # -- helpers ---------------------------------------------------------------------

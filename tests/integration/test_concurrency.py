@@ -176,21 +176,7 @@ if __name__ == "__main__":
 
 # -- the test ------------------------------------------------------------------------------
 
-import pytest  # noqa: E402  (the worker above must not need pytest)
-
 from coil.store import keys  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def etcd_ready(etcd_server):
-    """etcd opens its client port before it serves; wait until it answers."""
-    env = dict(os.environ, ETCDCTL_API="3")
-    deadline = time.time() + 30
-    while subprocess.run(["etcdctl", "--endpoints", etcd_server.endpoint, "--command-timeout",
-                          "2s", "endpoint", "health"], capture_output=True, env=env,
-                         timeout=20).returncode != 0:
-        assert time.time() < deadline, f"etcd at {etcd_server.endpoint} never became healthy"
-        time.sleep(0.1)
 
 
 def read_history(store, start_revision: int) -> list:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
-import subprocess
-import time
 
 import pytest
 
@@ -19,18 +16,6 @@ from coil.errors import (AlreadyExists, CoilError, Conflict, InvalidArgument, No
                          PoolExhausted)
 from coil.store import keys
 from coil.store.model import MAX_BLOCK_SIZE, Block, BlockLost
-
-
-@pytest.fixture(scope="module", autouse=True)
-def etcd_ready(etcd_server):
-    """etcd opens its client port before it serves; wait until it answers."""
-    env = dict(os.environ, ETCDCTL_API="3")
-    deadline = time.time() + 30
-    while subprocess.run(["etcdctl", "--endpoints", etcd_server.endpoint, "--command-timeout",
-                          "2s", "endpoint", "health"], capture_output=True, env=env,
-                         timeout=20).returncode != 0:
-        assert time.time() < deadline, f"etcd at {etcd_server.endpoint} never became healthy"
-        time.sleep(0.1)
 
 
 # -- helpers ---------------------------------------------------------------------
