@@ -566,6 +566,15 @@ def test_failed_pod_list_never_counts_as_no_pods(store, controller_core, admin, 
     assert {a.address for a in store.all_addresses_paged()[0]} == {p[0] for p in planted[:6]}
 
 
+def _try(fn, *args) -> bool:
+    from coil.errors import StoreUnavailable
+    try:
+        fn(*args)
+        return True
+    except StoreUnavailable:
+        return False
+
+
 def test_node_cleanup_waits_for_etcd(tmp_path, controller_core, admin, caplog):
     """etcd down when a Node is deleted: the cleanup is retried until it works."""
     from coil.config import EtcdConfig
@@ -588,7 +597,9 @@ def test_node_cleanup_waits_for_etcd(tmp_path, controller_core, admin, caplog):
         assert t.is_alive()
         assert any("will retry" in r.getMessage() for r in caplog.records)
         server.start()
-        store.create_pool("default", "10.206.0.0/20", 4)
+        # the client reconnects within its backoff (<= 1 s): retry like any caller
+        wait_for(lambda: _try(store.create_pool, "default", "10.206.0.0/20", 4), timeout=10,
+                 what="etcd reachable again")
         take_blocks(store, n)
         take_blocks(store, "other-gone")
         wait_for(lambda: block_nodes(store) == [], timeout=30, what="cleanup after etcd came up")
