@@ -2,8 +2,16 @@
 object kube-system/NAME of a real kube-apiserver (1.20).
 
 The API server refuses loopback addresses in Endpoints, so the end-to-end
-tests run an etcd on this machine's first global IPv4 address (read from
-``ip addr``; nothing in the network configuration is changed).
+tests run their etcd inside a network namespace of their own
+(``coiltest-ep-<random>``) on a private address that exists only there
+(10.255.77.1/32 on a veth pair with both ends in that namespace). The
+clients under test (coilctl, coil-controller) run inside that namespace
+too; they reach the kube-apiserver (127.0.0.1 of the root namespace)
+through ``tests/nsrelay.NetnsRelay``, a relay from the namespace's loopback
+to the root namespace's loopback. The test process itself reads and seeds
+that etcd over its UNIX socket. Nothing in the root namespace's network
+configuration is changed and no traffic goes to the machine's own
+non-loopback addresses.
 """
 
 from __future__ import annotations
@@ -22,33 +30,95 @@ import pytest
 import yaml
 
 from helpers import REPO, EtcdServer, free_port, hypercoil
+from nsrelay import NetnsRelay
 
 pytestmark = [pytest.mark.etcd]
 
+#: exists only inside the test namespace (on ep0 of a veth pair whose both ends are there)
+NS_ETCD_ADDRESS = "10.255.77.1"
 
-def host_ipv4() -> str | None:
-    r = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
-                       capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if "inet" in parts:
-            return parts[parts.index("inet") + 1].split("/")[0]
-    return None
+
+class EndpointsNetns:
+    """A test network namespace with an etcd on ``NS_ETCD_ADDRESS``."""
+
+    def __init__(self, name: str, etcd: EtcdServer):
+        self.name = name
+        self.path = f"/run/netns/{name}"
+        self.etcd = etcd
+
+    def cmd(self, *args: str) -> list[str]:
+        """``ARGS`` run inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def hypercoil(self, *args, env=None, timeout=60):
+        """``python -m coil ARGS`` inside the namespace."""
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        return subprocess.run(self.cmd(sys.executable, "-m", "coil", *args),
+                              capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def _ip(*args: str):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
 
 @pytest.fixture(scope="module")
-def host_etcd():
-    ip = host_ipv4()
-    if ip is None:
-        pytest.skip("no global IPv4 address to run an etcd on (Endpoints refuse loopback)")
-    tmp = tempfile.mkdtemp(prefix="coil-etcd-host-")
-    server = EtcdServer(os.path.join(tmp, "data"), host=ip)
+def ns_etcd():
+    """An etcd listening on http://NS_ETCD_ADDRESS:PORT inside a namespace
+    ``coiltest-ep-<random>`` (and on a UNIX socket the test process uses);
+    namespace, etcd and files are removed at teardown, also on failure."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a network namespace")
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2 (ip)")
+    name = f"coiltest-ep-{uuid.uuid4().hex[:8]}"
+    tmp = tempfile.mkdtemp(prefix="coil-etcd-ns-")
+    server = None
+    _ip("netns", "add", name)
     try:
+        ns = ["-n", name]
+        _ip(*ns, "link", "set", "lo", "up")
+        _ip(*ns, "link", "add", "ep0", "type", "veth", "peer", "name", "ep1")
+        _ip(*ns, "link", "set", "ep0", "up")
+        _ip(*ns, "link", "set", "ep1", "up")
+        _ip(*ns, "addr", "add", f"{NS_ETCD_ADDRESS}/32", "dev", "ep0")
+        server = EtcdServer(os.path.join(tmp, "data"), netns=name, host=NS_ETCD_ADDRESS)
         server.start()
-        yield server
+        yield EndpointsNetns(name, server)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ns_kubeconfig(kube_apiserver, ns_etcd, tmp_path):
+    """``make(token=None) -> path``: a kubeconfig for clients inside the
+    namespace, pointing at a relay to the kube-apiserver (the serving
+    certificate is for 127.0.0.1, which the relay address also is)."""
+    with NetnsRelay(ns_etcd.path, ("127.0.0.1", kube_apiserver.port)) as relay:
+        def make(token=None):
+            path = str(tmp_path / f"kubeconfig-{uuid.uuid4().hex[:6]}")
+            kube_apiserver.kubeconfig(token, path)
+            with open(path) as f:
+                doc = json.load(f)
+            doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{relay.port}"
+            with open(path, "w") as f:
+                json.dump(doc, f)
+            return path
+
+        make.relay = relay
+        yield make
+
+
+def unix_store(server: EtcdServer, prefix: str):
+    """An IPAMStore of the test process on ``server``'s UNIX socket."""
+    from coil.config import EtcdConfig
+    from coil.store import IPAMStore
+    from coil.store.etcd import Etcd
+    return IPAMStore(Etcd(EtcdConfig(endpoints=(server.unix_endpoint,), prefix=prefix)))
 
 
 @pytest.fixture
@@ -104,31 +174,38 @@ def test_resolves_ready_addresses_and_port(kube_apiserver, endpoints):
     assert resolve_etcd_endpoints(plain, api) is plain
 
 
-def test_coilctl_reaches_etcd_through_endpoints(kube_apiserver, endpoints, host_etcd, tmp_path):
-    name = endpoints([{"addresses": [{"ip": host_etcd.host}],
-                       "ports": [{"port": host_etcd.client_port}]}])
-    kc = kube_apiserver.kubeconfig(path=str(tmp_path / "kubeconfig"))
+def test_coilctl_reaches_etcd_through_endpoints(endpoints, ns_etcd, ns_kubeconfig):
+    etcd = ns_etcd.etcd
+    name = endpoints([{"addresses": [{"ip": etcd.host}],
+                       "ports": [{"port": etcd.client_port}]}])
+    kc = ns_kubeconfig()
     prefix = f"/coiltest-{uuid.uuid4().hex[:8]}/"
     env = {"KUBECONFIG": kc}
     args = ["coilctl", "--etcd-endpoints", f"@{name}", "--etcd-prefix", prefix]
-    r = hypercoil(*args, "pool", "create", "default", "10.70.0.0/24", "4", env=env)
+    r = ns_etcd.hypercoil(*args, "pool", "create", "default", "10.70.0.0/24", "4", env=env)
     assert r.returncode == 0, r.stderr
-    r = hypercoil(*args, "-o", "json", "pool", "list", env=env)
+    r = ns_etcd.hypercoil(*args, "-o", "json", "pool", "list", env=env)
     assert r.returncode == 0, r.stderr
     assert "10.70.0.0/24" in r.stdout
     # the environment variable works the same
-    r = hypercoil("coilctl", "--etcd-prefix", prefix, "pool", "list",
-                  env=dict(env, COILCTL_ETCD_ENDPOINTS=f"@{name}"))
+    r = ns_etcd.hypercoil("coilctl", "--etcd-prefix", prefix, "pool", "list",
+                          env=dict(env, COILCTL_ETCD_ENDPOINTS=f"@{name}"))
     assert r.returncode == 0 and "default" in r.stdout, r.stderr
+    # the pool really is in that etcd (read here over its UNIX socket)
+    store = unix_store(etcd, prefix)
+    try:
+        assert [(p.name, [str(n) for n in p.subnets]) for p in store.list_pools()] == \
+            [("default", ["10.70.0.0/24"])]
+    finally:
+        store.close()
+    assert ns_kubeconfig.relay.connections >= 3       # the API server was asked each time
 
 
-def test_controller_uses_endpoints_with_its_own_rbac(kube_apiserver, endpoints, host_etcd,
-                                                     tmp_path):
+def test_controller_uses_endpoints_with_its_own_rbac(kube_apiserver, endpoints, ns_etcd,
+                                                     ns_kubeconfig, tmp_path):
     """coil-controller, with the coil-controller ServiceAccount's token and
     deploy/rbac.yaml only, reads kube-system/coil-etcd and works on that etcd."""
-    from coil.config import EtcdConfig
-    from coil.store import IPAMStore
-    from coil.store.etcd import Etcd
+    etcd = ns_etcd.etcd
     with open(os.path.join(REPO, "deploy", "rbac.yaml")) as f:
         kube_apiserver.apply([d for d in yaml.safe_load_all(f) if d])
     token = kube_apiserver.service_account_token("kube-system", "coil-controller")
@@ -137,18 +214,19 @@ def test_controller_uses_endpoints_with_its_own_rbac(kube_apiserver, endpoints, 
         admin.delete_namespaced_endpoints("coil-etcd", "kube-system")
     except Exception:   # noqa: BLE001 - not there
         pass
-    endpoints([{"addresses": [{"ip": host_etcd.host}],
-                "ports": [{"name": "etcd", "port": host_etcd.client_port}]}], name="coil-etcd")
+    endpoints([{"addresses": [{"ip": etcd.host}],
+                "ports": [{"name": "etcd", "port": etcd.client_port}]}], name="coil-etcd")
     prefix = f"/coiltest-{uuid.uuid4().hex[:8]}/"
-    store = IPAMStore(Etcd(EtcdConfig(endpoints=(host_etcd.endpoint,), prefix=prefix)))
+    store = unix_store(etcd, prefix)
     store.create_pool("default", "10.71.0.0/24", 4)
     store.acquire_block("default", "node-that-is-gone")
-    kc = kube_apiserver.kubeconfig(token, str(tmp_path / "kubeconfig"))
+    kc = ns_kubeconfig(token)
     log = open(tmp_path / "controller.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coil", "coil-controller", "--etcd-endpoints", "@coil-etcd",
-         "--etcd-prefix", prefix, "--kubeconfig", kc, "--metrics-addr", "",
-         "--scan-interval", "1h"], stdout=log, stderr=log)
+        ns_etcd.cmd(sys.executable, "-m", "coil", "coil-controller",
+                    "--etcd-endpoints", "@coil-etcd", "--etcd-prefix", prefix,
+                    "--kubeconfig", kc, "--metrics-addr", "", "--scan-interval", "1h"),
+        stdout=log, stderr=log)
     try:
         deadline = time.time() + 30
         while store.all_blocks() and time.time() < deadline and proc.poll() is None:
@@ -156,7 +234,11 @@ def test_controller_uses_endpoints_with_its_own_rbac(kube_apiserver, endpoints, 
         assert store.all_blocks() == [], (tmp_path / "controller.log").read_text()
     finally:
         proc.terminate()
-        proc.wait(15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.close()
         store.close()
     records = [json.loads(line) for line in (tmp_path / "controller.log").read_text().splitlines()
