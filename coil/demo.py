@@ -8,6 +8,12 @@
 3. ``sandbox status``: pools, blocks, table 119, BGP sessions, pods;
 4. ``sandbox down``: everything is removed again.
 
+When the kube-apiserver binary is built (``make kube-apiserver``), ``up``
+runs with ``--kubernetes``: kube-apiserver, a Node object per node and
+coil-controller join the sandbox (a one-line note says so otherwise).
+``--node-rm`` then also removes the last node with ``sandbox node-rm`` and
+runs the check again on the nodes left.
+
 ``--keep`` leaves the sandbox running for exploration and prints how to use
 and stop it. Without ``--keep`` the sandbox is always removed, also when a
 step fails. Needs root; changes nothing outside its own network namespaces.
@@ -45,6 +51,12 @@ def explore_hints(sb, cmd: str) -> str:
     pods = sb.state.pods
     a = next(p for p in pods if p["node"] == "node1")
     b = next((p for p in pods if p["node"] != "node1" and p.get("address")), a)
+    k = sb.state.data.get("kubernetes")
+    kube = [] if not k else [
+        f"  ip netns exec {k['netns']} kubectl --kubeconfig {k['admin_kubeconfig']} get nodes",
+        f"  {cmd} node-rm {sb.node_names()[-1]}   # a node goes away; "
+        "coil-controller frees its blocks",
+    ]
     return "\n".join([
         "The sandbox keeps running. Try:",
         f"  {cmd} status    # pools, blocks, table 119, BGP, pods",
@@ -56,11 +68,25 @@ def explore_hints(sb, cmd: str) -> str:
         f"  birdc -s {n1['bird_ctl']} show protocols",
         f"  birdc -s {n1['bird_ctl']} show route",
         f"  less {n1['bird_conf']}   # the BIRD configuration (docs/routing.md)",
+        *kube,
         f"  logs: {os.path.join(sb.dir, 'node1', 'coild.log')}, "
         f"{os.path.join(sb.dir, 'node1', 'bird.log')}",
         "Stop it with:",
         f"  {cmd} down",
     ])
+
+
+def kubernetes_available() -> bool:
+    """True when ``up --kubernetes`` can run; else prints a one-line note."""
+    from coil.sandbox import kube
+    from coil.sandbox.cluster import SandboxError
+    try:
+        kube.preflight()
+        return True
+    except SandboxError as exc:
+        say(f"note: without Kubernetes ({str(exc).split(':')[0]}; 'make kube-apiserver' "
+            "adds kube-apiserver and coil-controller to the demo)")
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, default=3, help="pods per node")
     parser.add_argument("--state-dir", default=os.environ.get("COIL_SANDBOX_DIR",
                                                               DEFAULT_STATE_DIR))
+    parser.add_argument("--no-kubernetes", action="store_true",
+                        help="without kube-apiserver and coil-controller even when built")
+    parser.add_argument("--node-rm", action="store_true",
+                        help="(with Kubernetes) also remove the last node with node-rm")
     args = parser.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -82,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sb = Sandbox(os.path.abspath(args.state_dir))
     cmd = hypercoil_command(sb.dir, DEFAULT_STATE_DIR)
+    kubernetes = not args.no_kubernetes and kubernetes_available()
     made = False
     ok = False
     try:
-        step(f"{cmd} up --nodes {args.nodes} --pods {args.pods}")
-        res = sb.up(Config(nodes=args.nodes, pods=args.pods), Progress(),
+        step(f"{cmd} up --nodes {args.nodes} --pods {args.pods}"
+             + (" --kubernetes" if kubernetes else ""))
+        res = sb.up(Config(nodes=args.nodes, pods=args.pods, kubernetes=kubernetes), Progress(),
                     cleanup_on_failure=not args.keep)
         made = True
         say(f"sandbox up in {res['seconds']:.1f}s: {res['nodes']} nodes, {res['pods']} pods")
@@ -98,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         step(f"{cmd} status")
         say(sandbox_cli.render_status(sb.status()))
         ok = result["ok"]
+        if ok and kubernetes and args.node_rm and args.nodes > 1:
+            from coil.sandbox.kube import node_rm
+            last = sb.node_names()[-1]
+            step(f"{cmd} node-rm {last}")
+            r = node_rm(sb, last, Progress())
+            say(f"node {last} removed in {r['seconds']:.1f}s")
+            step(f"{cmd} check")
+            result = sb.check()
+            say(sandbox_cli.render_check(result))
+            ok = result["ok"]
         if not ok:
             sys.stderr.write("demo: error: the connectivity check failed (see above)\n")
         return 0 if ok else 1

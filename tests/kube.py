@@ -11,6 +11,10 @@ on a free loopback port, with:
 - the ServiceAccount admission plugin off (no token controller runs, so
   Pods could not be created otherwise).
 
+The recipe (command line, credentials, readiness, kubeconfig, TokenRequest,
+applying manifests) is coil.sandbox.kube's, the same that ``hypercoil
+sandbox up --kubernetes`` uses; only the process handling is here.
+
 It is stopped by PID at the end of the session, also when tests fail.
 Helpers: ``kubeconfig(token)``, ``api(token)`` (a kubernetes ApiClient),
 ``restart()``, ``service_account_token(namespace, name)``, ``apply(objs)``.
@@ -18,29 +22,25 @@ Helpers: ``kubeconfig(token)``, ``api(token)`` (a kubernetes ApiClient),
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import ssl
 import subprocess
 import tempfile
-import time
-import urllib.request
 
 import pytest
 
+from coil.sandbox import kube as recipe
 from helpers import REPO, EtcdServer, free_port, stop_process
 
 BUILD_SCRIPT = os.path.join(REPO, "tools", "build-kube-apiserver.sh")
-DEFAULT_BINARY = os.path.join(os.environ.get("KUBE_CACHE_DIR", "/var/cache/coil-kube"),
-                              "bin", "kube-apiserver")
+DEFAULT_BINARY = recipe.DEFAULT_BINARY
 ADMIN_TOKEN = "coiltest-admin-token"
 
 
 def apiserver_binary() -> str:
     """The kube-apiserver binary; builds it (once, minutes) when missing."""
-    path = os.environ.get("COIL_KUBE_APISERVER") or DEFAULT_BINARY
-    if os.access(path, os.X_OK):
+    path = recipe.find_binary()
+    if path:
         return path
     r = subprocess.run([BUILD_SCRIPT], capture_output=True, text=True, timeout=3600)
     if r.returncode != 0 or not os.access(DEFAULT_BINARY, os.X_OK):
@@ -57,10 +57,6 @@ class KubeAPIServer:
         self.etcd = EtcdServer(os.path.join(workdir, "etcd"))
         self.admin_token = ADMIN_TOKEN
         self.log_path = os.path.join(workdir, "kube-apiserver.log")
-        # /readyz is polled before the certificate exists: no verification there
-        self._ctx = ssl.create_default_context()
-        self._ctx.check_hostname = False
-        self._ctx.verify_mode = ssl.CERT_NONE
 
     @property
     def url(self) -> str:
@@ -70,55 +66,25 @@ class KubeAPIServer:
     def ca_file(self) -> str:
         """The self-signed serving certificate and its CA (made at first start;
         valid for 127.0.0.1)."""
-        return os.path.join(self.workdir, "certs", "apiserver.crt")
+        return recipe.ca_file(self.workdir)
 
     # -- lifecycle --------------------------------------------------------------
-    def _keys(self):
-        key = os.path.join(self.workdir, "sa.key")
-        pub = os.path.join(self.workdir, "sa.pub")
-        if not os.path.exists(pub):
-            subprocess.run(["openssl", "genrsa", "-out", key, "2048"], check=True,
-                           capture_output=True)
-            subprocess.run(["openssl", "rsa", "-in", key, "-pubout", "-out", pub], check=True,
-                           capture_output=True)
-        tokens = os.path.join(self.workdir, "tokens.csv")
-        with open(tokens, "w") as f:
-            f.write(f'{ADMIN_TOKEN},admin,admin-uid,"system:masters"\n')
-        return key, pub, tokens
-
     def start(self, timeout: float = 60):
         if self.etcd.proc is None:
             self.etcd.start()
-        key, pub, tokens = self._keys()
-        cmd = [self.binary,
-               f"--etcd-servers={self.etcd.endpoint}",
-               "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-               f"--service-account-key-file={pub}",
-               f"--service-account-signing-key-file={key}",
-               "--service-cluster-ip-range=10.96.0.0/24",
-               f"--secure-port={self.port}",
-               "--bind-address=127.0.0.1",
-               "--insecure-port=0",
-               f"--cert-dir={os.path.join(self.workdir, 'certs')}",
-               "--authorization-mode=RBAC",
-               f"--token-auth-file={tokens}",
-               "--disable-admission-plugins=ServiceAccount",
-               "--allow-privileged=true",      # as kubeadm clusters run it
-               "--enable-priority-and-fairness=false",
-               "--logtostderr=true", "--v=0"]
+        creds = recipe.make_credentials(self.workdir, ADMIN_TOKEN)
+        cmd = recipe.apiserver_argv(self.binary, etcd_servers=self.etcd.endpoint,
+                                    workdir=self.workdir, port=self.port, creds=creds)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, cwd=self.workdir)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kube-apiserver exited with {self.proc.returncode}; "
-                                   f"see {self.log_path}:\n{self.tail()}")
-            if self.ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"kube-apiserver not ready within {timeout}s:\n{self.tail()}")
+        try:
+            recipe.wait_ready(self.ready, lambda: self.proc.poll() is None, self.log_path,
+                              timeout=timeout)
+        except recipe.KubeError as exc:
+            self.stop()
+            raise RuntimeError(str(exc)) from None
+        return self
 
     def tail(self, n: int = 3000) -> str:
         try:
@@ -128,13 +94,7 @@ class KubeAPIServer:
             return ""
 
     def ready(self) -> bool:
-        req = urllib.request.Request(f"{self.url}/readyz",
-                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        try:
-            with urllib.request.urlopen(req, timeout=2, context=self._ctx) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return recipe.readyz(self.url, ADMIN_TOKEN)
 
     def stop(self):
         """Stop kube-apiserver (by PID); its etcd keeps running."""
@@ -152,30 +112,15 @@ class KubeAPIServer:
     # -- clients ----------------------------------------------------------------
     def kubeconfig(self, token: str | None = None, path: str | None = None) -> str:
         """Write a kubeconfig using ``token`` (default: admin) and return its path."""
-        token = token or ADMIN_TOKEN
         if path is None:
             fd, path = tempfile.mkstemp(prefix="kubeconfig-", suffix=".yaml", dir=self.workdir)
             os.close(fd)
-        doc = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url,
-                                                      "certificate-authority": self.ca_file}}],
-            "users": [{"name": "u", "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "u"}}],
-        }
-        with open(path, "w") as f:
-            json.dump(doc, f)       # JSON is YAML
-        return path
+        return recipe.write_kubeconfig(path, self.url, self.ca_file, token or ADMIN_TOKEN,
+                                       name="test")
 
     def api(self, token: str | None = None):
         """A kubernetes ApiClient for ``token`` (default: admin)."""
-        from kubernetes import client
-        conf = client.Configuration()
-        conf.host = self.url
-        conf.ssl_ca_cert = self.ca_file
-        conf.api_key = {"authorization": f"Bearer {token or ADMIN_TOKEN}"}
-        conf.retries = 1
-        return client.ApiClient(conf)
+        return recipe.api_client(self.url, self.ca_file, token or ADMIN_TOKEN)
 
     def core(self, token: str | None = None):
         from kubernetes import client
@@ -183,25 +128,11 @@ class KubeAPIServer:
 
     def service_account_token(self, namespace: str, name: str, seconds: int = 3600) -> str:
         """Mint a token for a ServiceAccount with the TokenRequest API."""
-        from kubernetes import client
-        core = self.core()
-        body = client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds))
-        resp = core.create_namespaced_service_account_token(name, namespace, body)
-        return resp.status.token
+        return recipe.service_account_token(self.core(), namespace, name, seconds)
 
     def apply(self, objects: list[dict]):
         """Create (or replace) plain manifest dicts with the admin client."""
-        from kubernetes import utils
-        api = self.api()
-        for obj in objects:
-            try:
-                utils.create_from_dict(api, obj)
-            except utils.FailToCreateError as exc:
-                if all(getattr(e, "status", 0) == 409 for e in exc.api_exceptions):
-                    continue
-                raise
-        return api
+        return recipe.apply(self.api(), objects)
 
 
 @pytest.fixture(scope="session")

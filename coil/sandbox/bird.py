@@ -123,7 +123,7 @@ class BirdError(Exception):
 
 def birdc(ctl: str, *command: str, timeout: float = 5.0) -> str:
     """Run one birdc command against the control socket ``ctl``; its output
-    without the banner. Raises BirdError. Read-only commands only here."""
+    without the banner. Raises BirdError."""
     try:
         r = subprocess.run(["birdc", "-s", ctl, *command], capture_output=True, text=True,
                            timeout=timeout)
@@ -137,6 +137,16 @@ def birdc(ctl: str, *command: str, timeout: float = 5.0) -> str:
                         f"{(out + r.stderr).strip().splitlines()[-1:] or ['failed']}")
     lines = [ln for ln in out.splitlines() if not ln.startswith("BIRD ") or "ready" not in ln]
     return "\n".join(lines)
+
+
+def configure(ctl: str, timeout: float = 10.0) -> str:
+    """``birdc configure``: BIRD rereads its configuration file (protocols
+    that left it are shut down, new ones start). Raises BirdError when the
+    file is rejected."""
+    out = birdc(ctl, "configure", timeout=timeout)
+    if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+        raise BirdError(f"birdc configure: {out.strip().splitlines()[-1:] or ['no answer']}")
+    return out
 
 
 _PROTO_RE = re.compile(

@@ -1,5 +1,5 @@
-"""``hypercoil sandbox up|status|check|down``: thin commands over
-coil.sandbox.cluster."""
+"""``hypercoil sandbox up|status|check|node-rm|down``: thin commands over
+coil.sandbox.cluster (and coil.sandbox.kube for the Kubernetes part)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def _sandbox(ctx):
 @click.pass_context
 def cli(ctx, state_dir):
     """A local multi-node coil cluster in network namespaces: etcd, coild and
-    BIRD per node (iBGP), pods wired by the coil CNI plugin.
+    BIRD per node (iBGP), pods wired by the coil CNI plugin; with
+    'up --kubernetes' also kube-apiserver, a Node object per node and
+    coil-controller.
 
     Nothing outside its own namespaces is changed. Needs root."""
     ctx.obj = {"state_dir": os.path.abspath(state_dir)}
@@ -42,16 +44,20 @@ def cli(ctx, state_dir):
 @click.option("--block-size", default=5, show_default=True,
               help="block size of the default pool (2^N addresses)")
 @click.option("--parallel", default=0, help="concurrent CNI ADDs (0: automatic)")
+@click.option("--kubernetes", is_flag=True,
+              help="also run kube-apiserver (1.20, built by 'make kube-apiserver'), register "
+                   "a Node object per node and run coil-controller (enables node-rm)")
 @click.option("--keep-on-failure", is_flag=True,
               help="leave what was made when up fails (remove it with 'down')")
 @click.option("-q", "--quiet", is_flag=True, help="no progress lines")
 @click.pass_context
-def up(ctx, nodes, pods, global_pods, name, block_size, parallel, keep_on_failure, quiet):
+def up(ctx, nodes, pods, global_pods, name, block_size, parallel, kubernetes, keep_on_failure,
+       quiet):
     """Create the fabric, N nodes, etcd, coild, BIRD and M pods per node."""
     from coil.sandbox.cluster import Config, Progress
     sb = _sandbox(ctx)
     cfg = Config(nodes=nodes, pods=pods, global_pods=global_pods, name=name,
-                 block_size=block_size, parallel=parallel)
+                 block_size=block_size, parallel=parallel, kubernetes=kubernetes)
     progress = Progress(quiet=quiet)
     try:
         res = sb.up(cfg, progress, cleanup_on_failure=not keep_on_failure)
@@ -60,7 +66,8 @@ def up(ctx, nodes, pods, global_pods, name, block_size, parallel, keep_on_failur
     click.echo(f"sandbox up in {res['seconds']:.1f}s: {res['nodes']} nodes, {res['pods']} pods "
                f"(state {sb.dir})")
     hint = "" if sb.dir == DEFAULT_STATE_DIR else f" --state-dir {sb.dir}"
-    click.echo(f"next: hypercoil sandbox{hint} check | status | down")
+    click.echo(f"next: hypercoil sandbox{hint} check | status | "
+               + ("node-rm NODE | " if kubernetes else "") + "down")
 
 
 @cli.command()
@@ -95,6 +102,29 @@ def check(ctx, output):
         click.echo(render_check(res))
     if not res["ok"]:
         raise SystemExit(1)
+
+
+@cli.command("node-rm")
+@click.argument("node")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="seconds to wait for each step (blocks freed, routes withdrawn)")
+@click.option("-q", "--quiet", is_flag=True, help="no progress lines")
+@click.pass_context
+def node_rm(ctx, node, timeout, quiet):
+    """Remove NODE as a dead machine goes (its coild, BIRD, pods and
+    namespace), delete its Node object, and show coil-controller freeing its
+    blocks in etcd and the other nodes losing their routes. Needs a sandbox
+    made with 'up --kubernetes'."""
+    from coil.sandbox.cluster import Progress
+    from coil.sandbox.kube import node_rm as remove
+    sb = _sandbox(ctx)
+    try:
+        res = remove(sb, node, Progress(quiet=quiet), timeout=timeout)
+    finally:
+        sb.close()
+    click.echo(f"node {res['node']} removed in {res['seconds']:.1f}s: "
+               f"{len(res['blocks'])} block(s) and {res['addresses']} address(es) freed by "
+               f"coil-controller; nodes left: {', '.join(res['remaining']) or 'none'}")
 
 
 @cli.command()
@@ -138,6 +168,20 @@ def render_status(d: dict) -> str:
                f"{fab.get('subnet')}")
     out.append(f"etcd    {_run_state(d['etcd'])}  {d['etcd']['endpoint']}"
                + (f"  error: {d['etcd']['error']}" if d["etcd"].get("error") else ""))
+    k = d.get("kubernetes")
+    if k:
+        out.append(f"kubernetes  kube-apiserver {_run_state(k['apiserver'])}  {k['url']} "
+                   f"(netns {k['netns']})")
+        out.append(f"            coil-controller {_run_state(k['controller'])}  metrics "
+                   f"http://{k['controller']['metrics']}  as "
+                   f"{k['controller'].get('credentials') or '-'}")
+        out.append(f"            Nodes ({len(k['nodes'])}): {', '.join(k['nodes']) or '-'}"
+                   + (f"  error: {k['error']}" if k.get("error") else ""))
+        if k.get("removed"):
+            out.append("            removed by node-rm: " + ", ".join(
+                f"{name} ({len(r['blocks'])} block(s) freed)" for name, r in k["removed"].items()))
+        out.append(f"            kubectl: ip netns exec {k['netns']} kubectl --kubeconfig "
+                   f"{k['admin_kubeconfig']} get nodes")
     out.append("")
     out.append("pools")
     out.append(_indent(_table(["POOL", "SUBNETS", "BLOCK"],

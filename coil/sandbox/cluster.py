@@ -23,9 +23,13 @@ Extension point: ``Sandbox.extensions`` is a list of objects whose optional
 methods are called at fixed points of the lifecycle -- ``on_services(sb)``
 (after etcd, coilds and BIRDs were started: start more processes with
 ``sb.spawn``), ``on_nodes_ready(sb)`` (coilds answer, before pods are made),
+``on_ready(sb)`` (the end of ``up``: pods made, routes converged),
 ``on_status(sb, data)`` (add to the status document) and ``on_down(sb)``
 (before processes are stopped). Processes started through ``sb.spawn`` are
-recorded and stopped by ``down`` like the built-in ones.
+recorded and stopped by ``down`` like the built-in ones. ``sb.progress``
+prints a progress line during ``up``. With ``Config.kubernetes`` the
+Kubernetes part (coil/sandbox/kube.py: kube-apiserver, Node objects,
+coil-controller) is one more extension of that sandbox.
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from coil.sandbox import bird
-from coil.sandbox.state import DEFAULT_STATE_DIR, Proc, State, StateError, stop_processes
+from coil.sandbox.state import DEFAULT_STATE_DIR, Proc, State, stop_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REFERENCE_PLUGINS = "/usr/lib/cni"
@@ -73,6 +77,8 @@ class Config:
     etcd_prefix: str = "/coil/"
     parallel: int = 0                    # concurrent CNI ADDs (0: automatic)
     coild_scan_interval: str = "10m"
+    kubernetes: bool = False             # kube-apiserver, Node objects, coil-controller
+    controller_scan_interval: str = "30s"   # coil-controller's leak scan
 
     def validate(self):
         if not 1 <= self.nodes <= 200:
@@ -180,6 +186,24 @@ class Sandbox:
         self._children: dict[int, subprocess.Popen] = {}
         self._store = None
         self.phases: dict[str, float] = {}      # seconds per phase of the last up
+        self.progress = Progress(quiet=True)    # progress lines of the running up
+        self._kube = None
+
+    def _extensions(self) -> list:
+        """The global extensions, plus the Kubernetes part when this
+        sandbox was made with it."""
+        exts = list(self.extensions)
+        if self.state.data.get("config", {}).get("kubernetes"):
+            exts.append(self.kube)
+        return exts
+
+    @property
+    def kube(self):
+        """The Kubernetes part of this sandbox (coil.sandbox.kube)."""
+        if self._kube is None:
+            from coil.sandbox.kube import KubernetesPart
+            self._kube = KubernetesPart()
+        return self._kube
 
     # -- basic facts -------------------------------------------------------
     @property
@@ -233,6 +257,8 @@ class Sandbox:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._kube is not None:
+            self._kube.close()
 
     # -- processes ---------------------------------------------------------
     def spawn(self, role: str, node: str | None, netns: str, argv: list[str], log: str,
@@ -276,7 +302,7 @@ class Sandbox:
         Raises SandboxError."""
         progress = progress or Progress(quiet=True)
         config.validate()
-        self._preflight()
+        self._preflight(config)
         if os.path.isdir(self.dir):
             if State(self.dir).load().data.get("namespaces"):
                 raise SandboxError(f"a sandbox already exists in {self.dir} (run "
@@ -312,7 +338,10 @@ class Sandbox:
         return {"seconds": progress.elapsed(), "nodes": config.nodes,
                 "pods": len(self.state.pods), "phases": dict(self.phases)}
 
-    def _preflight(self):
+    def _preflight(self, cfg: Config | None = None):
+        if cfg is not None and cfg.kubernetes:
+            from coil.sandbox import kube
+            kube.preflight()
         if os.geteuid() != 0:
             raise SandboxError("the sandbox needs root (network namespaces)")
         for name, hint in (("ip", "install iproute2"), ("etcd", "install etcd-server"),
@@ -323,6 +352,7 @@ class Sandbox:
 
     def _up(self, cfg: Config, progress):
         st = self.state
+        self.progress = progress
         fabric_net = ipaddress.ip_network(cfg.fabric_subnet)
         fabric = f"{cfg.name}-fabric"
         st.data["fabric"] = {"netns": fabric, "bridge": "br0", "subnet": str(fabric_net)}
@@ -359,7 +389,7 @@ class Sandbox:
         self._make_network(fabric, nodes, progress)
         phase("network")
         self._start_services(cfg, fabric, nodes, progress)
-        for ext in self.extensions:
+        for ext in self._extensions():
             if hasattr(ext, "on_nodes_ready"):
                 ext.on_nodes_ready(self)
         phase("services")
@@ -370,6 +400,11 @@ class Sandbox:
         phase("pods")
         self.wait_routes(progress=progress)
         phase("routes")
+        for ext in self._extensions():
+            if hasattr(ext, "on_ready"):
+                ext.on_ready(self)
+        if cfg.kubernetes:
+            phase("kubernetes")
 
     def _make_network(self, fabric: str, nodes: dict, progress):
         st = self.state
@@ -420,14 +455,11 @@ class Sandbox:
             cwd=etcd_dir)
         # BIRDs and coilds start meanwhile: coild waits for etcd by itself
         for n in nodes.values():
-            peers = [(m["name"], m["address"]) for m in nodes.values() if m is not n]
-            with open(n["bird_conf"], "w") as f:
-                f.write(bird.render_config(n["name"], n["address"], peers,
-                                           os.path.join(n["dir"], "bird.log"), asn=cfg.asn))
+            self.write_bird_config(n)
         for n in nodes.values():
             self._start_bird(n)
             self._start_coild(n)
-        for ext in self.extensions:
+        for ext in self._extensions():
             if hasattr(ext, "on_services"):
                 ext.on_services(self)
         progress(f"started etcd, {len(nodes)} coild and {len(nodes)} BIRD (AS {cfg.asn}, "
@@ -442,6 +474,14 @@ class Sandbox:
             self._wait_for(f"BIRD on {n['name']}", lambda n=n: self._bird_up(n),
                            st.process("bird", n["name"]), 20)
         progress(f"{len(nodes)} coild answering, {len(nodes)} BIRD running")
+
+    def write_bird_config(self, n: dict):
+        """Write ``n``'s bird.conf: one BGP peer per other node of the state."""
+        peers = [(m["name"], m["address"]) for m in self.state.nodes.values()
+                 if m["name"] != n["name"]]
+        with open(n["bird_conf"], "w") as f:
+            f.write(bird.render_config(n["name"], n["address"], peers,
+                                       os.path.join(n["dir"], "bird.log"), asn=self.config.asn))
 
     def _etcd_healthy(self) -> bool:
         sock = self.state.path_of("etcd", ETCD_SOCKET)
@@ -524,7 +564,7 @@ class Sandbox:
         existing = {p["name"] for p in st.pods}
         new = []
         for node, namespace, count in wanted:
-            n = self.node(node)
+            self.node(node)          # raises SandboxError for an unknown node
             if names:
                 dup = [x for x in names if x in existing]
                 if dup:
@@ -771,8 +811,9 @@ class Sandbox:
 
     def _down(self, progress) -> dict:
         st = self.state
+        exts = self._extensions()
         self.close()
-        for ext in self.extensions:
+        for ext in exts:
             if hasattr(ext, "on_down"):
                 ext.on_down(self)
         procs = st.processes
@@ -877,7 +918,7 @@ class Sandbox:
                                  "node": p["node"], "netns": p["netns"],
                                  "address": rec.address if rec else p.get("address"),
                                  "in_etcd": rec is not None, "container_id": p["container_id"]})
-        for ext in self.extensions:
+        for ext in self._extensions():
             if hasattr(ext, "on_status"):
                 ext.on_status(self, data)
         return data
