@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def node():
             p.delete()
         n.delete()
         etcd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _conflists(node):
