@@ -52,10 +52,10 @@ build: core kube-apiserver
 # the whole suite on the compiled backends, the daemon/plugin suite again on the
 # pure-Python fallbacks, and every benchmark once as a smoke test
 test: build
-	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest tests -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
-	COIL_PURE_PYTHON=1 $(VENV)/bin/pytest tests/integration/test_coild_cni.py tests/integration/test_allocator.py \
+	COIL_STRICT=1 COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest tests -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
+	COIL_STRICT=1 COIL_PURE_PYTHON=1 $(VENV)/bin/pytest tests/integration/test_coild_cni.py tests/integration/test_allocator.py \
 	  -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
-	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-disable -m "not slow"
+	COIL_STRICT=1 COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-disable -m "not slow"
 
 bench: build
 	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-only $(PYTEST_ARGS)

@@ -8,6 +8,9 @@ import importlib.util
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+pytest_plugins = ["strict"]  # skips fail under COIL_STRICT=1
+
 _ROOT_CONFTEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "tests", "conftest.py")
 if "_coil_tests_root_conftest" not in sys.modules:

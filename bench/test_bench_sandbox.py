@@ -14,28 +14,19 @@ state directory. Phase times and per-pod cost go to extra_info.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 
 import pytest
 
-from coil.sandbox.cluster import Config, Sandbox, cnitool_path
+from helpers import need_sandbox
+
+from coil.sandbox.cluster import Config, Sandbox
 
 
-def _need_sandbox():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    for tool in ("etcd", "etcdctl", "bird", "birdc"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            pytest.skip(f"needs {tool}")
-    try:
-        cnitool_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(str(exc))
 
 
 def run_up(benchmark, nodes: int, pods: int, rounds: int, check: bool) -> dict:
-    _need_sandbox()
+    need_sandbox()
     rand = uuid.uuid4().hex[:6]
     sb = Sandbox(f"/run/coil-bench-{rand}")
     results = []

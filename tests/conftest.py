@@ -17,7 +17,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-pytest_plugins = ["kube"]  # the kube_apiserver fixture (tests/kube.py)
+pytest_plugins = ["kube", "strict"]  # kube_apiserver fixture; skips fail under COIL_STRICT=1
 
 from helpers import EtcdServer  # noqa: E402
 

@@ -116,3 +116,31 @@ class EtcdServer:
     def stop(self):
         stop_process(self.proc, 10)
         self.proc = None
+
+
+def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
+    """Poll ``cond`` until it returns something true; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def need_sandbox(*extra_tools):
+    """Skip (a failure under COIL_STRICT=1) unless root, the daemons and the
+    libcni client that a sandbox needs are here."""
+    import pytest
+    from coil.sandbox.cluster import cnitool_path
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    for tool in ("etcd", "etcdctl", "bird", "birdc", "ping", "ip", *extra_tools):
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            pytest.skip(f"needs {tool}")
+    try:
+        cnitool_path()
+    except Exception as exc:  # noqa: BLE001 - its message says what is missing
+        pytest.skip(str(exc))

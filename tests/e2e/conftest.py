@@ -11,25 +11,15 @@ namespace.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 
 import pytest
 
-from coil.sandbox.cluster import Config, Sandbox, cnitool_path
+from helpers import need_sandbox
+
+from coil.sandbox.cluster import Config, Sandbox
 
 
-def _need_sandbox():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    for tool in ("etcd", "etcdctl", "bird", "birdc", "ping", "ip"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            pytest.skip(f"needs {tool}")
-    try:
-        cnitool_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(str(exc))
 
 
 def new_sandbox(tag: str) -> tuple[Sandbox, str]:
@@ -40,7 +30,7 @@ def new_sandbox(tag: str) -> tuple[Sandbox, str]:
 @pytest.fixture(scope="module")
 def sandbox():
     """A running 3-node sandbox: 3 default pods per node, one 'global' pod."""
-    _need_sandbox()
+    need_sandbox()
     sb, name = new_sandbox("mod")
     try:
         sb.up(Config(nodes=3, pods=3, name=name, block_size=3))
@@ -53,7 +43,7 @@ def sandbox():
 @pytest.fixture
 def make_sandbox():
     """``make(tag) -> Sandbox`` (not up yet); all are downed at teardown."""
-    _need_sandbox()
+    need_sandbox()
     made = []
 
     def make(tag: str = "fn"):

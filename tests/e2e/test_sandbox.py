@@ -16,21 +16,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
+
+from helpers import wait_for
 
 from coil.sandbox import bird
 from coil.sandbox.cluster import Config, Sandbox
 
 
 def wait_until(probe, timeout=15.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
+    return wait_for(probe, timeout=timeout, interval=interval, what=what)
 
 
 def ping(sb: Sandbox, pod: str, address: str) -> bool:

@@ -12,31 +12,22 @@ nothing. Needs the kube-apiserver binary (``make kube-apiserver``).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import uuid
 
 import pytest
 
+from helpers import need_sandbox
+
 from coil.sandbox import bird
 from coil.sandbox import kube as skube
-from coil.sandbox.cluster import Config, Sandbox, cnitool_path, netns_exists
+from coil.sandbox.cluster import Config, Sandbox, netns_exists
 from coil.sandbox.state import State
 
 NODES = ["node1", "node2", "node3"]
 
 
-def _need_sandbox():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    for tool in ("etcd", "etcdctl", "bird", "birdc", "ping", "ip", "openssl"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            pytest.skip(f"needs {tool}")
-    try:
-        cnitool_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(str(exc))
 
 
 def new_sandbox(tag: str) -> tuple[Sandbox, str]:
@@ -52,7 +43,7 @@ def _need_kubernetes():
 
 @pytest.fixture(scope="module")
 def ksandbox():
-    _need_sandbox()
+    need_sandbox("openssl")
     _need_kubernetes()
     sb, name = new_sandbox("kub")
     try:
@@ -165,7 +156,7 @@ def test_node_rm_refuses_unknown_removed_and_plain_sandboxes(ksandbox, make_sand
 
 
 def test_up_kubernetes_without_the_binary_fails_early(tmp_path):
-    _need_sandbox()
+    need_sandbox("openssl")
     state = tmp_path / "sb"
     r = subprocess.run([sys.executable, "-m", "coil", "sandbox", "--state-dir", str(state),
                         "up", "--kubernetes", "--name", "cstnobin"], capture_output=True,

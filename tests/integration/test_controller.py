@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from helpers import REPO, EtcdServer, free_port
+from helpers import REPO, EtcdServer, free_port, wait_for
 from leakdata import create_pods, delete_pods, iso, plant_addresses, pod_manifest
 
 pytestmark = [pytest.mark.etcd]
@@ -75,17 +75,6 @@ def create_node(core, name, taints=None):
     if taints:
         body["spec"] = {"taints": taints}
     return core.create_node(body)
-
-
-def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def status_of(fn, *args, **kwargs) -> int:
