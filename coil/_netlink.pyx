@@ -440,6 +440,16 @@ cdef int ns_fd(netns, int *fd) except -1:
     open_path(netns, "network namespace", fd)
     return 1
 
+cdef str target_label(netns):
+    """How the target of a link move is named in errors (never raises)."""
+    if isinstance(netns, (str, bytes, _os.PathLike)) or (
+            isinstance(netns, int) and not isinstance(netns, bool)):
+        try:
+            return ns_label(netns)
+        except (TypeError, ValueError):
+            pass
+    return repr(netns)
+
 cdef int new_socket() noexcept nogil:
     """A bound NETLINK_ROUTE socket in the thread's netns, or -errno."""
     cdef int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE)
@@ -781,12 +791,28 @@ cdef class Netlink:
             raise NetlinkError(f"deleting link {name}", rc)
         return True
 
-    def link_set(self, index, up=None, mtu=None):
-        """Set the link up/down and/or its MTU."""
+    def link_set(self, index, up=None, mtu=None, netns=None):
+        """Set the link up/down and/or its MTU, or move it to ``netns``.
+
+        ``netns`` (a path such as ``/run/netns/NAME`` or an open fd of a
+        network namespace) moves the link there: RTM_SETLINK with
+        IFLA_NET_NS_FD; a path is opened O_RDONLY|O_CLOEXEC and closed
+        again, an fd is left open. Errors name the link and the target
+        ("moving link 7 to /run/netns/x: ..."); a missing path raises
+        ENOENT before any request is sent. ``netns`` together with ``up``
+        or ``mtu`` raises EINVAL: the index means another link (or none)
+        after the move, so set those with a handle opened in the target
+        namespace. A veth peer is better created in its namespace directly
+        (``veth_add(..., peer_netns=...)``): moving one afterwards costs far
+        more kernel time.
+        """
         cdef char req[REQ_SIZE]
         cdef int off, rc
         cdef int32_t c_index
         cdef uint32_t flags = 0, change = 0
+        if netns is not None:
+            self._link_move(index, up, mtu, netns)
+            return
         if not isinstance(index, int) or index <= 0 or index > 0x7FFFFFFF:
             raise NetlinkError(f"setting link index {index}", _errno.ENODEV)
         if mtu is not None and (not isinstance(mtu, int) or mtu <= 0 or mtu > 0xFFFFFFFF):
@@ -806,6 +832,37 @@ cdef class Netlink:
         rc = self._xfer(req, off, P_NONE, None)
         if rc:
             raise NetlinkError(f"setting link index {index}", rc)
+
+    cdef int _link_move(self, index, up, mtu, netns) except -1:
+        cdef char req[REQ_SIZE]
+        cdef int off, rc, nsfd = -1, owned = 0
+        cdef int32_t c_index
+        cdef str context = f"moving link {index} to {target_label(netns)}"
+        if (not isinstance(index, int) or isinstance(index, bool)
+                or index <= 0 or index > 0x7FFFFFFF):
+            raise NetlinkError(context, _errno.ENODEV)
+        if up is not None or mtu is not None:
+            raise NetlinkError(context, _errno.EINVAL,
+                               hint="set up/mtu with a handle opened in the "
+                                    "target namespace after the move")
+        c_index = <int32_t>index
+        try:
+            owned = ns_fd(netns, &nsfd)
+        except NetlinkError as exc:
+            raise NetlinkError(context, exc.errno) from None
+        try:
+            off = put_hdr(req, RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK)
+            memset(req + off, 0, 16)
+            memcpy(req + off + 4, &c_index, 4)
+            off += 16
+            off = put_u32(req, off, IFLA_NET_NS_FD, <uint32_t>nsfd)
+            rc = self._xfer(req, off, P_NONE, None)
+        finally:
+            if owned:
+                close(nsfd)
+        if rc:
+            raise NetlinkError(context, rc)
+        return 0
 
     # -- addresses ------------------------------------------------------------
 

@@ -17,7 +17,9 @@ Methods
 ``link_get(name)``, ``link_get_index(index)`` -> Link | None
 ``link_list()`` -> list[Link]
 ``veth_add(name, peer_name, peer_netns=None, mtu=None)`` -> index of name
-``link_del(name)`` -> bool, ``link_set(index, up=None, mtu=None)``
+``link_del(name)`` -> bool, ``link_set(index, up=None, mtu=None, netns=None)``
+(``netns``: move the link to that namespace, path or fd; not together with
+``up``/``mtu``)
 ``addr_add(index, address, prefixlen, scope=0, nodad=False)``
 ``addr_list(index=None, family=0)`` -> list[Addr]
 ``addr_del(index, address, prefixlen)``
@@ -89,6 +91,17 @@ def _check_ifname(name, context: str) -> None:
     if (not isinstance(name, str) or not name
             or len(name.encode()) >= IFNAMSIZ):
         raise NetlinkError(context, _errno.EINVAL)
+
+
+def _target_label(netns) -> str:
+    """How the target of a link move is named in errors (never raises)."""
+    if isinstance(netns, (str, bytes, os.PathLike)) or (
+            isinstance(netns, int) and not isinstance(netns, bool)):
+        try:
+            return ns_label(netns)
+        except (TypeError, ValueError):
+            pass
+    return repr(netns)
 
 
 def _ifname_ok(name) -> bool:
@@ -273,7 +286,23 @@ class Netlink:
             raise
         return True
 
-    def link_set(self, index: int, up=None, mtu=None) -> None:
+    def link_set(self, index: int, up=None, mtu=None, netns=None) -> None:
+        """Set the link up/down and/or its MTU, or move it to ``netns``.
+
+        ``netns`` (a path such as ``/run/netns/NAME`` or an open fd of a
+        network namespace) moves the link there with IFLA_NET_NS_FD; a
+        path is opened O_RDONLY|O_CLOEXEC and closed again, an fd is left
+        open. Errors name the link and the target ("moving link 7 to
+        /run/netns/x: ..."); a missing path raises ENOENT before any
+        request is sent. ``netns`` together with ``up`` or ``mtu`` raises
+        EINVAL: the index means another link (or none) after the move, so
+        set those with a handle opened in the target namespace. A veth
+        peer is better created in its namespace directly (``veth_add(...,
+        peer_netns=...)``): moving one afterwards costs far more kernel time.
+        """
+        if netns is not None:
+            self._link_move(index, up, mtu, netns)
+            return
         spec = {"index": index}
         if up is not None:
             spec["flags"] = IFF_UP if up else 0
@@ -281,6 +310,28 @@ class Netlink:
         if mtu is not None:
             spec["mtu"] = mtu
         self._call(f"setting link index {index}", "link", "set", **spec)
+
+    def _link_move(self, index, up, mtu, netns) -> None:
+        context = f"moving link {index} to {_target_label(netns)}"
+        if not isinstance(index, int) or isinstance(index, bool) \
+                or index <= 0 or index > 0x7FFFFFFF:
+            raise NetlinkError(context, _errno.ENODEV)
+        if up is not None or mtu is not None:
+            raise NetlinkError(context, _errno.EINVAL,
+                               hint="set up/mtu with a handle opened in the "
+                                    "target namespace after the move")
+        if isinstance(netns, int) and not isinstance(netns, bool) \
+                and netns > 0x7FFFFFFF:
+            raise NetlinkError(context, _errno.EBADF)
+        try:
+            nsfd, owned = open_ns_fd(netns)
+        except NetlinkError as exc:
+            raise NetlinkError(context, exc.errno) from None
+        try:
+            self._call(context, "link", "set", index=index, net_ns_fd=nsfd)
+        finally:
+            if owned:
+                os.close(nsfd)
 
     # -- addresses ----------------------------------------------------------
 

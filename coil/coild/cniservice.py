@@ -281,6 +281,7 @@ class CNIService:
 
     def status(self, req):
         try:
+            self.pools.refresh()          # a real etcd round trip, not the cache
             self.pools.for_namespace("default")
         except NotFound as exc:
             raise CNIError(spec.ERR_NOT_AVAILABLE, exc.one_line()) from None

@@ -69,6 +69,7 @@ class Coild:
             rest = RestServer((host or "127.0.0.1", int(port)), self)
             self._servers.append(rest)
             serve_in_thread(rest, "rest")
+        self.pools.start()
         self.ready = True
         log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http})
 
@@ -93,7 +94,6 @@ class Coild:
         self.allocator.load()
         returned = self.allocator.return_empty_blocks()
         self.routes.sync(b.cidr for b in self.allocator.blocks())
-        self.pools.invalidate()
         if returned:
             log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
 
@@ -113,6 +113,7 @@ class Coild:
             server.shutdown()
             server.server_close()
         self._servers.clear()
+        self.pools.stop()
         self.podnet.close()
         self.routes.close()
         self.store.close()

@@ -284,6 +284,78 @@ def test_link_set_up_and_mtu(nlmod, two):
         assert info.value.errno == errno.EINVAL
 
 
+@pytest.mark.parametrize("by_fd", [False, True], ids=["path", "fd"])
+def test_link_set_netns_moves_link(nlmod, two, by_fd):
+    a, b = two
+    with nlmod.open_netlink(a.path) as nl, nlmod.open_netlink(b.path) as bnl:
+        nl.veth_add("mv-a", "mv-b", mtu=1400)
+        peer = nl.link_get("mv-b")
+        assert peer is not None
+        if by_fd:
+            fd = os.open(b.path, os.O_RDONLY)
+            try:
+                nl.link_set(peer.index, netns=fd)
+                os.fstat(fd)  # the caller's fd is left open
+            finally:
+                os.close(fd)
+        else:
+            nl.link_set(peer.index, netns=b.path)
+        assert nl.link_get("mv-b") is None
+        assert nl.link_get("mv-a") is not None
+        moved = bnl.link_get("mv-b")
+        assert moved is not None and moved.kind == "veth" and moved.mtu == 1400
+        assert moved.mac == peer.mac
+        # the moved link is configured from the target namespace
+        bnl.link_set(moved.index, up=True)
+        assert bnl.link_get("mv-b").up is True
+    assert _link_names(a) == {"lo", "mv-a"}
+    assert _link_names(b) == {"lo", "mv-b"}
+
+
+def test_link_set_netns_errors(nlmod, two):
+    a, b = two
+    with nlmod.open_netlink(a.path) as nl:
+        nl.veth_add("mv-a", "mv-b")
+        index = nl.link_get("mv-b").index
+        missing = "/run/netns/coiltest-missing-" + os.urandom(4).hex()
+        with pytest.raises(NetlinkError) as info:
+            nl.link_set(index, netns=missing)
+        assert info.value.errno == errno.ENOENT
+        assert f"moving link {index} to {missing}" in str(info.value)
+        assert nl.link_get("mv-b").index == index  # nothing moved
+        # netns together with up/mtu: refused before anything is done
+        for kwargs in ({"up": True}, {"mtu": 1400}, {"up": False, "mtu": 1400}):
+            with pytest.raises(NetlinkError) as info:
+                nl.link_set(index, netns=b.path, **kwargs)
+            assert info.value.errno == errno.EINVAL
+            assert f"moving link {index} to {b.path}" in str(info.value)
+            assert "target namespace" in (info.value.hint or "")
+        link = nl.link_get("mv-b")
+        assert link.index == index and link.up is False and link.mtu == 1500
+        # a missing link
+        with pytest.raises(NetlinkError) as info:
+            nl.link_set(4242, netns=b.path)
+        assert info.value.errno == errno.ENODEV
+        assert f"moving link 4242 to {b.path}" in str(info.value)
+        # an fd that is not a network namespace
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        try:
+            with pytest.raises(NetlinkError) as info:
+                nl.link_set(index, netns=fd)
+            assert info.value.errno == errno.EINVAL
+            assert f"moving link {index} to fd {fd}" in str(info.value)
+        finally:
+            os.close(fd)
+        # the name is taken in the target namespace
+        b.run("ip", "link", "add", "mv-b", "type", "dummy", check=True)
+        with pytest.raises(NetlinkError) as info:
+            nl.link_set(index, netns=b.path)
+        assert info.value.errno == errno.EEXIST
+        assert nl.link_get("mv-b").index == index
+    assert _link_names(a) == {"lo", "mv-a", "mv-b"}
+    assert _link_names(b) == {"lo", "mv-b"}
+
+
 def test_link_get_missing_and_list(nlmod, netns_factory):
     ns = netns_factory()
     ns.run("ip", "link", "add", "br0", "type", "bridge", check=True)
