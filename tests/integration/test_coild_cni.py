@@ -496,3 +496,35 @@ def test_version_without_coild(cluster):
     rc, out = raw_call(cluster, {"CNI_COMMAND": "VERSION"}, conf(cluster, cniVersion="0.4.0"))
     assert rc == 0 and out["cniVersion"] == "0.4.0"
     assert {"0.3.1", "0.4.0", "1.0.0", "1.1.0"} <= set(out["supportedVersions"])
+
+
+def _etcd_calls(etcd) -> dict:
+    """etcd's own count of KV requests served, by method."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"{etcd.endpoint}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for m in re.finditer(r'grpc_server_handled_total\{[^}]*grpc_method="(\w+)",'
+                         r'grpc_service="etcdserverpb\.KV"[^}]*\} (\d+)', text):
+        out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
+    return out
+
+
+def test_add_costs_one_etcd_transaction(cluster):
+    """Once the node holds a block with room, an ADD is one guarded txn and
+    no other etcd request (pool names come from memory)."""
+    cluster.store.create_pool("default", "10.41.0.0/24", 5)
+    cluster.start()
+    add(cluster, cluster.new_pod(), "warm")            # takes the block
+    pods = [cluster.new_pod() for _ in range(10)]
+    before = _etcd_calls(cluster.etcd)
+    t0 = time.monotonic()
+    for i, pod in enumerate(pods):
+        add(cluster, pod, f"c{i}")
+    elapsed = time.monotonic() - t0
+    after = _etcd_calls(cluster.etcd)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta.get("Txn", 0) == 10, delta
+    # the only reads: the background pool refresh, one every 2 s
+    assert delta.get("Range", 0) <= int(elapsed / 2) + 1, (delta, elapsed)

@@ -347,7 +347,7 @@ def test_link_set_netns_errors(nlmod, two):
         finally:
             os.close(fd)
         # the name is taken in the target namespace
-        b.run("ip", "link", "add", "mv-b", "type", "dummy", check=True)
+        b.run("ip", "link", "add", "mv-b", "type", "bridge", check=True)
         with pytest.raises(NetlinkError) as info:
             nl.link_set(index, netns=b.path)
         assert info.value.errno == errno.EEXIST
