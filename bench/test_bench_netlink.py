@@ -11,6 +11,11 @@ Groups (each has a ``cython`` and a ``python`` (pyroute2) entry):
 * ``veth_add``: veth_add alone (the link_del runs untimed in the setup);
   link_del of a veth costs ~10-15 ms of kernel time (RCU grace periods)
   whichever backend asks;
+* ``veth into B``: how a veth end gets into the pod namespace, ``direct``
+  (veth_add with ``peer_netns``, what coild does) vs ``move`` (veth_add in
+  the node namespace, then link_get + link_set(peer, netns=pod)); the
+  move makes the kernel tear the device down and re-register it in the
+  other namespace (~24 ms more per pod), hence coild's direct way;
 * ``open``: open_netlink(netns=path) + close, done once per pod ADD;
 * ``route``: route_add + route_del (table 119, protocol 30);
 * ``link_get``: one small request/reply, the per-call overhead;
@@ -86,6 +91,30 @@ def test_veth_add_only(benchmark, netns_pair, backend):
             nl.veth_add("veth-bench", "eth0", peer_netns=pod, mtu=1450)
         benchmark.pedantic(add, setup=setup, rounds=100, iterations=1,
                            warmup_rounds=3)
+        assert nl.link_del("veth-bench")
+
+
+@pytest.mark.parametrize("how", ["direct", "move"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_veth_into_other_netns(benchmark, netns_pair, backend, how):
+    benchmark.group = "veth end into netns B: direct peer_netns vs create+move"
+    mod = _module(backend)
+    node, pod = netns_pair
+    with mod.open_netlink(node) as nl, mod.open_netlink(pod) as pnl:
+        def setup():
+            nl.link_del("veth-bench")  # removes the peer in the pod as well
+
+        if how == "direct":
+            def run():
+                nl.veth_add("veth-bench", "eth0", peer_netns=pod, mtu=1450)
+        else:
+            def run():
+                nl.veth_add("veth-bench", "eth0", mtu=1450)
+                nl.link_set(nl.link_get("eth0").index, netns=pod)
+        benchmark.pedantic(run, setup=setup, rounds=40, iterations=1,
+                           warmup_rounds=2)
+        assert nl.link_get("eth0") is None
+        assert pnl.link_get("eth0") is not None
         assert nl.link_del("veth-bench")
 
 

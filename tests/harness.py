@@ -132,7 +132,9 @@ class Coild:
         out = self.node.exec(sys.executable, "-c", script, method, path,
                              json.dumps(body) if body is not None else "").stdout
         status, _, text = out.partition("\n")
-        return int(status), json.loads(text) if text.strip() else None
+        if not path.startswith("/metrics"):
+            return int(status), json.loads(text) if text.strip() else None
+        return int(status), text
 
 
 class CNI:

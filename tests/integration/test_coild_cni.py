@@ -243,6 +243,11 @@ def test_rest_api(cluster):
     assert rest("DELETE", "/ip/default/a/x1")[0] == 404
     status, text = rest("GET", "/healthz")
     assert status == 200
+    status, metrics = rest("GET", "/metrics")
+    assert status == 200
+    assert "coild_addresses_in_use 2.0" in metrics            # the two tiny-pool addresses
+    assert 'coild_blocks{pool="default"} 1.0' in metrics
+    assert 'coild_blocks{pool="tiny"} 2.0' in metrics           # blocks of one address
 
 
 def test_ipv6_pool(cluster):
