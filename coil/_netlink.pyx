@@ -36,7 +36,7 @@ import os as _os
 import socket as _socket
 
 from coil.errors import NetlinkError
-from coil._nsutil import (Link, Addr, Route, NS_LOCK, ns_label,
+from coil._nsutil import (Link, Addr, Route, NS_LOCK, ns_label, target_label,
                           RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST,
                           RT_TABLE_MAIN, RTPROT_STATIC)
 
@@ -439,16 +439,6 @@ cdef int ns_fd(netns, int *fd) except -1:
         return 0
     open_path(netns, "network namespace", fd)
     return 1
-
-cdef str target_label(netns):
-    """How the target of a link move is named in errors (never raises)."""
-    if isinstance(netns, (str, bytes, _os.PathLike)) or (
-            isinstance(netns, int) and not isinstance(netns, bool)):
-        try:
-            return ns_label(netns)
-        except (TypeError, ValueError):
-            pass
-    return repr(netns)
 
 cdef int new_socket() noexcept nogil:
     """A bound NETLINK_ROUTE socket in the thread's netns, or -errno."""

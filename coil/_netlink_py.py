@@ -44,7 +44,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 from pyroute2.netlink.exceptions import NetlinkError as _PyrNetlinkError
 
-from coil._nsutil import (Addr, Link, Route, in_netns, ns_label, open_ns_fd,
+from coil._nsutil import (Addr, Link, Route, in_netns, ns_label, open_ns_fd, target_label,
                           RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_NOWHERE,
                           RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTPROT_STATIC,
                           IFNAMSIZ)
@@ -91,17 +91,6 @@ def _check_ifname(name, context: str) -> None:
     if (not isinstance(name, str) or not name
             or len(name.encode()) >= IFNAMSIZ):
         raise NetlinkError(context, _errno.EINVAL)
-
-
-def _target_label(netns) -> str:
-    """How the target of a link move is named in errors (never raises)."""
-    if isinstance(netns, (str, bytes, os.PathLike)) or (
-            isinstance(netns, int) and not isinstance(netns, bool)):
-        try:
-            return ns_label(netns)
-        except (TypeError, ValueError):
-            pass
-    return repr(netns)
 
 
 def _ifname_ok(name) -> bool:
@@ -312,7 +301,7 @@ class Netlink:
         self._call(f"setting link index {index}", "link", "set", **spec)
 
     def _link_move(self, index, up, mtu, netns) -> None:
-        context = f"moving link {index} to {_target_label(netns)}"
+        context = f"moving link {index} to {target_label(netns)}"
         if not isinstance(index, int) or isinstance(index, bool) \
                 or index <= 0 or index > 0x7FFFFFFF:
             raise NetlinkError(context, _errno.ENODEV)

@@ -103,6 +103,17 @@ def ns_label(netns) -> str:
     return os.fsdecode(netns)
 
 
+def target_label(netns) -> str:
+    """How the target of a link move is named in errors (never raises)."""
+    if isinstance(netns, (str, bytes, os.PathLike)) or (
+            isinstance(netns, int) and not isinstance(netns, bool)):
+        try:
+            return ns_label(netns)
+        except (TypeError, ValueError):
+            pass
+    return repr(netns)
+
+
 def open_ns_fd(netns):
     """Return ``(fd, owned)`` for a netns given as a path or an open fd.
 

@@ -114,8 +114,6 @@ class Coild:
             server.server_close()
         self._servers.clear()
         self.pools.stop()
-        self.podnet.close()
-        self.routes.close()
         self.store.close()
         log.info("coild stopped")
 

@@ -53,9 +53,6 @@ class PodNetwork:
     def __init__(self, host_netns=None):
         self.host_netns = host_netns
 
-    def close(self):
-        pass
-
     def _host_nl(self):
         # one handle per operation: cheap (~20 us) and safe across threads,
         # which the pyroute2 fallback's handles are not

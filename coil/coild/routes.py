@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import threading
 
 from coil import netlink
@@ -43,9 +42,6 @@ class RouteExporter:
         # a handle per operation: the pyroute2 fallback's handles are bound to one thread
         return netlink.open_netlink(self.netns)
 
-    def close(self):
-        pass
-
     def add(self, cidr: str):
         net = ipaddress.ip_network(cidr)
         with self._lock, self._nl() as nl:
@@ -76,7 +72,3 @@ class RouteExporter:
             log.info("table synced", extra={"table": self.table, "added": sorted(desired - have),
                                             "removed": sorted(have - desired)})
         return desired - have, have - desired
-
-
-def family_of(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
