@@ -64,6 +64,13 @@ class StoreUnavailable(CoilError):
     """etcd cannot be reached or refused the request."""
 
 
+class OutcomeUnknown(StoreUnavailable):
+    """A transaction was sent but its outcome is not known (a timeout or a
+    leader change after the request left): etcd may or may not have
+    committed it. The caller must read the keys back before deciding;
+    never treat it as failed or retry it blindly."""
+
+
 class StoreAuthError(StoreUnavailable):
     """etcd rejected the credentials or the TLS material."""
 
