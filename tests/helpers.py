@@ -273,7 +273,7 @@ class EtcdCluster:
         for row in json.loads(r.stdout or "[]"):
             i = self.endpoints.index(row["Endpoint"])
             st = row["Status"]
-            out[i] = {"member_id": st["header"]["member_id"], "leader": st["leader"],
+            out[i] = {"member_id": st["header"]["member_id"], "leader": st.get("leader", 0),
                       "raft_term": st.get("raftTerm", st.get("raft_term"))}
         return out
 

@@ -89,7 +89,7 @@ class RestHandler(BaseHTTPRequestHandler):
         elif parts == ["healthz"]:
             self._send(200, {"status": 200})
         elif parts == ["readyz"]:
-            self._run(lambda: (d.check_ready(), self._send(200, {"status": 200})))
+            self._readyz(d)
         elif parts == ["metrics"]:
             body, ctype = d.metrics.render()
             self._send(200, body, ctype)
@@ -97,6 +97,16 @@ class RestHandler(BaseHTTPRequestHandler):
             self._run(lambda: self._get_ip(*parts[1:]))
         else:
             self._error(404, f"no such endpoint: {self.command} {self.path}")
+
+    def _readyz(self, d):
+        try:
+            d.check_ready()
+        except StoreUnavailable as exc:
+            return self._send(503, {"status": 503, "reason": "etcd-unreachable",
+                                    "error": exc.one_line()})
+        except CoilError as exc:
+            return self._send(503, {"status": 503, "reason": "starting", "error": exc.one_line()})
+        self._send(200, {"status": 200})
 
     def _get_ip(self, ns, pod, cid):
         addrs = self.server.coild.allocator.lookup_pod(ns, pod, cid)

@@ -114,6 +114,7 @@ class _Member:
         self.maintenance = etcdrpc.MaintenanceStub(self.channel)
         self._status_req = etcdrpc.StatusRequest()
         self.state = grpc.ChannelConnectivity.IDLE
+        self.last_error = ""            # why the last probe failed, for messages
         self.channel.subscribe(self._on_state, try_to_connect=False)
 
     def _on_state(self, state):
@@ -130,13 +131,15 @@ class _Member:
         if state is cc.READY:
             return None
         if state is cc.TRANSIENT_FAILURE or state is cc.SHUTDOWN:
-            return "cannot connect"
+            return self.last_error or "cannot connect"
         try:
             status = self.maintenance.Status(self._status_req, timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            return _brief(exc)
+            self.last_error = _brief(exc)
+            return self.last_error
         if not status.leader:
-            return "no leader"
+            self.last_error = "no leader"
+            return self.last_error
         return None
 
     def close(self):
@@ -434,6 +437,11 @@ class Etcd:
         reasons = "; ".join(f"{url}: {why}" for url, why in errors.items()) or "no time left"
         raise StoreUnavailable(f"no etcd member answered within {budget} ({reasons})",
                                hint="check --etcd-endpoints and that etcd is running")
+
+    @property
+    def member_in_use(self) -> str:
+        """The URL of the member the next call starts with (the last to answer)."""
+        return self._targets[self._preferred % len(self._targets)][0]
 
     def member_status(self, index: int, timeout: float = 2.0):
         """The maintenance Status of member ``index`` (no failover): its
