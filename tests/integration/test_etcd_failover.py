@@ -349,7 +349,8 @@ class AddStream(threading.Thread):
                  what=f"{n} more ADDs")
 
 
-def test_add_stream_survives_each_member_stopped_in_turn(etcd_cluster, node):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_add_stream_survives_each_member_stopped_in_turn(etcd_cluster, node, sig):
     """A stream of ADDs while each member - the one coild uses and the leader
     among them - is stopped and brought back: no ADD fails once its bounded
     retries are done, etcd holds exactly the live pods' addresses (no
@@ -363,7 +364,7 @@ def test_add_stream_survives_each_member_stopped_in_turn(etcd_cluster, node):
         stream.wait_done(5)
         while victims.more():
             victim = victims.next(node.member_in_use(etcd_cluster))
-            etcd_cluster.stop_member(victim)
+            etcd_cluster.stop_member(victim, sig)
             stream.wait_done(8)
             assert node.member_in_use(etcd_cluster) != victim
             etcd_cluster.restart_member(victim)
