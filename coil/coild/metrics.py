@@ -41,6 +41,8 @@ class CoildMetrics:
                          "transactions whose commit was not known"),
                         ("coild_etcd_token_renewals", "renewals", "etcd auth tokens renewed")):
                     yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+                yield CounterMetricFamily("coild_pool_list_reads", "pool list reads from etcd",
+                                          value=daemon.pools.reads)
                 etcd = getattr(daemon.store, "etcd", None)
                 if etcd is not None:
                     in_use = GaugeMetricFamily("coild_etcd_member_in_use",

@@ -210,13 +210,14 @@ def enable_forwarding(proc_sys: str) -> list[str]:
 
 # -- the taint -------------------------------------------------------------------------
 def remove_taints(core, node: str, keys: list[str], timeout: float,
-                  sleep=time.sleep) -> list[str]:
+                  sleep=time.sleep, clock=time.monotonic) -> list[str]:
     """Remove taints with ``keys`` from ``node``; retried with backoff on API
-    errors and conflicts until ``timeout``. Returns the keys removed."""
+    errors and conflicts until ``timeout`` (measured with ``clock``; a retry
+    whose pause would end past it is not made). Returns the keys removed."""
     from coil import k8s
     from coil.controller.watcher import Backoff
     backoff = Backoff(0.5, 10.0)
-    deadline = time.monotonic() + timeout
+    deadline = clock() + timeout
     while True:
         try:
             resp = core.read_node(node, _preload_content=False,
@@ -245,7 +246,7 @@ def remove_taints(core, node: str, keys: list[str], timeout: float,
             if status in (401, 403):
                 raise k8s.to_coil_error(exc, f"removing taints from node {node}") from None
             delay = backoff.next()
-            if time.monotonic() + delay > deadline:
+            if clock() + delay > deadline:
                 raise k8s.to_coil_error(exc, f"removing taints from node {node} "
                                              f"(gave up after {timeout:g}s)") from None
             if status == 409:
