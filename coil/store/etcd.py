@@ -54,8 +54,7 @@ MAX_ROUND_PAUSE = 0.5
 # Errors that prove the request was not taken by etcd: safe to send elsewhere.
 NOT_DELIVERED = ("failed to connect to all addresses", "connection refused",
                  "etcdserver: no leader", "etcdserver: not capable",
-                 "etcdserver: too many requests", "raft proposal dropped",
-                 "etcdserver: server is not serving")
+                 "etcdserver: too many requests", "raft proposal dropped")
 # The token is no longer valid; etcd checks it before proposing (or rejects
 # the apply with "old revision"): renew it, then the request may be re-sent.
 TOKEN_EXPIRED = ("invalid auth token", "revision of auth store is old")
@@ -182,10 +181,14 @@ class Client:
 class Etcd:
     """Thread-safe etcd access with failover and coil's error types.
 
-    Keys given to methods are relative to the configured prefix. ``counters``
-    counts ``calls``, ``retries`` (attempts after a call's first),
-    ``failovers`` (a call answered by another member than the previous
-    call), ``outcome_unknown``, ``renewals`` and ``clients_closed``.
+    Keys given to methods are relative to the configured prefix. Every
+    public call may raise ``StoreUnavailable`` (no member answered within
+    the budget), ``StoreAuthError`` and, for transactions, ``OutcomeUnknown``
+    (see ``txn``). ``counters`` counts ``calls``, ``retries`` (requests sent
+    after a call's first), ``member_errors`` (a member skipped or failed
+    during a call), ``failovers`` (a call answered by another member than
+    the previous call), ``outcome_unknown``, ``renewals`` (auth tokens) and
+    ``clients_closed``.
     """
 
     def __init__(self, config: EtcdConfig):
@@ -229,7 +232,7 @@ class Etcd:
 
     @staticmethod
     def _credentials(cfg):
-        if not any(secure for url in cfg.endpoints for secure in [url.startswith("https:")]):
+        if not any(url.startswith("https:") for url in cfg.endpoints):
             return None
         if not cfg.tls_ca:
             raise InvalidArgument(f"etcd endpoint {cfg.endpoints[0]} uses https: give --etcd-tls-ca")
