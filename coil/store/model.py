@@ -25,6 +25,7 @@ MAX_RETRIES = 64
 MAX_BLOCK_SIZE = 16  # 65,536 addresses per block
 SMALL_POOL_BLOCKS = 256   # pools this small are read whole (one request) and filled lowest first
 RANDOM_TRIES = 8          # random guarded creates before a paged scan of a large pool
+RANDOM_PROBES = 16        # blocks a failed random create also reads, to aim the next one
 SCAN_PAGE = 2000          # keys per range request of a paged read
 PER_BLOCK_COUNT_LIMIT = 32  # pool usage: up to this many blocks, one count request per block
 DEFAULT_POOL = "default"
@@ -332,11 +333,15 @@ class IPAMStore:
         request) and its lowest free block taken. In a larger pool the cost
         does not depend on how many blocks are held: a block chosen at random
         is created with no prior read, guarded by ``version == 0`` (Calico's
-        random search), up to ``RANDOM_TRIES`` times; only when all of them
-        hit held blocks (a nearly full pool) does it read the pool's block
-        keys in pages to find the remaining free ones, so the very last free
-        block is still found, and a full pool raises PoolExhausted after
-        ``1 + RANDOM_TRIES + ceil(blocks / SCAN_PAGE)`` requests.
+        random search). When it is held already, the same transaction's
+        failure branch reads ``RANDOM_PROBES`` other random block keys, and
+        the next create aims at one of those found free, so a collision
+        costs one more transaction even in a pool that is 90 % full. Only
+        when ``RANDOM_TRIES`` creates failed (a nearly full pool) does it
+        read the pool's block keys in pages to find the remaining free ones,
+        so the very last free block is still found, and a full pool raises
+        PoolExhausted after ``1 + RANDOM_TRIES + ceil(blocks / SCAN_PAGE)``
+        requests.
 
         Raises NotFound (pool), InvalidArgument (no subnet of that IP
         version), PoolExhausted, Conflict (retry bound). Not idempotent: each
@@ -345,12 +350,14 @@ class IPAMStore:
         validate_node_name(node)
         pool = self.get_pool(pool_name)
         random_left = RANDOM_TRIES
+        probed: list = []        # blocks seen free by the last failed create
         for attempt in range(MAX_RETRIES):
             nets = [s for s in pool.subnets if s.version == version]
             if not nets:
                 raise InvalidArgument(f"pool {pool_name!r} has no IPv{version} subnet",
                                       hint=f"add one with 'coilctl pool add-subnet {pool_name} SUBNET'")
             blocks_total = sum(s.num_addresses >> pool.block_size for s in pool.subnets)
+            probes: list = []
             if blocks_total <= SMALL_POOL_BLOCKS or random_left <= 0:
                 candidates = self._free_candidates(pool, self._used_blocks(pool), version,
                                                    attempt + 1)
@@ -360,7 +367,8 @@ class IPAMStore:
                 block_net, subnet = random.choice(candidates)
             else:
                 random_left -= 1
-                block_net, subnet = self._random_block(pool, nets)
+                block_net, subnet = probed[0] if probed else self._random_block(pool, nets)
+                probes = [self._random_block(pool, nets) for _ in range(RANDOM_PROBES)]
             cidr = str(block_net)
             acquired_at = now_iso()
             ok, rev, responses = self.etcd.txn(
@@ -369,7 +377,8 @@ class IPAMStore:
                 [("put", keys.block(pool_name, cidr),
                   _dumps({"node": node, "subnet": str(subnet), "acquired_at": acquired_at})),
                  ("put", keys.node_block(node, cidr), pool_name.encode())],
-                [("get", keys.pool(pool_name))])
+                [("get", keys.pool(pool_name))] +
+                [("get", keys.block(pool_name, str(b))) for b, _ in probes])
             if ok:
                 return Block(pool_name, cidr, node, rev, str(subnet), acquired_at)
             kvs = responses[0].response_range.kvs if responses else []
@@ -378,6 +387,9 @@ class IPAMStore:
                                hint="list pools with 'coilctl pool list'")
             if kvs[0].mod_revision != pool.revision:    # subnets changed: use the new list
                 pool = self._decode_pool(pool_name, self.etcd._kv(kvs[0]))
+                probed = []
+            else:
+                probed = [p for p, r in zip(probes, responses[1:]) if not r.response_range.kvs]
         raise Conflict(f"taking a block of pool {pool_name!r}: lost the race "
                        f"{MAX_RETRIES} times, try again")
 

@@ -189,3 +189,22 @@ def test_pool_usage_requests_do_not_grow_with_blocks(store, requests):
         want = i % 4 + 1 if i < 30 else 0
         assert (rows[b.cidr]["used"], rows[b.cidr]["free"]) == (want, 4 - want)
         assert rows[b.cidr]["node"] == f"n{i % 7}"
+
+
+def test_a_collision_aims_the_next_create_at_a_probed_free_block(store, requests, monkeypatch):
+    """The failed create's transaction also reads RANDOM_PROBES random block
+    keys; the next create goes to one of them that was free: one collision
+    costs exactly one more transaction, and no range read."""
+    from coil.store.model import RANDOM_PROBES, IPAMStore
+    store.create_pool("big", LARGE, 2)
+    every = blocks_of(LARGE, 2)
+    held, free = every[:900], every[1000]
+    hold_blocks(store, "big", held)
+    net = ipaddress.ip_network(LARGE)
+    picks = iter([held[0]] + held[1:RANDOM_PROBES] + [free] + held[:RANDOM_PROBES] * 4)
+    monkeypatch.setattr(IPAMStore, "_random_block",
+                        staticmethod(lambda pool, nets: (ipaddress.ip_network(next(picks)), net)))
+    requests.reset()
+    b = store.acquire_block("big", "node-x")
+    assert b.cidr == free
+    assert requests.txns == 2 and len(requests.ranges) == 1
