@@ -481,3 +481,19 @@ def test_right_credentials(auth_etcd, auth_store, etcd_prefix):
     assert r.returncode == 0, r.stderr
     assert [p["name"] for p in json.loads(r.stdout)] == ["default"]
     assert [p.name for p in auth_store.list_pools()] == ["default"]
+
+
+# -- v1's settings -------------------------------------------------------------------------
+
+def test_v1_environment_names_reach_etcd(etcd_server, etcd_prefix, populated, tmp_path):
+    """A v1 operator's environment (COILCTL_ENDPOINTS, COILCTL_PREFIX) works as it is."""
+    r = hypercoil("coilctl", "pool", "list",
+                  env={"COILCTL_ENDPOINTS": etcd_server.endpoint, "COILCTL_PREFIX": etcd_prefix})
+    assert r.returncode == 0, r.stderr
+    assert "default" in r.stdout and "global" in r.stdout
+    # and v1's config-file keys next to it
+    conf = tmp_path / "v1.yml"
+    conf.write_text(f"endpoints:\n  - {etcd_server.endpoint}\nprefix: {etcd_prefix}\n")
+    r = hypercoil("coilctl", "--config", str(conf), "-o", "json", "pool", "list")
+    assert r.returncode == 0, r.stderr
+    assert [p["name"] for p in json.loads(r.stdout)] == ["default", "global"]
