@@ -112,25 +112,20 @@ class _Member:
         self.auth = etcdrpc.AuthStub(self.channel)
         self.maintenance = etcdrpc.MaintenanceStub(self.channel)
         self._status_req = etcdrpc.StatusRequest()
-        self.state = grpc.ChannelConnectivity.IDLE
+        # True after the member answered, False after it failed: a hint only
+        # (a call's own error is what counts). gRPC's connectivity watch is
+        # not used: closing a watched channel races its polling thread.
+        self.ok = False
         self.last_error = ""            # why the last probe failed, for messages
-        self.channel.subscribe(self._on_state, try_to_connect=False)
-
-    def _on_state(self, state):
-        self.state = state          # a hint only: a call's own error is what counts
 
     def wait_ready(self, timeout: float, metadata) -> str | None:
-        """None when the member is connected and has a leader, else why not
-        (it cannot be reached, has no leader, or did not answer within
-        ``timeout``). Writes nothing: a connected channel is taken as is,
-        any other is probed with the maintenance Status call."""
+        """None when the member answered last time or now answers the
+        maintenance Status call with a leader, else why not (it cannot be
+        reached, has no leader, or did not answer within ``timeout``). The
+        probe writes nothing, and needs no auth."""
         import grpc
-        cc = grpc.ChannelConnectivity
-        state = self.state
-        if state is cc.READY:
+        if self.ok:
             return None
-        if state is cc.TRANSIENT_FAILURE or state is cc.SHUTDOWN:
-            return self.last_error or "cannot connect"
         try:
             status = self.maintenance.Status(self._status_req, timeout, metadata=metadata)
         except grpc.RpcError as exc:
@@ -139,10 +134,10 @@ class _Member:
         if not status.leader:
             self.last_error = "no leader"
             return self.last_error
+        self.ok = True
         return None
 
     def close(self):
-        self.channel.unsubscribe(self._on_state)
         self.channel.close()
 
 
@@ -397,6 +392,7 @@ class Etcd:
                 except ValueError:                       # the channel was closed under us
                     raise StoreUnavailable("etcd client is closed") from None
                 except grpc.RpcError as exc:
+                    m.ok = False
                     kind = self._classify(exc)
                     errors[m.url] = _brief(exc)
                     self.counters["member_errors"] += 1
@@ -421,6 +417,7 @@ class Etcd:
                     log.debug("etcd member failed", extra={"member": m.url,
                                                            "error": errors[m.url]})
                     continue
+                m.ok = True
                 if i != self._preferred:
                     prev = self._preferred
                     self._preferred = i
