@@ -5,6 +5,10 @@ Both are driven by the same libcni client (tests/cniclient/cnitool, its
 namespace, and reported as ratios. Also coild's resident memory holding
 5,000 addresses. No timed asserts: the numbers go to the report and to
 pytest-benchmark's extra_info.
+
+``COIL_BENCH_COILD_FLAGS`` adds flags to the benchmarked coild, e.g.
+``--teardown-batch 0`` measures DEL without the deletion queue (each DEL
+deletes its veth pair before it answers, as before the queue existed).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def node():
     tmp = tempfile.mkdtemp(prefix="coil-bench-cni-")
     etcd = EtcdServer(os.path.join(tmp, "etcd")).start()
     n = Netns("node")
-    coild = Coild(n, tmp, etcd.unix_endpoint, "/bench/")
+    coild = Coild(n, tmp, etcd.unix_endpoint, "/bench/",
+                  extra=os.environ.get("COIL_BENCH_COILD_FLAGS", "").split())
     pods = []
     try:
         subprocess.run([sys.executable, "-m", "coil", "coilctl", "--etcd-endpoints", etcd.endpoint,

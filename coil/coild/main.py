@@ -39,9 +39,12 @@ class Coild:
         self.podnet = PodNetwork()
         self.pools = PoolResolver(store)
         self.metrics = CoildMetrics(self)
-        self.teardown = TeardownQueue(self.podnet, batch=teardown_batch, delay=teardown_delay)
+        # the deletion queue also cleans up at start and stop; --teardown-batch 0
+        # keeps it out of DEL (each DEL deletes its veth pair before answering)
+        self.teardown = TeardownQueue(self.podnet, batch=max(1, teardown_batch),
+                                      delay=teardown_delay)
         self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
-                              teardown=self.teardown)
+                              teardown=self.teardown if teardown_batch > 0 else None)
         self._stop = threading.Event()
         self._servers = []
         self.ready = False
@@ -150,8 +153,9 @@ def _validate_http(value: str) -> str:
               help="route protocol id of the published routes")
 @click.option("--scan-interval", default="10m", show_default=True,
               help="how often empty blocks are returned to the pool")
-@click.option("--teardown-batch", default=32, show_default=True, type=click.IntRange(1, 100000),
-              help="delete retired pod veths as soon as this many wait")
+@click.option("--teardown-batch", default=32, show_default=True, type=click.IntRange(0, 100000),
+              help="delete retired pod veths as soon as this many wait "
+                   "(0: every DEL deletes its veth before it answers)")
 @click.option("--teardown-delay", default="100ms", show_default=True,
               help="delete retired pod veths at most this long after a DEL")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -171,3 +172,30 @@ def test_del_when_netns_is_already_gone(cluster):
     cluster.coild.start()
     assert cluster.cni.call("del", path, "c1", "default", "c1") == (0, None)
     assert cluster.cni.call("del", "", "c1", "default", "c1") == (0, None)
+
+
+def test_teardown_batch_zero_deletes_before_answering(cluster):
+    cluster.store.create_pool("default", "10.46.0.0/24", 4)
+    cluster.coild.extra = ["--teardown-batch", "0", "--teardown-delay", "1h"]
+    cluster.start()
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    assert cluster.cni.call("del", pod, "c1", "default", "c1") == (0, None)
+    assert cluster.node.retired() == [] and cluster.node.links() == ["lo"]
+    assert pod.links() == ["lo"] and pod_ip(res) not in etcd_ips(cluster.store)
+
+
+@pytest.mark.parametrize("flags, wrong", [
+    (["--teardown-delay", "soon"], "--teardown-delay"),
+    (["--teardown-delay", "-1s"], "--teardown-delay"),
+    (["--teardown-batch", "-1"], "--teardown-batch"),
+])
+def test_bad_teardown_flags(cluster, flags, wrong):
+    r = cluster.node.exec(
+        "env", "COIL_NODE_NAME=node1", sys.executable, "-m", "coil", "coild",
+        "--etcd-endpoints", cluster.etcd.unix_endpoint, "--etcd-prefix", cluster.prefix,
+        "--socket", os.path.join(cluster.coild.workdir, "bad.sock"), "--http", "", *flags,
+        check=False, timeout=60)
+    assert r.returncode != 0
+    assert wrong in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3
