@@ -223,6 +223,9 @@ def test_rest_api(cluster):
     assert rest("GET", "/ip/default/a/x1") == (200, {"address": ip, "addresses": [ip], "status": 200})
     status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a",
                                         "container-id": "x1"})
+    assert (status, body["address"]) == (200, ip)          # a retry gets the same address
+    status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "b",
+                                        "container-id": "x1"})
     assert status == 409 and body["status"] == 409 and "x1" in body["error"]
     status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a"})
     assert status == 400 and "container-id" in body["error"]
