@@ -111,23 +111,25 @@ class NodeAllocator:
                 del self._by_container[rec.container_id]
         self._note("rec-", rec)
 
+    def _both(self, held: HeldBlock) -> list[HeldBlock]:
+        """``held`` and, when a load replaced it meanwhile, its successor."""
+        cur = self._blocks.get(held.block.cidr)
+        if cur is None or cur is held or cur.block.revision != held.block.revision:
+            return [held]
+        return [held, cur]
+
     def _settle(self, held: HeldBlock, offset: int, keep: bool):
         """End a reservation made in ``held`` (which a load may have replaced)."""
-        for h in {id(held): held, id(self._blocks.get(held.block.cidr)): self._blocks.get(
-                held.block.cidr)}.values():
-            if h is None or h.block.revision != held.block.revision:
-                continue
+        for h in self._both(held):
             h.pending.discard(offset)
             if not keep and offset not in h.records and offset not in h.quarantine:
                 h.bitmap.free(offset)
 
     def _quarantine(self, held: HeldBlock, offset: int, container_id: str):
-        cur = self._blocks.get(held.block.cidr)
-        for h in (held, cur):
-            if h is not None and h.block.revision == held.block.revision:
-                h.pending.discard(offset)
-                h.bitmap.set(offset)
-                h.quarantine[offset] = container_id
+        for h in self._both(held):
+            h.pending.discard(offset)
+            h.bitmap.set(offset)
+            h.quarantine[offset] = container_id
         self._note("quar", held.block.cidr, offset, container_id)
 
     # -- state ----------------------------------------------------------------
@@ -209,6 +211,12 @@ class NodeAllocator:
             if held is not None and offset not in held.records:
                 held.bitmap.set(offset)
                 held.quarantine[offset] = cid
+        elif kind == "unq":
+            _, cidr, offset = entry
+            held = fresh.get(cidr)
+            if held is not None and held.quarantine.pop(offset, None) is not None:
+                if offset not in held.records:
+                    held.bitmap.free(offset)
 
     def _reindex(self):
         index: dict[str, dict[int, Address]] = {}
