@@ -1,0 +1,386 @@
+"""Bounded HTTP/1.1 serving for coild's REST listeners (TCP and the API socket).
+
+Threads are spent on requests, never on idle connections:
+
+- one selector thread accepts connections and watches the idle ones (a fresh
+  connection, or a keep-alive connection between two requests);
+- when bytes of a request arrive, the connection is handed to a fixed pool of
+  ``workers`` threads; the whole request (line, headers, body) must arrive
+  within ``read_timeout`` of that moment, else the connection is closed; the
+  answer is written and the connection goes back to the selector;
+- at most ``max_connections`` connections are open: one more evicts the
+  connection idle the longest, and when none is idle it gets 503 and is
+  closed at once;
+- a connection idle for ``idle_timeout`` is closed.
+
+``authorize(sock)`` (the API socket's SO_PEERCRED check) runs on accept and
+may refuse a connection with an error status before any byte is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import selectors
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+
+log = logging.getLogger("coild.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_connections: int = 256      # open connections per listener
+    workers: int = 8                # threads answering requests per listener
+    read_timeout: float = 10.0      # a whole request must arrive within this
+    idle_timeout: float = 60.0      # keep-alive connections idle longer are closed
+    max_body: int = 64 << 10        # bytes; larger bodies get 413
+
+
+def error_response(status: int, message: str, reason: str) -> bytes:
+    """A complete HTTP/1.1 JSON error answer that closes the connection."""
+    body = json.dumps({"status": status, "error": message}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class _DeadlineIO(socket.SocketIO):
+    """Raw socket reads bounded by the connection's deadline.
+
+    ``conn.deadline`` None means "do not wait at all" (a non-blocking peek
+    for pipelined requests): the read returns None when nothing is there.
+    """
+
+    def __init__(self, sock: socket.socket, conn: "Connection"):
+        super().__init__(sock, "rb")
+        self._conn = conn
+
+    def readinto(self, b):
+        deadline = self._conn.deadline
+        if deadline is None:
+            self._sock.settimeout(0.0)
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request not received in time")
+            self._sock.settimeout(left)
+        return super().readinto(b)
+
+
+class Connection:
+    __slots__ = ("sock", "peer", "rfile", "wfile", "handler", "deadline", "idle_since")
+
+    def __init__(self, sock: socket.socket, peer, server: "BoundedHTTPServer"):
+        self.sock = sock
+        self.peer = peer
+        self.deadline: float | None = None
+        self.idle_since = time.monotonic()
+        self.rfile = io.BufferedReader(_DeadlineIO(sock, self), 65536)
+        self.wfile = _Writer(sock, server.limits.read_timeout)
+        self.handler = server.handler_class(self, server)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _Writer(io.RawIOBase):
+    """Unbuffered writes with sendall (what StreamRequestHandler uses)."""
+
+    def __init__(self, sock, timeout: float):
+        self._sock = sock
+        self._timeout = timeout
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self._sock.settimeout(self._timeout)   # a client that does not read is dropped
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One object per connection; ``serve_one`` answers one request.
+
+    Protocol errors of the standard parser (bad request line, too many or too
+    long headers, unknown method, HTTP/2) become JSON 4xx answers.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "coild"
+
+    def __init__(self, conn: Connection, server: "BoundedHTTPServer"):   # noqa: super not called
+        self.conn = conn
+        self.request = self.connection = conn.sock
+        self.client_address = conn.peer
+        self.server = server
+        self.rfile = conn.rfile
+        self.wfile = conn.wfile
+        self.close_connection = True
+
+    def serve_one(self) -> bool:
+        """Answer one request; True when the connection stays open."""
+        self.close_connection = True
+        self.handle_one_request()
+        return not self.close_connection
+
+    def send_error(self, code, message=None, explain=None):
+        if code == 501:             # a method the parser does not know
+            code, message = 405, f"method {self.command!r} is not allowed"
+        elif code == 505:           # HTTP/2 or later on this HTTP/1.1 server
+            code = 400
+        from http import HTTPStatus
+        try:
+            reason = HTTPStatus(code).phrase
+        except ValueError:
+            reason = "Error"
+        text = message or reason
+        self.close_connection = True
+        body = json.dumps({"status": code, "error": text}).encode()
+        if not getattr(self, "request_version", None):
+            self.request_version = "HTTP/1.1"
+        self.send_response(code, reason)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        log.debug("http " + fmt, *args)
+
+    def log_error(self, fmt, *args):
+        log.debug("http error " + fmt, *args)
+
+
+class BoundedHTTPServer:
+    """Serve ``handler_class`` on an already listening socket (see module doc).
+
+    ``serve_forever``/``shutdown``/``server_close`` behave like socketserver's.
+    """
+
+    def __init__(self, listener: socket.socket, handler_class, limits: Limits, name: str,
+                 authorize=None):
+        self.listener = listener
+        self.handler_class = handler_class
+        self.limits = limits
+        self.name = name
+        self.authorize = authorize
+        listener.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._returned: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle: dict[Connection, None] = {}      # insertion order: longest idle first
+        self._lock = threading.Lock()
+        self._open = 0
+        self._closed = False             # the wake pipe is closed: never write to its fd
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._workers: list[threading.Thread] = []
+        for i in range(limits.workers):
+            t = threading.Thread(target=self._work_loop, name=f"{name}-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    # -- selector thread -----------------------------------------------------
+    def serve_forever(self):
+        sel = self._sel
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                timeout = 1.0
+                if self._idle:
+                    first = next(iter(self._idle))
+                    timeout = max(0.0, min(timeout, first.idle_since + self.limits.idle_timeout
+                                           - time.monotonic()))
+                for key, _ in sel.select(timeout):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        conn = key.data
+                        sel.unregister(conn.sock)
+                        self._idle.pop(conn, None)
+                        self._jobs.put(conn)
+                self._expire_idle()
+        finally:
+            self._stopped.set()
+
+    def _drain_wake(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                conn = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            if self._stopping.is_set():
+                self._close(conn)
+                continue
+            conn.idle_since = time.monotonic()
+            self._idle[conn] = None
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _expire_idle(self):
+        now = time.monotonic()
+        while self._idle:
+            conn = next(iter(self._idle))
+            if now - conn.idle_since < self.limits.idle_timeout:
+                return
+            self._drop_idle(conn)
+
+    def _drop_idle(self, conn: Connection):
+        del self._idle[conn]
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self._close(conn)
+
+    def _accept(self):
+        for _ in range(64):             # then let the loop serve others
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # EMFILE and friends: keep serving
+                log.warning("accept failed", extra={"listener": self.name, "error": str(exc)})
+                return
+            if self.authorize is not None:
+                refusal = self.authorize(sock)
+                if refusal is not None:
+                    _send_and_close(sock, refusal)
+                    continue
+            with self._lock:
+                full = self._open >= self.limits.max_connections
+            if full and self._idle:
+                self._drop_idle(next(iter(self._idle)))
+                full = False
+            if full:
+                _send_and_close(sock, error_response(
+                    503, "too many connections; retry later", "Service Unavailable"))
+                continue
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                conn = Connection(sock, peer, self)
+            except Exception as exc:     # noqa: BLE001 - never kill the accept loop
+                log.warning("cannot set up a connection", extra={"error": str(exc)})
+                sock.close()
+                continue
+            with self._lock:
+                self._open += 1
+            self._idle[conn] = None
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _close(self, conn: Connection):
+        conn.close()
+        with self._lock:
+            self._open -= 1
+
+    # -- workers ---------------------------------------------------------------
+    def _work_loop(self):
+        while True:
+            conn = self._jobs.get()
+            if conn is None:
+                return
+            self._serve(conn)
+
+    def _serve(self, conn: Connection):
+        try:
+            while True:
+                conn.deadline = time.monotonic() + self.limits.read_timeout
+                keep = conn.handler.serve_one()
+                if not keep or self._stopping.is_set():
+                    self._close(conn)
+                    return
+                conn.deadline = None
+                if not conn.rfile.peek(1):      # no pipelined request waiting
+                    break
+        except Exception as exc:             # noqa: BLE001 - a dropped connection
+            log.debug("connection closed", extra={"listener": self.name, "error": repr(exc)})
+            self._close(conn)
+            return
+        with self._lock:
+            closed = self._closed
+        if closed:
+            self._close(conn)
+            return
+        self._returned.put(conn)
+        self._wake()
+
+    def _wake(self):
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:          # full pipe: a wake-up is pending anyway
+                pass
+
+    # -- life cycle ----------------------------------------------------------------
+    def open_connections(self) -> int:
+        with self._lock:
+            return self._open
+
+    def shutdown(self):
+        """Stop the selector loop; requests in progress finish."""
+        self._stopping.set()
+        self._wake()
+        if threading.current_thread().name != self.name:
+            self._stopped.wait(5)
+
+    def server_close(self):
+        self._stopping.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+        for conn in list(self._idle):
+            self._idle.pop(conn, None)
+            self._close(conn)
+        while True:
+            try:
+                self._close(self._returned.get_nowait())
+            except queue.Empty:
+                break
+        for _ in self._workers:
+            self._jobs.put(None)
+        self._sel.close()
+
+
+def _send_and_close(sock: socket.socket, data: bytes):
+    """Best effort, never blocking: a fresh socket's send buffer has room."""
+    try:
+        sock.setblocking(False)
+        sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
