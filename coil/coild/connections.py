@@ -13,8 +13,9 @@ Threads are spent on requests, never on idle connections:
   closed at once;
 - a connection idle for ``idle_timeout`` is closed.
 
-``authorize(sock)`` (the API socket's SO_PEERCRED check) runs on accept and
-may refuse a connection with an error status before any byte is read.
+``authorize(sock)`` (the API socket's SO_PEERCRED check) runs on accept; a
+refused connection is answered with its error (no request is parsed) when
+its request arrives, then closed.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ class _DeadlineIO(socket.SocketIO):
 
 
 class Connection:
-    __slots__ = ("sock", "peer", "rfile", "wfile", "handler", "deadline", "idle_since")
+    __slots__ = ("sock", "peer", "rfile", "wfile", "handler", "deadline", "idle_since", "refusal")
 
     def __init__(self, sock: socket.socket, peer, server: "BoundedHTTPServer"):
         self.sock = sock
         self.peer = peer
         self.deadline: float | None = None
         self.idle_since = time.monotonic()
+        self.refusal: bytes | None = None
         self.rfile = io.BufferedReader(_DeadlineIO(sock, self), 65536)
         self.wfile = _Writer(sock, server.limits.read_timeout)
         self.handler = server.handler_class(self, server)
@@ -134,6 +136,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.handle_one_request()
         return not self.close_connection
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        return True
+
     def send_error(self, code, message=None, explain=None):
         if code == 501:             # a method the parser does not know
             code, message = 405, f"method {self.command!r} is not allowed"
@@ -147,8 +157,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         text = message or reason
         self.close_connection = True
         body = json.dumps({"status": code, "error": text}).encode()
-        if not getattr(self, "request_version", None):
-            self.request_version = "HTTP/1.1"
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"     # never answer without headers
         self.send_response(code, reason)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -265,11 +275,7 @@ class BoundedHTTPServer:
             except OSError as exc:      # EMFILE and friends: keep serving
                 log.warning("accept failed", extra={"listener": self.name, "error": str(exc)})
                 return
-            if self.authorize is not None:
-                refusal = self.authorize(sock)
-                if refusal is not None:
-                    _send_and_close(sock, refusal)
-                    continue
+            refusal = self.authorize(sock) if self.authorize is not None else None
             with self._lock:
                 full = self._open >= self.limits.max_connections
             if full and self._idle:
@@ -287,6 +293,7 @@ class BoundedHTTPServer:
                 log.warning("cannot set up a connection", extra={"error": str(exc)})
                 sock.close()
                 continue
+            conn.refusal = refusal      # answered by a worker once the request came
             with self._lock:
                 self._open += 1
             self._idle[conn] = None
@@ -306,12 +313,19 @@ class BoundedHTTPServer:
             self._serve(conn)
 
     def _serve(self, conn: Connection):
+        if conn.refusal is not None:
+            try:
+                conn.wfile.write(conn.refusal)
+            except OSError:
+                pass
+            self._linger_close(conn)
+            return
         try:
             while True:
                 conn.deadline = time.monotonic() + self.limits.read_timeout
                 keep = conn.handler.serve_one()
                 if not keep or self._stopping.is_set():
-                    self._close(conn)
+                    self._linger_close(conn)
                     return
                 conn.deadline = None
                 if not conn.rfile.peek(1):      # no pipelined request waiting
@@ -327,6 +341,26 @@ class BoundedHTTPServer:
             return
         self._returned.put(conn)
         self._wake()
+
+    LINGER_BYTES = 1 << 20
+
+    def _linger_close(self, conn: Connection):
+        """Close after an answer without resetting the connection: unread
+        request bytes would make the kernel send RST, and the client might
+        lose the answer (a 413 or 414 before the whole request was read).
+        Stop writing, discard what still comes (bounded in time and bytes)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.settimeout(min(2.0, self.limits.read_timeout))
+            drained = 0
+            while drained < self.LINGER_BYTES:
+                chunk = conn.sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        self._close(conn)
 
     def _wake(self):
         with self._lock:

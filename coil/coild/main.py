@@ -66,9 +66,6 @@ class Coild:
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),
                                         "routes_removed": sorted(removed)})
-        plugin = PluginServer(socket_path, self, max_connections=limits.max_connections)
-        self._servers.append(plugin)
-        serve_in_thread(plugin, "plugin")
         if api_socket:
             api = ApiSocketServer(api_socket, self, limits)
             self._servers.append(api)
@@ -79,6 +76,10 @@ class Coild:
                               api_socket=api_socket)
             self._servers.append(rest)
             serve_in_thread(rest, "rest")
+        # the plugin socket last: once it answers, every listener does
+        plugin = PluginServer(socket_path, self, max_connections=limits.max_connections)
+        self._servers.append(plugin)
+        serve_in_thread(plugin, "plugin")
         self.pools.start()
         self.ready = True
         log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
