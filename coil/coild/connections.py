@@ -1,21 +1,25 @@
 """Bounded HTTP/1.1 serving for coild's REST listeners (TCP and the API socket).
 
-Threads are spent on requests, never on idle connections:
+Threads are spent on complete requests, never on idle or slow connections:
 
-- one selector thread accepts connections and watches the idle ones (a fresh
-  connection, or a keep-alive connection between two requests);
-- when bytes of a request arrive, the connection is handed to a fixed pool of
-  ``workers`` threads; the whole request (line, headers, body) must arrive
-  within ``read_timeout`` of that moment, else the connection is closed; the
-  answer is written and the connection goes back to the selector;
-- at most ``max_connections`` connections are open: one more evicts the
-  connection idle the longest, and when none is idle it gets 503 and is
-  closed at once;
-- a connection idle for ``idle_timeout`` is closed.
+- one selector thread accepts connections and reads, without blocking, until
+  a request's headers are complete; only then is the connection handed to a
+  fixed pool of ``workers`` threads, which answer it;
+- the headers must be complete within ``read_timeout`` of the request's first
+  byte, else the connection is closed; a body (only ``POST`` has one) must
+  arrive within the same deadline, else 408 and close;
+- after an answer, a keep-alive connection goes back to the selector; a
+  closing one is drained there (what the client still sends is discarded for
+  a moment, so that closing does not reset the connection before the client
+  read the answer);
+- at most ``max_connections`` connections are open: one more closes the
+  connection idle the longest (then one draining, then one whose headers are
+  late), and only when every connection is in a worker is it answered 503;
+- a connection idle (no request) for ``idle_timeout`` is closed.
 
 ``authorize(sock)`` (the API socket's SO_PEERCRED check) runs on accept; a
-refused connection is answered with its error (no request is parsed) when
-its request arrives, then closed.
+refused connection is answered with its error once its request arrived, and
+closed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import queue
+import re
 import selectors
 import socket
 import threading
@@ -42,6 +47,11 @@ class Limits:
     read_timeout: float = 10.0      # a whole request must arrive within this
     idle_timeout: float = 60.0      # keep-alive connections idle longer are closed
     max_body: int = 64 << 10        # bytes; larger bodies get 413
+    linger: float = 2.0             # seconds a closing connection is drained
+
+
+HEADERS_END = re.compile(rb"\r?\n\r?\n")
+MAX_HEAD = 128 << 10                # more than the parser accepts: it answers 414/431
 
 
 def error_response(status: int, message: str, reason: str) -> bytes:
@@ -63,6 +73,12 @@ class _DeadlineIO(socket.SocketIO):
         self._conn = conn
 
     def readinto(self, b):
+        pre = self._conn.prebuf
+        if pre:                         # bytes the selector read already
+            n = min(len(b), len(pre))
+            b[:n] = pre[:n]
+            del pre[:n]
+            return n
         deadline = self._conn.deadline
         if deadline is None:
             self._sock.settimeout(0.0)
@@ -75,13 +91,17 @@ class _DeadlineIO(socket.SocketIO):
 
 
 class Connection:
-    __slots__ = ("sock", "peer", "rfile", "wfile", "handler", "deadline", "idle_since", "refusal")
+    __slots__ = ("sock", "peer", "rfile", "wfile", "handler", "deadline", "since", "refusal",
+                 "prebuf", "state", "drained")
 
     def __init__(self, sock: socket.socket, peer, server: "BoundedHTTPServer"):
         self.sock = sock
         self.peer = peer
         self.deadline: float | None = None
-        self.idle_since = time.monotonic()
+        self.since = time.monotonic()          # when the current state began
+        self.state = "idle"                     # idle | partial | draining | busy
+        self.prebuf = bytearray()
+        self.drained = 0
         self.refusal: bytes | None = None
         self.rfile = io.BufferedReader(_DeadlineIO(sock, self), 65536)
         self.wfile = _Writer(sock, server.limits.read_timeout)
@@ -194,7 +214,10 @@ class BoundedHTTPServer:
         os.set_blocking(self._wake_w, False)
         self._returned: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle: dict[Connection, None] = {}      # insertion order: longest idle first
+        # per state, in the order the state began: the first one expires first
+        self._waiting = {"idle": {}, "draining": {}, "partial": {}}
+        self._timeouts = {"idle": limits.idle_timeout, "draining": limits.linger,
+                          "partial": limits.read_timeout}
         self._lock = threading.Lock()
         self._open = 0
         self._closed = False             # the wake pipe is closed: never write to its fd
@@ -213,24 +236,86 @@ class BoundedHTTPServer:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping.is_set():
-                timeout = 1.0
-                if self._idle:
-                    first = next(iter(self._idle))
-                    timeout = max(0.0, min(timeout, first.idle_since + self.limits.idle_timeout
-                                           - time.monotonic()))
-                for key, _ in sel.select(timeout):
+                for key, _ in sel.select(self._next_timeout()):
                     if key.data is None:
                         self._accept()
                     elif key.data == "wake":
                         self._drain_wake()
                     else:
-                        conn = key.data
-                        sel.unregister(conn.sock)
-                        self._idle.pop(conn, None)
-                        self._jobs.put(conn)
-                self._expire_idle()
+                        self._readable(key.data)
+                self._expire()
         finally:
             self._stopped.set()
+
+    def _next_timeout(self) -> float:
+        timeout, now = 1.0, time.monotonic()
+        for state, conns in self._waiting.items():
+            if conns:
+                first = next(iter(conns))
+                timeout = min(timeout, first.since + self._timeouts[state] - now)
+        return max(0.0, timeout)
+
+    def _expire(self):
+        now = time.monotonic()
+        for state, conns in self._waiting.items():
+            limit = self._timeouts[state]
+            while conns:
+                conn = next(iter(conns))
+                if now - conn.since < limit:
+                    break
+                self._drop(conn)
+
+    def _wait(self, conn: Connection, state: str):
+        """Park ``conn`` in the selector in ``state``."""
+        conn.state, conn.since = state, time.monotonic()
+        conn.sock.setblocking(False)     # the selector thread never waits on a read
+        self._waiting[state][conn] = None
+        self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unwait(self, conn: Connection):
+        self._waiting[conn.state].pop(conn, None)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, conn: Connection):
+        self._unwait(conn)
+        self._close(conn)
+
+    def _dispatch(self, conn: Connection):
+        self._unwait(conn)
+        conn.state = "busy"
+        self._jobs.put(conn)
+
+    def _readable(self, conn: Connection):
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if conn.state == "draining":
+            conn.drained += len(data)
+            if not data or conn.drained > self.LINGER_BYTES:
+                self._drop(conn)
+            return
+        if not data:                    # the client closed
+            if conn.prebuf:
+                self._dispatch(conn)    # a request cut short: the parser answers it
+            else:
+                self._drop(conn)
+            return
+        if conn.state == "idle":       # a request begins: its deadline starts
+            self._unwait(conn)
+            self._wait(conn, "partial")
+        conn.prebuf += data
+        self._maybe_dispatch(conn)
+
+    def _maybe_dispatch(self, conn: Connection):
+        if conn.refusal is not None or len(conn.prebuf) >= MAX_HEAD \
+                or HEADERS_END.search(conn.prebuf):
+            self._dispatch(conn)
 
     def _drain_wake(self):
         try:
@@ -240,31 +325,17 @@ class BoundedHTTPServer:
             pass
         while True:
             try:
-                conn = self._returned.get_nowait()
+                conn, state = self._returned.get_nowait()
             except queue.Empty:
                 return
             if self._stopping.is_set():
                 self._close(conn)
                 continue
-            conn.idle_since = time.monotonic()
-            self._idle[conn] = None
-            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
-
-    def _expire_idle(self):
-        now = time.monotonic()
-        while self._idle:
-            conn = next(iter(self._idle))
-            if now - conn.idle_since < self.limits.idle_timeout:
-                return
-            self._drop_idle(conn)
-
-    def _drop_idle(self, conn: Connection):
-        del self._idle[conn]
-        try:
-            self._sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        self._close(conn)
+            if state == "draining" or not conn.prebuf:
+                self._wait(conn, state)
+            else:                       # pipelined bytes: a request has begun
+                self._wait(conn, "partial")
+                self._maybe_dispatch(conn)
 
     def _accept(self):
         for _ in range(64):             # then let the loop serve others
@@ -275,16 +346,19 @@ class BoundedHTTPServer:
             except OSError as exc:      # EMFILE and friends: keep serving
                 log.warning("accept failed", extra={"listener": self.name, "error": str(exc)})
                 return
-            refusal = self.authorize(sock) if self.authorize is not None else None
             with self._lock:
                 full = self._open >= self.limits.max_connections
-            if full and self._idle:
-                self._drop_idle(next(iter(self._idle)))
-                full = False
+            if full:
+                for state in ("idle", "draining", "partial"):
+                    if self._waiting[state]:
+                        self._drop(next(iter(self._waiting[state])))
+                        full = False
+                        break
             if full:
                 _send_and_close(sock, error_response(
                     503, "too many connections; retry later", "Service Unavailable"))
                 continue
+            refusal = self.authorize(sock) if self.authorize is not None else None
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
@@ -296,8 +370,7 @@ class BoundedHTTPServer:
             conn.refusal = refusal      # answered by a worker once the request came
             with self._lock:
                 self._open += 1
-            self._idle[conn] = None
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._wait(conn, "idle")
 
     def _close(self, conn: Connection):
         conn.close()
@@ -313,23 +386,26 @@ class BoundedHTTPServer:
             self._serve(conn)
 
     def _serve(self, conn: Connection):
-        if conn.refusal is not None:
-            try:
-                conn.wfile.write(conn.refusal)
-            except OSError:
-                pass
-            self._linger_close(conn)
-            return
+        state = "idle"
         try:
-            while True:
-                conn.deadline = time.monotonic() + self.limits.read_timeout
+            if conn.refusal is not None:
+                conn.wfile.write(conn.refusal)
+                state = "draining"
+            else:
+                conn.deadline = conn.since + self.limits.read_timeout
                 keep = conn.handler.serve_one()
-                if not keep or self._stopping.is_set():
-                    self._linger_close(conn)
-                    return
-                conn.deadline = None
-                if not conn.rfile.peek(1):      # no pipelined request waiting
-                    break
+                if keep and not self._stopping.is_set():
+                    conn.deadline = None            # peek without waiting
+                    pending = conn.rfile.peek(65536)
+                    if pending:                      # pipelined: back to the selector
+                        conn.prebuf[:0] = conn.rfile.read(len(pending))
+                else:
+                    state = "draining"
+            if state == "draining":
+                conn.prebuf.clear()
+                conn.drained = 0
+                conn.sock.shutdown(socket.SHUT_WR)
+                conn.sock.setblocking(False)
         except Exception as exc:             # noqa: BLE001 - a dropped connection
             log.debug("connection closed", extra={"listener": self.name, "error": repr(exc)})
             self._close(conn)
@@ -339,28 +415,10 @@ class BoundedHTTPServer:
         if closed:
             self._close(conn)
             return
-        self._returned.put(conn)
+        self._returned.put((conn, state))
         self._wake()
 
     LINGER_BYTES = 1 << 20
-
-    def _linger_close(self, conn: Connection):
-        """Close after an answer without resetting the connection: unread
-        request bytes would make the kernel send RST, and the client might
-        lose the answer (a 413 or 414 before the whole request was read).
-        Stop writing, discard what still comes (bounded in time and bytes)."""
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-            conn.sock.settimeout(min(2.0, self.limits.read_timeout))
-            drained = 0
-            while drained < self.LINGER_BYTES:
-                chunk = conn.sock.recv(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass
-        self._close(conn)
 
     def _wake(self):
         with self._lock:
@@ -395,12 +453,13 @@ class BoundedHTTPServer:
             self._closed = True
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
-        for conn in list(self._idle):
-            self._idle.pop(conn, None)
-            self._close(conn)
+        for conns in self._waiting.values():
+            for conn in list(conns):
+                conns.pop(conn, None)
+                self._close(conn)
         while True:
             try:
-                self._close(self._returned.get_nowait())
+                self._close(self._returned.get_nowait()[0])
             except queue.Empty:
                 break
         for _ in self._workers:

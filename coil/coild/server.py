@@ -113,20 +113,20 @@ class RestHandler(RequestHandler):
             if re.search(r"%(?![0-9A-Fa-f]{2})", raw):
                 raise HTTPError(400, f"bad percent-encoding in path {path[:200]!r}")
             try:
-                parts.append(unquote_to_bytes(raw).decode("utf-8"))
+                parts.append(unquote_to_bytes(raw.encode("latin-1")).decode("utf-8"))
             except UnicodeDecodeError:
                 raise HTTPError(400, f"path {path[:200]!r} is not UTF-8") from None
         return parts
 
-    def _body(self) -> bytes:
-        """The request body (empty when none). Raises HTTPError: 400 bad
-        Content-Length, 411 chunked, 413 too large, 408 not received in time."""
+    def _content_length(self) -> int:
+        """The declared body length (0 when none). Raises HTTPError: 400 bad
+        Content-Length, 411 Transfer-Encoding, 413 too large."""
         if self.headers.get("Transfer-Encoding") is not None:
             raise HTTPError(411, "Transfer-Encoding is not accepted: send Content-Length",
                             close=True)
         values = self.headers.get_all("Content-Length") or []
         if not values:
-            return b""
+            return 0
         text = values[0].strip()
         if len(set(v.strip() for v in values)) != 1 or not text.isascii() or not text.isdigit():
             raise HTTPError(400, f"invalid Content-Length {values[0][:40]!r}", close=True)
@@ -135,6 +135,11 @@ class RestHandler(RequestHandler):
         if length > limit:
             raise HTTPError(413, f"request body of {length} bytes is larger than {limit}",
                             close=True)
+        return length
+
+    def _body(self, length: int) -> bytes:
+        """Read the body. Raises HTTPError 408 when it does not arrive within
+        the request's deadline (--read-timeout), 400 when the client closes."""
         try:
             data = self.rfile.read(length)
         except TimeoutError:
@@ -150,9 +155,11 @@ class RestHandler(RequestHandler):
             raise HTTPError(403, f"{method} is served only on coild's root-only API socket "
                                  f"(--api-socket), e.g. as root: curl --unix-socket {sock} "
                                  f"-X {method} http://localhost/ip...", close=True)
+        length = self._content_length()
+        if length and method != "POST":     # never wait for a body nobody needs
+            raise HTTPError(400, f"{method} takes no request body", close=True)
         parts = self._split()
-        body = self._body() if method == "POST" or self.headers.get("Content-Length") \
-            or self.headers.get("Transfer-Encoding") else b""
+        body = self._body(length) if length else b""
         d = self.server.coild
         if method == "GET":
             if parts == ["status"]:

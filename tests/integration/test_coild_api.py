@@ -223,15 +223,15 @@ def test_idle_connections_do_not_pin_threads(coild, node):
 
 
 def test_short_body_times_out_and_coild_still_answers(coild, node, store):
-    # TCP: a body shorter than its Content-Length
-    status, body, closed = exchange(
-        tcp(node), b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-    assert (status, body["status"], closed) == (408, 408, True)
-    # the API socket: a POST whose body never completes changes nothing
+    # the API socket: a POST whose body never completes (--read-timeout 2s)
     status, body, closed = exchange(
         unix(coild.api_socket),
         b"POST /ip HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n{\"pod-namespace\":")
-    assert (status, closed) == (408, True)
+    assert (status, body["status"], closed) == (408, 408, True)
+    # TCP serves no POST; a GET with a body is refused at once, never waited for
+    status, body, closed = exchange(
+        tcp(node), b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    assert (status, closed) == (400, True) and "no request body" in body["error"]
     # headers that never end: closed without an answer
     status, body, closed = exchange(tcp(node), b"GET /status HTTP/1.1\r\nHost: x\r\n")
     assert (status, closed) == (None, True)
@@ -282,6 +282,12 @@ MALFORMED = [
     ("tcp", b"GET /status HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 431, ""),
     ("tcp", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, ""),
     ("tcp", _post(b"{}", b"abc"), 403, "--api-socket"),
+    ("tcp", b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400,
+     "Content-Length"),
+    ("tcp", b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400,
+     "Content-Length"),
+    ("tcp", b"GET /ip/d\xc3\xa9/a/c HTTP/1.1\r\nHost: x\r\n\r\n", 400, "pod-namespace"),
+    ("tcp", b"GET /ip/d\xff/a/c HTTP/1.1\r\nHost: x\r\n\r\n", 400, "UTF-8"),
 ]
 
 
@@ -297,6 +303,40 @@ def test_malformed_requests_get_json_4xx_and_no_traceback(coild, node, store):
     log = open(coild.log_path, encoding="utf-8", errors="replace").read()
     assert "Traceback" not in log and '"level": "error"' not in log
     assert coild.rest("GET", "/healthz")[0] == 200
+
+
+def test_slow_clients_do_not_hold_the_workers(etcd_server, store, etcd_prefix, tmp_path,
+                                              node, rundir):
+    """Requests whose headers trickle in wait in the selector, not in a worker:
+    with 2 workers and a long read timeout, 20 such clients leave the
+    workers free, so a normal request is answered while they are still open."""
+    store.create_pool("default", "10.41.0.0/24", 4)
+    c = Coild(node, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix,
+              extra=["--read-timeout", "1h", "--api-workers", "2"])
+    c.api_socket = os.path.join(rundir, "api.sock")
+    c.start()
+    slow = []
+    try:
+        for i in range(20):
+            s = tcp(node) if i % 2 else unix(c.api_socket)
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            slow.append(s)
+        assert c.rest("GET", "/status")[0] == 200
+        status, _ = c.rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "p",
+                                           "container-id": "s1"})
+        assert status == 200
+        for s in slow:                  # still open, still waiting: never answered
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+        # one finishes its headers now: answered
+        slow[0].setblocking(True)
+        status, body, _ = exchange(slow[0], b"1\r\nConnection: close\r\n\r\n")
+        assert status == 200 and body["status"] == 200
+    finally:
+        for s in slow:
+            s.close()
+        assert c.stop() == 0
 
 
 def test_keepalive_pipelined_requests_are_answered_in_order(coild):
