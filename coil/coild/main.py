@@ -52,8 +52,10 @@ class Coild:
         limits = limits or Limits()
         from coil.errors import StoreUnavailable
         delay = 0.5
+        from coil.store.v1 import refuse_if_v1
         while True:                      # etcd may come up after us: wait for it
             try:
+                refuse_if_v1(self.store.etcd, "coild")   # never read or write a v1 store
                 self.allocator.load()
                 break
             except StoreUnavailable as exc:
@@ -86,10 +88,20 @@ class Coild:
                                          "api_socket": api_socket})
 
     def status(self) -> dict:
+        """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
+        blocks), ``pods`` (container ID -> its address; the IPv4 one when a
+        container holds two), ``status``. Additions are new keys: ``version``,
+        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address)."""
+        import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
-        return {"version": __version__, "node": self.node, "address-blocks": snap["blocks"],
-                "pods": snap["pods"], "status": 200}
+        pods: dict[str, str] = {}
+        for rec in sorted(self.allocator.records(),
+                          key=lambda r: (ipaddress.ip_address(r.address).version, r.address)):
+            # v1.0.2 and older keyed an address by "<namespace>/<pod>" (no container ID)
+            pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
+        return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
+                "version": __version__, "node": self.node, "pod-addresses": snap["pods"]}
 
     def check_ready(self):
         if not self.ready:

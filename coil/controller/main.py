@@ -252,6 +252,12 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
     if econf is None:               # stopped while waiting for the API server
         return
     store = open_store(econf)
+    try:
+        if not _refuse_v1_store(store, stop_event):
+            return
+    except BaseException:
+        store.close()
+        raise
     controller = Controller(store, core, scan_interval=interval, address_expiration=expiration,
                             release_leaked=release_leaked)
     controller.start(metrics_addr or None)
@@ -262,6 +268,23 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
     finally:
         controller.shutdown()
         store.close()
+
+
+def _refuse_v1_store(store, stop_event: threading.Event) -> bool:
+    """Raise V1StoreDetected on a Coil v1 store; wait while etcd is down.
+    False when stopped while waiting."""
+    from coil.errors import StoreUnavailable
+    from coil.store.v1 import refuse_if_v1
+    delay = 0.5
+    while True:
+        try:
+            refuse_if_v1(store.etcd, "coil-controller")
+            return True
+        except StoreUnavailable as exc:
+            log.warning("waiting for etcd", extra={"error": exc.one_line(), "retry_s": delay})
+            if stop_event.wait(delay):
+                return False
+            delay = min(delay * 2, 10.0)
 
 
 def main(argv: list[str]) -> int:

@@ -230,7 +230,9 @@ def test_rest_api(cluster):
                                         "container-id": "x2", "address-type": "ipv5"})
     assert status == 400 and "ipv5" in body["error"]
     status, body = rest("GET", "/status")
-    assert status == 200 and body["pods"] == {"default/a": [ip]}
+    # v1's shape: container ID -> address; the per-pod lists are a new key
+    assert status == 200 and body["pods"] == {"x1": ip}
+    assert body["pod-addresses"] == {"default/a": [ip]}
     assert body["address-blocks"] == {"default": ["10.30.0.0/28"]}
     for i in range(2):
         assert rest("POST", "/ip", {"pod-namespace": "tiny", "pod-name": f"t{i}",
