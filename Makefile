@@ -53,6 +53,7 @@ test: build
 	COIL_STRICT=1 COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-disable -m "not slow"
 
 bench: build
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-only $(PYTEST_ARGS)
 
 demo: core

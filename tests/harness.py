@@ -60,6 +60,21 @@ class Netns:
     def routes(self, *args) -> str:
         return self.exec("ip", *args).stdout
 
+    def retired(self) -> list[str]:
+        """Links waiting in coild's deletion queue (its retired link group)."""
+        from coil.coild.teardown import RETIRED_GROUP
+        out = self.exec("ip", "-o", "link", "show", "group", str(RETIRED_GROUP)).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+    def wait_retired_gone(self, timeout: float = 30) -> None:
+        """Wait until coild's deletion queue has deleted every retired link
+        (it flushes within --teardown-delay); fails after ``timeout``."""
+        deadline = time.time() + timeout
+        while self.retired():
+            if time.time() > deadline:
+                raise AssertionError(f"retired links not deleted: {self.retired()}")
+            time.sleep(0.05)
+
 
 class Coild:
     """coild running inside a node namespace, started and stopped by PID."""

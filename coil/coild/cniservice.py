@@ -84,11 +84,16 @@ def parse_cni_args(text: str) -> dict:
 class CNIService:
     """ADD/DEL/CHECK/GC/STATUS on top of the allocator and the pod network."""
 
-    def __init__(self, allocator, podnet, pools, metrics=None):
+    def __init__(self, allocator, podnet, pools, metrics=None, teardown=None):
         self.allocator = allocator
         self.podnet = podnet
         self.pools = pools
         self.metrics = metrics
+        # DEL's remover: the deletion queue (coil.coild.teardown) retires the
+        # pair now and deletes it in a batch later; without one, podnet
+        # deletes it at once. Either way nothing routes the addresses when
+        # delete() returns, so they are released after it.
+        self.teardown = teardown if teardown is not None else podnet
 
     # -- entry ----------------------------------------------------------------
     def handle(self, data: bytes) -> tuple[int, bytes]:
@@ -230,10 +235,10 @@ class CNIService:
         pod = req.args.get("K8S_POD_NAME") or (addrs[0].pod if addrs else "")
         try:
             if ns and pod:
-                self.podnet.delete(req.netns or None, req.ifname, host_veth_name(ns, pod),
-                                   [a.address for a in addrs])
+                self.teardown.delete(req.netns or None, req.ifname, host_veth_name(ns, pod),
+                                     [a.address for a in addrs])
             elif req.netns:
-                self.podnet.delete(req.netns, req.ifname, "", [])
+                self.teardown.delete(req.netns, req.ifname, "", [])
             for rec in addrs:
                 self.allocator.release_address(rec)
         except BaseException as exc:

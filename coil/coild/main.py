@@ -21,13 +21,15 @@ class Coild:
     """The node daemon: allocator + routes + pod network + the two servers."""
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
-                 scan_interval: float = 600.0):
+                 scan_interval: float = 600.0, teardown_batch: int = 32,
+                 teardown_delay: float = 0.1):
         from coil.coild.allocator import NodeAllocator
         from coil.coild.cniservice import CNIService
         from coil.coild.metrics import CoildMetrics
         from coil.coild.podnet import PodNetwork
         from coil.coild.pools import PoolResolver
         from coil.coild.routes import RouteExporter
+        from coil.coild.teardown import TeardownQueue
         self.node = node
         self.store = store
         self.scan_interval = scan_interval
@@ -37,7 +39,12 @@ class Coild:
         self.podnet = PodNetwork()
         self.pools = PoolResolver(store)
         self.metrics = CoildMetrics(self)
-        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics)
+        # the deletion queue also cleans up at start and stop; --teardown-batch 0
+        # keeps it out of DEL (each DEL deletes its veth pair before answering)
+        self.teardown = TeardownQueue(self.podnet, batch=max(1, teardown_batch),
+                                      delay=teardown_delay)
+        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
+                              teardown=self.teardown if teardown_batch > 0 else None)
         self._stop = threading.Event()
         self._servers = []
         self.ready = False
@@ -64,6 +71,12 @@ class Coild:
                     raise
                 delay = min(delay * 2, 10.0)
         added, removed = self.routes.sync(b.cidr for b in self.allocator.blocks())
+        # DELs answered before a crash may have left retired veths: delete
+        # them, and any coil veth whose address record is gone, before serving
+        from coil.coild.podnet import host_veth_name
+        self.teardown.start()
+        self.teardown.reconcile({host_veth_name(r.namespace, r.pod)
+                                 for r in self.allocator.records()})
         log.info("state loaded", extra={"node": self.node, "blocks": len(self.allocator.blocks()),
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),
@@ -137,6 +150,7 @@ class Coild:
             server.shutdown()
             server.server_close()
         self._servers.clear()
+        self.teardown.close()          # after the servers: no DEL comes any more
         self.pools.stop()
         self.store.close()
         log.info("coild stopped")
@@ -181,9 +195,15 @@ def _positive(value: str, flag: str) -> float:
               help="route protocol id of the published routes")
 @click.option("--scan-interval", default="10m", show_default=True,
               help="how often empty blocks are returned to the pool")
+@click.option("--teardown-batch", default=32, show_default=True, type=click.IntRange(0, 100000),
+              help="delete retired pod veths as soon as this many wait "
+                   "(0: every DEL deletes its veth before it answers)")
+@click.option("--teardown-delay", default="100ms", show_default=True,
+              help="delete retired pod veths at most this long after a DEL")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeout, idle_timeout,
-        table_id, protocol_id, scan_interval, log_level, **kwargs):
+        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, log_level,
+        **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -197,6 +217,7 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
     interval = cfg.parse_duration(scan_interval, "--scan-interval")
     if interval <= 0:
         raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
+    delay = cfg.parse_duration(teardown_delay, "--teardown-delay")
     _validate_http(http)
     from coil.coild.connections import Limits
     limits = Limits(max_connections=max_connections, workers=api_workers,
@@ -209,7 +230,7 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
                               f"they must differ")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
-    daemon = Coild(node, store, table_id, protocol_id, interval)
+    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:

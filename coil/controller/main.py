@@ -31,7 +31,8 @@ ENV_PREFIX = "COIL_CONTROLLER_ETCD_"
 class Controller:
     def __init__(self, store, core, *, scan_interval: float = 600.0,
                  address_expiration: float = 86400.0, release_leaked: bool = False,
-                 metrics=None, watch_timeout: int = 300, scan_backoff_max: float = 300.0):
+                 metrics=None, watch_timeout: int = 300, scan_backoff_max: float = 300.0,
+                 page_size: int = 500):
         from coil.controller.janitor import NodeJanitor
         from coil.controller.metrics import ControllerMetrics
         from coil.controller.scan import LeakScanner
@@ -44,9 +45,10 @@ class Controller:
         self.janitor = NodeJanitor(store, core, stop_event=self.stop_event, metrics=self.metrics)
         self.watcher = NodeWatcher(core, self.janitor.nodes_synced, self.janitor.node_deleted,
                                    stop_event=self.stop_event, metrics=self.metrics,
-                                   watch_timeout=watch_timeout)
+                                   watch_timeout=watch_timeout, page_size=page_size)
         self.scanner = LeakScanner(store, core, expiration=address_expiration,
-                                   release=release_leaked, metrics=self.metrics)
+                                   release=release_leaked, metrics=self.metrics,
+                                   page_size=page_size)
         self.scan_backoff = Backoff(1.0, max(1.0, min(scan_interval, scan_backoff_max)))
         self.last_scan = None
         self.scan_requested = threading.Event()
@@ -230,9 +232,11 @@ def resolve_with_retry(econf, api, stop_event: threading.Event):
               help="[HOST]:PORT for /metrics, /healthz and /readyz (empty to disable)")
 @click.option("--kubeconfig", default=None,
               help="kubeconfig file [default: $KUBECONFIG, else the in-cluster service account]")
+@click.option("--list-page-size", default=500, show_default=True, type=click.IntRange(1, 10000),
+              help="Nodes and Pods are listed in pages of this many objects (memory is one page)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubeconfig,
-        log_level, **kwargs):
+        list_page_size, log_level, **kwargs):
     """Frees the blocks of deleted Nodes and finds leaked addresses."""
     from coil import k8s, logutil
     logutil.setup(log_level)
@@ -259,7 +263,7 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
         store.close()
         raise
     controller = Controller(store, core, scan_interval=interval, address_expiration=expiration,
-                            release_leaked=release_leaked)
+                            release_leaked=release_leaked, page_size=list_page_size)
     controller.start(metrics_addr or None)
     try:
         while not stop_event.wait(1.0):

@@ -77,7 +77,7 @@ def populated(store):
     """Two pools, a block of node-1 with one address, a v6 block of node-2."""
     store.create_pool("default", "10.0.0.0/24", 3)
     store.create_pool("global", "192.168.10.0/24", 2)
-    store.add_subnet("global", "fd00:10::/112")
+    store.add_subnet("global", "fd00:10::/120")     # 128 blocks in all: filled lowest first
     b = store.acquire_block("default", "node-1")
     store.assign_address(b, 2, "team-a", "web-0", "c0ffee")
     b6 = store.acquire_block("global", "node-2", version=6)
@@ -119,11 +119,11 @@ def test_pool_list(ctl, populated):
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["POOL", "BLOCK", "SUBNETS"]
     assert lines[1].split() == ["default", "8", "10.0.0.0/24"]
-    assert lines[2].split() == ["global", "4", "192.168.10.0/24,", "fd00:10::/112"]
+    assert lines[2].split() == ["global", "4", "192.168.10.0/24,", "fd00:10::/120"]
     r = ctl("-o", "json", "pool", "list")
     assert json.loads(r.stdout) == [
         {"name": "default", "subnets": ["10.0.0.0/24"], "block_size": 3},
-        {"name": "global", "subnets": ["192.168.10.0/24", "fd00:10::/112"], "block_size": 2},
+        {"name": "global", "subnets": ["192.168.10.0/24", "fd00:10::/120"], "block_size": 2},
     ]
 
 
@@ -148,8 +148,8 @@ def test_pool_show(ctl, populated):
     r = ctl("-o", "json", "pool", "show", "global")
     u = json.loads(r.stdout)
     assert u["pool"] == "global" and u["block_size"] == 2
-    assert u["subnets"] == ["192.168.10.0/24", "fd00:10::/112"]
-    assert (u["blocks_total"], u["blocks_used"], u["blocks_free"]) == (64 + 16384, 1, 64 + 16383)
+    assert u["subnets"] == ["192.168.10.0/24", "fd00:10::/120"]
+    assert (u["blocks_total"], u["blocks_used"], u["blocks_free"]) == (64 + 64, 1, 64 + 63)
     assert [(b["block"], b["node"], b["used"], b["free"]) for b in u["blocks"]] == [
         ("fd00:10::/126", "node-2", 1, 3)]
 

@@ -284,7 +284,9 @@ def test_dual_stack(cluster):
 # -- bad input and faults ------------------------------------------------------
 
 def leftovers(cluster):
-    """(links on the node besides lo, addresses held in etcd)."""
+    """(links on the node besides lo, addresses held in etcd), once coild's
+    deletion queue has deleted what DEL retired."""
+    cluster.node.wait_retired_gone()
     return [l for l in cluster.node.links() if l != "lo"], etcd_ips(cluster.store)
 
 

@@ -338,3 +338,31 @@ def test_coild_serves_v1_pods_after_migration(etcd_server, store, etcd_prefix, t
     assert now["10.60.0.5"] == ("default", "old-pod", "")
     addrs, _ = store.all_addresses()
     assert {a.address for a in addrs} == (set(still) | set(got.values())) - {got["new-0"]}
+
+
+def test_migration_killed_with_sigkill_resumes(etcd_server, store, etcd_prefix, tmp_path):
+    """The real coilctl process is killed (SIGKILL: no cleanup at all) right
+    after its 9th transaction; 'coilctl migrate v1' run again finishes the job."""
+    import signal
+    import subprocess
+    import sys
+    held = build_cluster_store(store.etcd)
+    # test-side hook inside the child: the production module only offers _after_step
+    script = ("import os, signal, sys\n"
+              "from coil.store import v1\n"
+              "def hook(step, applied):\n"
+              "    if applied == 9:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "v1._after_step = hook\n"
+              "from coil.coilctl.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", script, "--etcd-endpoints", etcd_server.endpoint,
+                        "--etcd-prefix", etcd_prefix, "migrate", "v1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert v1.detect(store.etcd) is not None          # still v1 for everyone else
+    r = ctl(etcd_server, etcd_prefix, "-o", "json", "migrate", "v1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"]["applied"] == 29 - 9
+    check_converted(store, held)
+    assert v1_keys(dump(store.etcd)) == []
