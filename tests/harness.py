@@ -80,7 +80,7 @@ class Coild:
     """coild running inside a node namespace, started and stopped by PID."""
 
     def __init__(self, node: Netns, workdir: str, etcd_endpoint: str, prefix: str,
-                 node_name: str = "node1", extra=()):
+                 node_name: str = "node1", extra=(), hook_dir: str | None = None):
         self.node = node
         self.workdir = workdir
         self.socket = os.path.join(workdir, "coild.sock")
@@ -92,9 +92,12 @@ class Coild:
         self.proc = None
         self.log_path = os.path.join(workdir, "coild.log")
         self.http_port = 9383
+        self.hook_dir = hook_dir     # run through tests/coild_hooked.py (pause points)
 
     def start(self, wait=True):
-        cmd = ["ip", "netns", "exec", self.node.name, sys.executable, "-m", "coil", "coild",
+        entry = ([os.path.join(REPO, "tests", "coild_hooked.py"), self.hook_dir]
+                 if self.hook_dir else ["-m", "coil", "coild"])
+        cmd = ["ip", "netns", "exec", self.node.name, sys.executable, *entry,
                "--etcd-endpoints", self.etcd_endpoint, "--etcd-prefix", self.prefix,
                "--socket", self.socket, "--api-socket", self.api_socket,
                "--http", f"127.0.0.1:{self.http_port}", *self.extra]

@@ -442,6 +442,8 @@ class BoundedHTTPServer:
             self._stopped.wait(5)
 
     def server_close(self):
+        """Close the listener and every waiting connection; wait for the
+        requests in progress."""
         self._stopping.set()
         try:
             self.listener.close()
@@ -464,6 +466,13 @@ class BoundedHTTPServer:
                 break
         for _ in self._workers:
             self._jobs.put(None)
+        # requests in progress finish (a POST /ip ends done or rolled back
+        # before the daemon closes its etcd client); each is bounded by the
+        # read timeout and by etcd's timeout
+        deadline = time.monotonic() + self.limits.read_timeout + 30.0
+        for t in self._workers:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
         self._sel.close()
 
 

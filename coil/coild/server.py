@@ -318,6 +318,8 @@ def _listen_error(flag: str, where: str, exc: OSError) -> CoilError:
 class PluginHandler(socketserver.BaseRequestHandler):
     def handle(self):
         conn: socket.socket = self.request
+        cni = self.server.coild.cni
+        arrived = cni.clock()          # the request's deadline counts from here
         chunks, size = [], 0
         deadline = time.monotonic() + self.server.read_timeout
         try:
@@ -336,7 +338,7 @@ class PluginHandler(socketserver.BaseRequestHandler):
                 chunks.append(chunk)
             if not chunks:         # a liveness probe: connected and closed
                 return
-            code, body = self.server.coild.cni.handle(b"".join(chunks))
+            code, body = cni.handle(b"".join(chunks), arrived)
             conn.settimeout(self.server.read_timeout)
             conn.sendall(f"{code}\n".encode() + body)
         except OSError as exc:
