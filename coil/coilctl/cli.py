@@ -147,8 +147,7 @@ def node():
 @click.argument("node_name", metavar="NODE")
 @click.pass_obj
 def node_blocks(obj, node_name):
-    """Address blocks held by NODE."""
-    from coil.errors import NotFound
+    """Address blocks held by NODE (nothing, exit 0, for an idle node)."""
     from coil.store.model import validate_node_name
     validate_node_name(node_name)
     blocks = obj.store.node_blocks(node_name)

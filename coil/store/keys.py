@@ -12,6 +12,10 @@ All keys are relative to the configured prefix (default ``/coil/``).
 A free block has no key: taking one is a create guarded by
 ``version(block/...) == 0``, so nodes taking blocks never rewrite a shared
 document.
+
+Coil v1's layout under the same prefix (``subnet/<address>``, one
+``block/<pool>/<subnet-address>`` document per subnet, ``ip/<address>/<offset>``)
+is recognised and converted only by ``coil.store.v1``.
 """
 
 POOL = "pool/"

@@ -97,7 +97,7 @@ def go_time_to_iso(text) -> str:
         t = t.astimezone(datetime.timezone.utc)
     except (ValueError, OverflowError):
         return EPOCH
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f"{t.year:04d}-" + t.strftime("%m-%dT%H:%M:%S.%fZ")   # %Y does not pad year 1
 
 
 def convert_address_value(raw: bytes) -> tuple[dict, bool]:

@@ -362,9 +362,8 @@ class AddStream(threading.Thread):
 def test_add_stream_survives_each_member_stopped_in_turn(etcd_cluster, node, sig):
     """A stream of ADDs while each member - the one coild uses and the leader
     among them - is stopped and brought back: no ADD fails once its bounded
-    retries are done, etcd holds the live pods' addresses (no duplicate, no
-    leak beyond an unknown outcome, see below), and nothing after a DEL of
-    all."""
+    retries are done, etcd holds exactly the live pods' addresses (no
+    duplicate, no leak), and nothing after a DEL of all."""
     node.store.create_pool("default", "10.70.0.0/22", 3)        # blocks of 8: several taken
     node.start()
     stream = AddStream(node)
@@ -402,22 +401,15 @@ def test_add_stream_survives_each_member_stopped_in_turn(etcd_cluster, node, sig
         by_ip[a.address] = a.container_id
     live = {ip: cid for cid, ip in stream.results.items()}
     assert len(live) == len(stream.results) == stream.done       # no address given twice
-    assert {ip: by_ip.get(ip) for ip in live} == live
-    # The only other record allowed: the first try of an ADD whose
-    # transaction had an unknown outcome and did commit. The store reports
-    # that case (OutcomeUnknown); resolving it by reading the record back is
-    # coild's job (issue 8, "unknown outcomes are resolved") - once it does,
-    # ``extra`` is always empty.
-    unknown = {cid for cid, out in stream.retried
-               if "may or may not have committed" in str((out or {}).get("msg"))}
-    extra = {ip: cid for ip, cid in by_ip.items() if ip not in live}
-    assert set(extra.values()) <= unknown, (extra, stream.retried)
+    # a transaction with an unknown outcome (the store's OutcomeUnknown) is
+    # read back by coild: committed or not, no record is left behind
+    assert by_ip == live, (stream.retried, {ip: c for ip, c in by_ip.items() if ip not in live})
 
-    # DEL of everything leaves nothing (but such records)
+    # DEL of everything leaves nothing
     for cid, pod in node.pods.items():
         rc, out = node.cni.call("del", pod, cid, "default", cid)
         assert rc == 0, out
-    assert node.store.etcd.count_prefix("ip/") == len(extra)
+    assert node.store.etcd.count_prefix("ip/") == 0
 
 
 def test_readyz_follows_etcd_quorum(etcd_cluster, node):
