@@ -15,6 +15,7 @@ from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
 from coil.errors import CoilError, InvalidArgument
 
 log = logging.getLogger("coild")
+UNRESOLVED_RESCAN = 5.0     # seconds: the next scan while an unknown outcome waits
 
 
 class Coild:
@@ -139,8 +140,15 @@ class Coild:
         if returned:
             log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
 
+    def _next_scan_in(self) -> float:
+        # a write whose outcome stayed unknown is resolved by the next reload:
+        # run it soon rather than a whole scan interval later
+        if self.allocator.unresolved():
+            return min(self.scan_interval, UNRESOLVED_RESCAN)
+        return self.scan_interval
+
     def run(self):
-        while not self._stop.wait(self.scan_interval):
+        while not self._stop.wait(self._next_scan_in()):
             try:
                 self.scan()
             except CoilError as exc:
