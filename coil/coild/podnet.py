@@ -281,3 +281,25 @@ class PodNetwork:
                         raise PodNetError(f"default route via {gw} is missing in {netns_path}")
         finally:
             os.close(fd)
+
+    def describe(self, netns_path: str, ifname: str, host_name: str,
+                 addresses: list[str]) -> dict | None:
+        """The wiring of a pod that is set up exactly as ``setup()`` makes
+        it, as ``setup()`` returns it; None when anything differs or is
+        missing. Changes nothing (a repeated ADD answers from it)."""
+        try:
+            self.check(netns_path, ifname, host_name, addresses)
+            with self._host_nl() as h:
+                host = h.link_get(host_name)
+            fd = self._open_netns(netns_path)
+            try:
+                with netlink.open_netlink(fd) as pod_nl:
+                    link = pod_nl.link_get(ifname)
+            finally:
+                os.close(fd)
+        except CoilError:
+            return None
+        if host is None or link is None:
+            return None
+        return {"host_mac": host.mac, "container_mac": link.mac,
+                "container_index": link.index, "mtu": link.mtu}

@@ -460,6 +460,17 @@ class IPAMStore:
         ok, _, _ = self.etcd.txn([guard], [("delete", ip_key)])
         return ok
 
+    def get_address(self, cidr: str, offset: int) -> Address | None:
+        """The record at ``offset`` of block ``cidr``, or None. One read
+        (used to resolve a transaction whose outcome is unknown)."""
+        kv = self.etcd.get(keys.ip(cidr, offset))
+        return self._decode_address(kv) if kv is not None else None
+
+    def get_block(self, pool_name: str, cidr: str) -> Block | None:
+        """The block key as etcd holds it now, or None when the block is free."""
+        kv = self.etcd.get(keys.block(pool_name, cidr))
+        return self._decode_block(kv) if kv is not None else None
+
     def block_addresses(self, cidr: str) -> list[Address]:
         kvs, _ = self.etcd.get_prefix(keys.block_ips(cidr))
         return [self._decode_address(kv) for kv in kvs]
