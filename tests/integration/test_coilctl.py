@@ -484,6 +484,41 @@ def test_right_credentials(auth_etcd, auth_store, etcd_prefix):
     assert [p.name for p in auth_store.list_pools()] == ["default"]
 
 
+def test_password_from_a_file_not_the_command_line(auth_etcd, auth_store, etcd_prefix, tmp_path):
+    secret = tmp_path / "etcd-password"
+    secret.write_text("rootpw\n")
+    secret.chmod(0o600)
+    base = ["coilctl", "--etcd-endpoints", auth_etcd.endpoint, "--etcd-prefix", etcd_prefix]
+    r = hypercoil(*base, "--etcd-username", "root", "--etcd-password-file", str(secret),
+                  "pool", "create", "default", "10.0.0.0/24", "3")
+    assert r.returncode == 0, r.stderr
+    r = hypercoil(*base, "-o", "json", "pool", "list",
+                  env={"COILCTL_ETCD_USERNAME": "root",
+                       "COILCTL_ETCD_PASSWORD_FILE": str(secret)})
+    assert r.returncode == 0, r.stderr
+    assert [p["name"] for p in json.loads(r.stdout)] == ["default"]
+    # a wrong password in the file: refused like a wrong flag, the password not shown
+    secret.write_text("wrong\n")
+    r = hypercoil(*base, "--etcd-username", "root", "--etcd-password-file", str(secret),
+                  "pool", "list")
+    line = assert_one_line_error(r, auth_etcd.endpoint)
+    assert "credentials" in line and "wrong" not in line
+    # coild takes the same flag, and starts against the auth-enabled etcd
+    from harness import Coild, Netns
+    secret.write_text("rootpw")
+    node = Netns("node")
+    c = Coild(node, str(tmp_path), auth_etcd.unix_endpoint, etcd_prefix,
+              extra=["--etcd-username", "root", "--etcd-password-file", str(secret)])
+    try:
+        c.start()
+        assert c.rest("GET", "/readyz")[0] == 200
+        with open(f"/proc/{c.proc.pid}/cmdline", "rb") as f:
+            assert b"rootpw" not in f.read()
+    finally:
+        c.stop()
+        node.delete()
+
+
 # -- v1's settings -------------------------------------------------------------------------
 
 def test_v1_environment_names_reach_etcd(etcd_server, etcd_prefix, populated, tmp_path):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -104,9 +105,9 @@ def take_blocks(store, node, n=1, addresses=2):
 class ControllerProcess:
     """``python -m coil coil-controller`` as a subprocess; stopped by PID."""
 
-    def __init__(self, tmp_path, kubeconfig, etcd_config, *args):
-        self.port = free_port()
-        self.log_path = tmp_path / f"controller-{self.port}.log"
+    def __init__(self, tmp_path, kubeconfig, etcd_config, *args, port=None):
+        self.port = port or free_port()
+        self.log_path = tmp_path / f"controller-{self.port}-{uuid.uuid4().hex[:6]}.log"
         cmd = [sys.executable, "-m", "coil", "coil-controller",
                "--etcd-endpoints", etcd_config.endpoints[0], "--etcd-prefix", etcd_config.prefix,
                "--metrics-addr", f"127.0.0.1:{self.port}", "--kubeconfig", kubeconfig, *args]
@@ -169,9 +170,9 @@ class ControllerProcess:
 def run_controller(tmp_path, kube_apiserver, rbac, etcd_config):
     started = []
 
-    def start(*args, token=None):
+    def start(*args, token=None, port=None):
         kc = kube_apiserver.kubeconfig(token or rbac["controller"], str(tmp_path / "kubeconfig"))
-        p = ControllerProcess(tmp_path, kc, etcd_config, *args)
+        p = ControllerProcess(tmp_path, kc, etcd_config, *args, port=port)
         started.append(p)
         return p
 
@@ -636,3 +637,26 @@ def test_cli_rejects_bad_options(tmp_path):
         r = hypercoil("coil-controller", *args, timeout=60)
         assert r.returncode != 0
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+
+def test_metrics_listener_is_bounded_and_a_taken_port_is_one_line(run_controller):
+    ctl = run_controller()
+    ctl.wait_ready()
+    pid = ctl.proc.pid
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    idle = [socket.create_connection(("127.0.0.1", ctl.port), timeout=30) for _ in range(100)]
+    try:
+        assert ctl.get("/healthz")[0] == 200        # the longest idle made room
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads
+    finally:
+        for s in idle:
+            s.close()
+    # a second controller on the same address: one line naming it, non-zero exit
+    other = run_controller(port=ctl.port)
+    assert other.proc.wait(60) != 0
+    text = other.logs()
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and f"--metrics-addr 127.0.0.1:{ctl.port}" in lines[0], text
+    assert ctl.get("/healthz")[0] == 200
