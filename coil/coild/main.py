@@ -120,10 +120,15 @@ class Coild:
                 "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
                 "table-routes": sorted(self.routes.current())}
 
+    READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
+
     def check_ready(self):
+        """Raise unless coild serves: state loaded and some etcd member
+        answers a linearizable read (any member will do: the store fails
+        over). Raises CoilError (starting) or StoreUnavailable."""
         if not self.ready:
             raise CoilError("coild is starting")
-        self.store.etcd.count_prefix("pool/")
+        self.store.etcd.ping(budget=min(self.store.etcd.timeout, self.READY_BUDGET))
 
     def too_large(self) -> bytes:
         import json
