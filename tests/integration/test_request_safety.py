@@ -336,13 +336,14 @@ def test_assign_unknown_and_read_back_failing_is_quarantined(store, monkeypatch,
     (cidr, slots), = quarantined.items()
     (offset, cid), = slots.items()
     assert cid == "c1" and alloc.lookup("c1") == []
+    assert alloc.unresolved()                                  # coild rescans soon
     assert alloc._blocks[cidr].bitmap.test(offset)            # not handed out meanwhile
     other = alloc.allocate("default", 4, "ns", "p2", "c2")
     assert other.offset != offset
     if resolved_by == "reload":
         alloc.load()
     rec = alloc.allocate("default", 4, "ns", "p1", "c1")       # the runtime's retry
-    assert alloc.quarantined() == {}
+    assert alloc.quarantined() == {} and not alloc.unresolved()
     in_etcd = etcd_ips(store)
     assert sorted(in_etcd.values()) == ["c0", "c1", "c2"]      # one address each
     if commit:
@@ -382,6 +383,22 @@ def test_acquire_block_with_unknown_outcome(node, monkeypatch, commit):
     assert node.routes.current() == {rec.block}
 
 
+def test_acquire_block_unknown_and_reload_failing_is_adopted_later(node, monkeypatch):
+    node.store.create_pool("default", "10.58.0.0/24", 4)
+    node.alloc.load()
+    fail_once(monkeypatch, node.store, "acquire_block", True)    # committed, answer lost
+    unreachable_once(monkeypatch, node.store, "node_blocks")     # and the reload fails
+    with pytest.raises(StoreUnavailable):
+        node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    (block,) = node.store.node_blocks("n1")                     # etcd gave it to the node
+    assert node.alloc.blocks() == [] and node.alloc.unresolved()
+    node.alloc.load()                                            # the next contact adopts it
+    assert node.alloc.blocks() == [block] and not node.alloc.unresolved()
+    assert node.routes.current() == {block.cidr}
+    rec = node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    assert rec.block == block.cidr and node.store.node_blocks("n1") == [block]
+
+
 @pytest.mark.parametrize("commit", [True, False])
 def test_release_block_with_unknown_outcome(node, monkeypatch, commit):
     node.store.create_pool("default", "10.68.0.0/24", 4)
@@ -411,6 +428,7 @@ def test_release_block_unknown_and_read_back_failing_waits_for_reload(node, monk
     with pytest.raises(OutcomeUnknown):
         node.alloc.return_empty_blocks()
     assert node.routes.current() == {rec.block}               # not known to be gone yet
+    assert node.alloc.unresolved()
     node.alloc.load()                                          # it is gone: now the route goes
     assert node.routes.current() == set() and node.removed == [rec.block]
 
