@@ -106,7 +106,9 @@ class Coild:
         """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
         blocks), ``pods`` (container ID -> its address; the IPv4 one when a
         container holds two), ``status``. Additions are new keys: ``version``,
-        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address)."""
+        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address),
+        ``table-routes`` (the block routes now in the export table, read from
+        the kernel: ``coilctl ipam check --coild`` compares them with etcd)."""
         import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
@@ -116,7 +118,8 @@ class Coild:
             # v1.0.2 and older keyed an address by "<namespace>/<pod>" (no container ID)
             pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
         return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
-                "version": __version__, "node": self.node, "pod-addresses": snap["pods"]}
+                "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
+                "table-routes": sorted(self.routes.current())}
 
     READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
 

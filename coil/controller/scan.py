@@ -68,6 +68,7 @@ class PodIPs:
     held: set = field(default_factory=set)          # every IP a Pod object reports
     active: list = field(default_factory=list)      # PodAddress of running/pending Pods
     pods: int = 0
+    names: set = field(default_factory=set)         # (namespace, name) of every Pod
 
 
 def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
@@ -75,6 +76,8 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
     out = into or PodIPs()
     for pod in items:
         out.pods += 1
+        meta = pod.get("metadata") or {}
+        out.names.add((meta.get("namespace", ""), meta.get("name", "")))
         spec = pod.get("spec") or {}
         if spec.get("hostNetwork"):
             continue
@@ -84,7 +87,6 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
             ips = [status["podIP"]]
         if not ips:
             continue
-        meta = pod.get("metadata") or {}
         active = status.get("phase") not in TERMINATED
         for raw in ips:
             try:

@@ -526,7 +526,8 @@ class Etcd:
 
     # -- transactions -------------------------------------------------------
     # compare tuples: ("version"|"mod"|"create", key, op, int) and
-    # ("prefix-empty", prefix); ops: ("put", key, bytes), ("delete", key),
+    # ("prefix-empty", prefix), ("prefix-mod-below", prefix, revision);
+    # ops: ("put", key, bytes), ("delete", key),
     # ("delete-prefix", prefix), ("get", key)
     def _compare(self, spec):
         rpc = self._rpc
@@ -535,6 +536,11 @@ class Etcd:
             k = self._key(spec[1])
             return rpc.Compare(key=k, range_end=prefix_end(k), target=rpc.Compare.VERSION,
                                result=rpc.Compare.EQUAL, version=0)
+        if kind == "prefix-mod-below":
+            # every key under the prefix was last written before revision spec[2]
+            k = self._key(spec[1])
+            return rpc.Compare(key=k, range_end=prefix_end(k), target=rpc.Compare.MOD,
+                               result=rpc.Compare.LESS, mod_revision=spec[2])
         _, key, op, value = spec
         result = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL,
                   "<": rpc.Compare.LESS, ">": rpc.Compare.GREATER}[op]

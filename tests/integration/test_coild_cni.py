@@ -237,6 +237,7 @@ def test_rest_api(cluster):
     assert status == 200 and body["pods"] == {"x1": ip}
     assert body["pod-addresses"] == {"default/a": [ip]}
     assert body["address-blocks"] == {"default": ["10.30.0.0/28"]}
+    assert body["table-routes"] == ["10.30.0.0/28"]      # read from the kernel
     for i in range(2):
         assert rest("POST", "/ip", {"pod-namespace": "tiny", "pod-name": f"t{i}",
                                     "container-id": f"t{i}"})[0] == 200
