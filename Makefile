@@ -12,7 +12,7 @@ APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-d
 CNITOOL := tests/cniclient/cnitool
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv core build test demo bench clean kube-apiserver
+.PHONY: all deps venv core build test demo bench clean kube-apiserver docs-images
 
 all: build
 
@@ -60,6 +60,11 @@ demo: core
 	@tools/host-services.sh snapshot .cache/host-services.before
 	$(PY) -m coil.demo
 	@tools/host-services.sh check .cache/host-services.before
+
+# the architecture picture of docs/design.md and the README, from its source (Debian's graphviz)
+docs-images:
+	@tools/apt-install.sh graphviz
+	dot -Tsvg docs/img/architecture.dot -o docs/img/architecture.svg
 
 clean:
 	rm -rf build .cache $(CNITOOL) coil/_fast/hypercoil
