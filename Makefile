@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-dev \
+APT_PACKAGES := etcd-server etcd-client bird2 gettext-base golang-go golang-github-appc-cni-dev \
 	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps openssl dpkg-dev
 CNITOOL := tests/cniclient/cnitool
 PYTEST_ARGS ?=
