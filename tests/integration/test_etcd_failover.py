@@ -203,6 +203,39 @@ def test_member_without_quorum_is_not_used_and_nothing_is_written(etcd_cluster):
         etcd.close()
 
 
+def test_controller_store_work_with_each_member_stopped(etcd_cluster):
+    """What coil-controller does with etcd - paged scans of every address and
+    block, address lookups, freeing a gone node's blocks - works with the
+    member in use, then the leader, stopped."""
+    prefix = f"/fo-{uuid.uuid4().hex[:8]}/"
+    etcd = open_etcd(etcd_cluster, prefix)
+    store = IPAMStore(etcd)
+    try:
+        store.create_pool("default", "10.72.0.0/20", 4)
+        victims = Victims(etcd_cluster)
+        round_ = 0
+        while victims.more():
+            victim = victims.next(etcd_cluster.endpoints.index(etcd.member_in_use))
+            etcd_cluster.stop_member(victim)
+            node = f"gone-{round_}"
+            blocks = [store.acquire_block("default", node) for _ in range(3)]
+            for k, block in enumerate(blocks):
+                assert store.assign_address(block, 1, "default", f"p{k}", f"{node}-{k}")
+            addrs, _ = store.all_addresses_paged(page_size=2)        # several pages
+            assert {a.container_id for a in addrs} == {f"{node}-{k}" for k in range(3)}
+            assert {b.cidr for b in store.all_blocks()} == {b.cidr for b in blocks}
+            assert store.address_info(addrs[0].address)["node"] == node
+            for block in store.node_blocks(node):                    # the Node is gone
+                assert store.free_block(block)
+            assert store.node_blocks(node) == [] and store.all_addresses_paged()[0] == []
+            etcd_cluster.restart_member(victim)
+            round_ += 1
+        assert any(k.startswith("leader") for k in victims.kinds)
+        assert etcd.counters["outcome_unknown"] == 0
+    finally:
+        store.close()
+
+
 # -- coilctl ---------------------------------------------------------------------------
 
 def test_coilctl_works_with_each_member_stopped(etcd_cluster):
