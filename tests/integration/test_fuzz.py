@@ -438,7 +438,7 @@ def test_plugin_bad_input(node):
     count = {"examples": 0, "succeeded": 0, "failed": 0}
     problem = Problems()
 
-    @fuzz_settings(1200)
+    @fuzz_settings(1000)
     @given(req=plugin_requests(node.coild.socket, node.pod.path,
                                os.path.exists("/run/coild.sock")))
     def campaign(req):
@@ -468,7 +468,7 @@ def test_plugin_bad_input(node):
     assert_coild_healthy(node)
 
 
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(version=st.sampled_from(SUPPORTED), cid=ident, ifname=ifname_ok,
        ns=st.sampled_from(["default", "kube-system"]) | ident, pod=ident,
        mtu=st.none() | st.integers(576, 9000))
@@ -703,7 +703,7 @@ def test_rest_bad_input(node):
     count = {"examples": 0, "2xx": 0, "4xx": 0, "no answer": 0}
     problem = Problems()
 
-    @fuzz_settings(1200)
+    @fuzz_settings(1000)
     @given(req=rest_requests())
     def campaign(req):
         raw, kind, method, bad = req
@@ -873,7 +873,7 @@ def test_coilctl_bad_input(coilctl_env):
         kvs, _ = store.etcd.get_prefix("")
         return {kv.key: kv.value for kv in kvs}
 
-    @fuzz_settings(400)
+    @fuzz_settings(300)
     @given(req=coilctl_argvs())
     def campaign(req):
         cmd, args = req
