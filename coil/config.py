@@ -1,8 +1,9 @@
 """etcd connection settings, shared by every role that talks to etcd.
 
-Precedence: command-line flags > environment (``<ROLE>_ETCD_ENDPOINTS`` ...)
-> a YAML/JSON config file (``~/.coilctl.yml`` for coilctl) > defaults.
-The flag names are v1's, so operators' scripts keep working.
+Precedence: command-line flags > environment (``<ROLE>_ETCD_ENDPOINTS`` ...,
+then for coilctl v1's ``COILCTL_ENDPOINTS`` ...) > a YAML/JSON config file
+(``~/.coilctl.yml`` for coilctl; v1's ``tls-ca-file`` keys and inline PEM
+too) > defaults. The flag names are v1's, so operators' scripts keep working.
 """
 
 from __future__ import annotations
@@ -25,10 +26,51 @@ FIELDS = {
     "timeout": ("--etcd-timeout", "timeout"),
     "username": ("--etcd-username", "username"),
     "password": ("--etcd-password", "password"),
+    "password_file": ("--etcd-password-file", "password-file"),
     "tls_ca": ("--etcd-tls-ca", "tls-ca"),
     "tls_cert": ("--etcd-tls-cert", "tls-cert"),
     "tls_key": ("--etcd-tls-key", "tls-key"),
 }
+
+
+# Coil v1's coilctl (cybozu-go/etcdutil): config-file keys and, after the
+# v1 environment prefix (``COILCTL_``), the same names upper-cased with
+# '-' -> '_'. ``tls-ca`` etc. hold inline PEM in v1 and a file path here:
+# a value starting with "-----BEGIN" is PEM, anything else a path.
+V1_FILE_KEYS = {
+    "tls_ca": "tls-ca-file",
+    "tls_cert": "tls-cert-file",
+    "tls_key": "tls-key-file",
+}
+V1_ENV_NAMES = {
+    "endpoints": ("ENDPOINTS",),
+    "prefix": ("PREFIX",),
+    "timeout": ("TIMEOUT",),
+    "username": ("USERNAME",),
+    "password": ("PASSWORD",),
+    "tls_ca": ("TLS_CA_FILE", "TLS_CA"),
+    "tls_cert": ("TLS_CERT_FILE", "TLS_CERT"),
+    "tls_key": ("TLS_KEY_FILE", "TLS_KEY"),
+}
+PEM_MARK = "-----BEGIN"
+_pem_dir = None
+
+
+def _pem_file(field: str, pem: str) -> str:
+    """Write inline PEM to a private file (0600 in a 0700 directory removed
+    at exit) and return its path: the etcd client takes files."""
+    global _pem_dir
+    import atexit
+    import shutil
+    import tempfile
+    if _pem_dir is None:
+        _pem_dir = tempfile.mkdtemp(prefix="coil-etcd-pem-")
+        atexit.register(shutil.rmtree, _pem_dir, True)
+    path = os.path.join(_pem_dir, f"{field}.pem")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(pem if pem.endswith("\n") else pem + "\n")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,35 +178,101 @@ def load_file(path: str | None) -> dict:
         raise InvalidArgument(f"invalid config file {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"invalid config file {path}: expected a mapping of keys")
-    known = {key for _, key in FIELDS.values()}
+    known = {key for _, key in FIELDS.values()} | set(V1_FILE_KEYS.values())
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
         raise InvalidArgument(f"invalid config file {path}: unknown key {unknown[0]!r}")
     return data
 
 
+def read_secret(path: str, what: str) -> str:
+    """The content of a secret file (a Kubernetes Secret mounted as a file,
+    say), without one trailing newline. Raises InvalidArgument."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read(65537)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > 65536:
+        raise InvalidArgument(f"{what} {path} is larger than 64 KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what} {path} is not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise InvalidArgument(f"{what} {path} is empty")
+    return text
+
+
 def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
-            environ=None) -> EtcdConfig:
+            environ=None, v1_env_prefix: str | None = None) -> EtcdConfig:
     """Merge flags (values None when not given) > environment > file.
 
     ``env_prefix`` is e.g. ``COILCTL_ETCD_`` so that ``COILCTL_ETCD_ENDPOINTS``
-    and ``COILCTL_ETCD_TLS_CA`` are read. Raises InvalidArgument.
+    and ``COILCTL_ETCD_TLS_CA`` are read. ``v1_env_prefix`` (``COILCTL_`` for
+    coilctl) also reads Coil v1's names (``COILCTL_ENDPOINTS``,
+    ``COILCTL_TLS_CA_FILE``, ``COILCTL_TLS_CA`` with inline PEM, ...). Within
+    one layer the current name wins over the v1 one. The password may come
+    from a file (``--etcd-password-file``, ``<PREFIX>PASSWORD_FILE``,
+    ``password-file``). Raises InvalidArgument.
     """
     environ = os.environ if environ is None else environ
     file_values = load_file(config_file)
+
+    def from_env(field):
+        value = environ.get(env_prefix + field.upper())
+        if field == "password" and environ.get(env_prefix + "PASSWORD_FILE") is not None:
+            return value                # the current names win over v1's in one layer
+        if value is None and v1_env_prefix:
+            for name in V1_ENV_NAMES.get(field, ()):
+                value = environ.get(v1_env_prefix + name)
+                if value is not None:
+                    break
+        return value
+
+    def from_file(field):
+        value = file_values.get(FIELDS[field][1])
+        if value is None and field in V1_FILE_KEYS:
+            value = file_values.get(V1_FILE_KEYS[field])
+        return value
+
+    layers = (("flags", lambda f: flags.get(f)), ("environment", from_env),
+              ("config file", from_file))
     merged = {}
-    for field, (_flag, file_key) in FIELDS.items():
-        value = flags.get(field)
-        if value is None:
-            value = environ.get(env_prefix + field.upper())
-        if value is None:
-            value = file_values.get(file_key)
+    for field in FIELDS:
+        if field in ("password", "password_file"):
+            continue
+        for _, get in layers:
+            value = get(field)
+            if value is not None:
+                merged[field] = value
+                break
+    # the password and the file holding it are one setting: the first source
+    # that gives either wins, and one source must not give both
+    for where, get in layers:
+        value, path = get("password"), get("password_file")
+        if value is not None and path is not None:
+            raise InvalidArgument(f"both --etcd-password and --etcd-password-file are given "
+                                  f"({where}): give one")
+        if path is not None:
+            merged["password"] = read_secret(str(path), "--etcd-password-file")
+            break
         if value is not None:
-            merged[field] = value
+            merged["password"] = value
+            break
+    for field in V1_FILE_KEYS:
+        if field in merged and str(merged[field]).lstrip().startswith(PEM_MARK):
+            merged[field] = _pem_file(field, str(merged[field]).strip())
     if "endpoints" in merged:
         eps = merged["endpoints"]
         if isinstance(eps, (list, tuple)):
             eps = ",".join(map(str, eps))
+        elif "," not in str(eps):
+            eps = ",".join(str(eps).split())       # v1 (viper) split a list on spaces
         merged["endpoints"] = split_endpoints(eps)
     if "prefix" in merged:
         prefix = str(merged["prefix"])
@@ -182,7 +290,8 @@ def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
         if key in merged and not os.path.exists(str(merged[key])):
             raise InvalidArgument(f"{FIELDS[key][0]} file {merged[key]} does not exist")
     if ("username" in merged) != ("password" in merged):
-        raise InvalidArgument("--etcd-username and --etcd-password must be given together")
+        raise InvalidArgument("--etcd-username and --etcd-password (or --etcd-password-file) "
+                              "must be given together")
     if ("tls_cert" in merged) != ("tls_key" in merged):
         raise InvalidArgument("--etcd-tls-cert and --etcd-tls-key must be given together")
     return EtcdConfig(**merged)

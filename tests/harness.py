@@ -60,15 +60,31 @@ class Netns:
     def routes(self, *args) -> str:
         return self.exec("ip", *args).stdout
 
+    def retired(self) -> list[str]:
+        """Links waiting in coild's deletion queue (its retired link group)."""
+        from coil.coild.teardown import RETIRED_GROUP
+        out = self.exec("ip", "-o", "link", "show", "group", str(RETIRED_GROUP)).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+    def wait_retired_gone(self, timeout: float = 30) -> None:
+        """Wait until coild's deletion queue has deleted every retired link
+        (it flushes within --teardown-delay); fails after ``timeout``."""
+        deadline = time.time() + timeout
+        while self.retired():
+            if time.time() > deadline:
+                raise AssertionError(f"retired links not deleted: {self.retired()}")
+            time.sleep(0.05)
+
 
 class Coild:
     """coild running inside a node namespace, started and stopped by PID."""
 
     def __init__(self, node: Netns, workdir: str, etcd_endpoint: str, prefix: str,
-                 node_name: str = "node1", extra=()):
+                 node_name: str = "node1", extra=(), hook_dir: str | None = None):
         self.node = node
         self.workdir = workdir
         self.socket = os.path.join(workdir, "coild.sock")
+        self.api_socket = os.path.join(workdir, "coild-api.sock")
         self.etcd_endpoint = etcd_endpoint
         self.prefix = prefix
         self.node_name = node_name
@@ -76,11 +92,15 @@ class Coild:
         self.proc = None
         self.log_path = os.path.join(workdir, "coild.log")
         self.http_port = 9383
+        self.hook_dir = hook_dir     # run through tests/coild_hooked.py (pause points)
 
     def start(self, wait=True):
-        cmd = ["ip", "netns", "exec", self.node.name, sys.executable, "-m", "coil", "coild",
+        entry = ([os.path.join(REPO, "tests", "coild_hooked.py"), self.hook_dir]
+                 if self.hook_dir else ["-m", "coil", "coild"])
+        cmd = ["ip", "netns", "exec", self.node.name, sys.executable, *entry,
                "--etcd-endpoints", self.etcd_endpoint, "--etcd-prefix", self.prefix,
-               "--socket", self.socket, "--http", f"127.0.0.1:{self.http_port}", *self.extra]
+               "--socket", self.socket, "--api-socket", self.api_socket,
+               "--http", f"127.0.0.1:{self.http_port}", *self.extra]
         env = dict(os.environ, COIL_NODE_NAME=self.node_name)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env)
@@ -123,18 +143,46 @@ class Coild:
         self._log.close()
         return code
 
-    def rest(self, method: str, path: str, body=None):
-        """Call the REST API from inside the node namespace; (status, json)."""
-        script = ("import http.client,json,sys;c=http.client.HTTPConnection('127.0.0.1',%d,timeout=10);"
-                  "b=sys.argv[3] or None;c.request(sys.argv[1],sys.argv[2],body=b,"
-                  "headers={'Content-Type':'application/json'} if b else {});r=c.getresponse();"
-                  "print(r.status);print(r.read().decode())" % self.http_port)
-        out = self.node.exec(sys.executable, "-c", script, method, path,
-                             json.dumps(body) if body is not None else "").stdout
-        status, _, text = out.partition("\n")
+    def rest(self, method: str, path: str, body=None, via: str | None = None):
+        """Call the REST API; (status, json). POST and DELETE go over the
+        root-only API socket (as a local root tool would), the rest over TCP
+        inside the node namespace; ``via`` ("tcp" or "unix") forces one."""
+        via = via or ("unix" if method in ("POST", "DELETE") else "tcp")
+        data = json.dumps(body) if body is not None else ""
+        if via == "unix":
+            status, text = unix_http(self.api_socket, method, path, data or None)
+        else:
+            script = ("import http.client,sys;c=http.client.HTTPConnection('127.0.0.1',%d,timeout=10);"
+                      "b=sys.argv[3] or None;c.request(sys.argv[1],sys.argv[2],body=b,"
+                      "headers={'Content-Type':'application/json'} if b else {});r=c.getresponse();"
+                      "print(r.status);print(r.read().decode())" % self.http_port)
+            out = self.node.exec(sys.executable, "-c", script, method, path, data).stdout
+            status, _, text = out.partition("\n")
+            status = int(status)
         if not path.startswith("/metrics"):
-            return int(status), json.loads(text) if text.strip() else None
-        return int(status), text
+            return status, json.loads(text) if text.strip() else None
+        return status, text
+
+
+def unix_http(path: str, method: str, url: str, body: str | bytes | None = None,
+              timeout: float = 10) -> tuple[int, str]:
+    """One HTTP request over a UNIX socket (what ``curl --unix-socket`` does)."""
+    import http.client
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+
+    c = Conn("localhost", timeout=timeout)
+    try:
+        c.request(method, url, body=body,
+                  headers={"Content-Type": "application/json"} if body else {})
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
 
 
 class CNI:

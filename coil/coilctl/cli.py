@@ -13,6 +13,7 @@ from coil.coilctl import render
 
 CONFIG_FILE = "~/.coilctl.yml"
 ENV_PREFIX = "COILCTL_ETCD_"
+V1_ENV_PREFIX = "COILCTL_"            # v1's names: COILCTL_ENDPOINTS, COILCTL_TLS_CA_FILE ...
 
 
 class Ctx:
@@ -21,11 +22,21 @@ class Ctx:
         self.config_file = config_file
         self.output = output
         self._store = None
+        self.allow_v1 = False           # only 'migrate v1' may open a v1 store
 
     @property
     def store(self):
         if self._store is None:
-            self._store = open_store(cfg.resolve(self.flags, ENV_PREFIX, self.config_file))
+            store = open_store(cfg.resolve(self.flags, ENV_PREFIX, self.config_file,
+                                           v1_env_prefix=V1_ENV_PREFIX))
+            if not self.allow_v1:
+                from coil.store.v1 import refuse_if_v1
+                try:
+                    refuse_if_v1(store.etcd, "coilctl")
+                except BaseException:
+                    store.close()
+                    raise
+            self._store = store
         return self._store
 
     def emit(self, data, human: str):
@@ -83,6 +94,30 @@ def pool_add_subnet(obj, name, subnet):
     obj.emit(p.to_json(), f"added subnet {net} to pool {p.name}")
 
 
+@pool.command("delete")
+@click.argument("name")
+@click.pass_obj
+def pool_delete(obj, name):
+    """Delete pool NAME and its subnets. Refuses while any block of it is
+    held, naming the nodes that hold one."""
+    p = obj.store.delete_pool(name)
+    obj.emit(p.to_json(), f"deleted pool {p.name} ({', '.join(map(str, p.subnets))})")
+
+
+@pool.command("remove-subnet")
+@click.argument("name")
+@click.argument("subnet")
+@click.pass_obj
+def pool_remove_subnet(obj, name, subnet):
+    """Remove SUBNET from pool NAME. Refuses while any block of SUBNET is
+    held, naming the nodes that hold one, and for the pool's last subnet."""
+    from coil.store.model import parse_subnet, validate_pool_name
+    validate_pool_name(name)
+    net = parse_subnet(subnet)
+    p = obj.store.remove_subnet(name, subnet)
+    obj.emit(p.to_json(), f"removed subnet {net} from pool {p.name}")
+
+
 @pool.command("list")
 @click.pass_obj
 def pool_list(obj):
@@ -96,14 +131,21 @@ def pool_list(obj):
 @pool.command("show")
 @click.argument("name")
 @click.argument("subnet", required=False)
+@click.option("--json", "as_json", is_flag=True, help="same as '-o json' (v1's flag)")
 @click.pass_obj
-def pool_show(obj, name, subnet):
+def pool_show(obj, name, subnet, as_json):
     """Block usage of pool NAME (optionally only SUBNET)."""
     from coil.store.model import parse_subnet, validate_pool_name
+    if as_json:
+        obj.output = "json"
     validate_pool_name(name)
     if subnet is not None:
         parse_subnet(subnet)
     u = obj.store.pool_usage(name, subnet)
+    nodes = {}                      # v1's "nodes" key: node -> its blocks
+    for b in u["blocks"]:
+        nodes.setdefault(b["node"], []).append(b["block"])
+    u["nodes"] = nodes
     head = (f"pool {u['pool']}  subnets {', '.join(u['subnets'])}  "
             f"block size {u['addresses_per_block']}\n"
             f"blocks: {u['blocks_used']} used, {u['blocks_free']} free of {u['blocks_total']}")
@@ -129,13 +171,15 @@ def node():
 @click.argument("node_name", metavar="NODE")
 @click.pass_obj
 def node_blocks(obj, node_name):
-    """Address blocks held by NODE."""
-    from coil.errors import NotFound
+    """Address blocks held by NODE (nothing, exit 0, for an idle node)."""
     from coil.store.model import validate_node_name
     validate_node_name(node_name)
     blocks = obj.store.node_blocks(node_name)
     if not blocks:
-        raise NotFound(f"node {node_name!r} holds no address block")
+        # v1 printed nothing and exited 0 for an idle node; so do we (JSON: [])
+        if obj.output == "json":
+            obj.emit([], "")
+        return
     rows = []
     data = []
     for b in sorted(blocks, key=lambda b: (b.pool, b.network.version, b.network)):
@@ -144,6 +188,30 @@ def node_blocks(obj, node_name):
         data.append({"pool": b.pool, "block": b.cidr, "used": used, "free": b.size - used,
                      "acquired_at": b.acquired_at})
     obj.emit(data, render.table(["POOL", "BLOCK", "USED", "FREE"], rows))
+
+
+@node.command("release")
+@click.argument("node_name", metavar="NODE")
+@click.option("-y", "--yes", is_flag=True, help="required: this frees blocks by hand")
+@click.option("--force", is_flag=True, help="also free blocks that still hold addresses "
+                                            "(and those addresses)")
+@click.pass_obj
+def node_release(obj, node_name, yes, force):
+    """Free the blocks of NODE, a dead node, by hand. Refuses while NODE's
+    coild holds its liveness lease, and while a block still holds an address
+    unless --force."""
+    from coil.errors import InvalidArgument
+    from coil.store.model import validate_node_name
+    validate_node_name(node_name)
+    if not yes:
+        raise InvalidArgument(f"refusing to release the blocks of node {node_name} "
+                              f"without --yes")
+    freed = obj.store.release_node(node_name, force=force)
+    data = [{"pool": b.pool, "block": b.cidr, "addresses_freed": n} for b, n in freed]
+    human = (render.table(["POOL", "BLOCK", "ADDRESSES FREED"],
+                          [[d["pool"], d["block"], d["addresses_freed"]] for d in data])
+             if data else f"node {node_name} holds no block")
+    obj.emit(data, human)
 
 
 @cli.group()
@@ -164,12 +232,138 @@ def address_info(obj, addr):
 
 @address.command("free")
 @click.argument("addr", metavar="ADDRESS")
+@click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--force", is_flag=True,
+              help="free it even if its Pod still exists or Kubernetes cannot be asked")
+@click.option("--kubeconfig", default=None, metavar="PATH",
+              help="kubeconfig used to check that the address's Pod is gone "
+                   "[default: $KUBECONFIG, in-cluster, ~/.kube/config]")
 @click.pass_obj
-def address_free(obj, addr):
-    """Free ADDRESS by hand (e.g. leaked by a crashed node)."""
+def address_free(obj, addr, yes, force, kubeconfig):
+    """Free ADDRESS by hand (e.g. leaked by a crashed node). Refuses while the
+    Pod of its record still exists, or when Kubernetes cannot be asked, unless
+    --force. Asks first, as v1 did, unless --yes; without a terminal, --yes is
+    required."""
+    from coil.errors import InvalidArgument
+    info = obj.store.address_info(addr)
+    if not yes and not sys.stdin.isatty():
+        raise InvalidArgument(f"refusing to free {info['address']} without confirmation: "
+                              f"stdin is not a terminal, add --yes")
+    if not force:
+        _refuse_if_pod_exists(info, kubeconfig)
+    if not yes:
+        click.echo("\n".join(f"{k}: {info[k]}" for k in
+                              ("address", "pool", "block", "node", "namespace", "pod",
+                               "container_id", "created_at")), err=True)
+        if not click.confirm(f"free {info['address']}?", default=False, err=True):
+            raise click.exceptions.Abort()
     rec = obj.store.free_address(addr)
     obj.emit(rec.to_json(), f"freed {rec.address} (was {rec.namespace}/{rec.pod}, "
                             f"container {rec.container_id})")
+
+
+def _core(kubeconfig):
+    from coil import k8s
+    return k8s.core_api(k8s.api_client(kubeconfig))
+
+
+def _refuse_if_pod_exists(info: dict, kubeconfig):
+    """Conflict when the record's Pod exists; KubernetesError when nobody can
+    tell (both name --force)."""
+    from coil import k8s
+    from coil.errors import Conflict, KubernetesError
+    ns, pod = info["namespace"], info["pod"]
+    try:
+        core = _core(kubeconfig)
+        core.read_namespaced_pod(pod, ns, _request_timeout=k8s.REQUEST_TIMEOUT,
+                                 _preload_content=False).release_conn()
+    except KubernetesError as exc:
+        raise KubernetesError(f"cannot check whether Pod {ns}/{pod} of {info['address']} "
+                              f"is gone: {exc}",
+                              hint="give --kubeconfig, or --force if you know it is gone") from None
+    except k8s.transient_errors() as exc:
+        if k8s.is_api_exception(exc) and k8s.api_status(exc) == 404:
+            return
+        raise KubernetesError(f"cannot check whether Pod {ns}/{pod} of {info['address']} "
+                              f"is gone: {k8s.describe(exc)}",
+                              hint="add --force if you know it is gone") from None
+    raise Conflict(f"address {info['address']} is in use: Pod {ns}/{pod} still exists",
+                   hint="delete the Pod first, or add --force")
+
+
+@cli.group()
+def ipam():
+    """Audit etcd against Kubernetes and the nodes; repair from a report."""
+
+
+_KUBECONFIG_HELP = "kubeconfig [default: $KUBECONFIG, in-cluster, ~/.kube/config]"
+
+
+@ipam.command("check")
+@click.option("--kubeconfig", default=None, metavar="PATH", help=_KUBECONFIG_HELP)
+@click.option("--coild", "coild_urls", multiple=True, metavar="URL",
+              help="a coild's REST API (http://NODE:9383) whose /status is compared with "
+                   "etcd; repeat for each node")
+@click.option("--min-age", default="60s", show_default=True, metavar="DURATION",
+              help="report a record as leaked only when assigned longer ago than this")
+@click.pass_obj
+def ipam_check(obj, kubeconfig, coild_urls, min_age):
+    """Compare etcd's address and block records with Kubernetes' Pods and
+    Nodes (and each --coild's table routes). '-o json' writes the report that
+    'ipam release --from-report' reads. Exit 0: no problem; 3: problems
+    found."""
+    from coil.controller import audit
+    age = cfg.parse_duration(min_age, "--min-age")
+    report = audit.check(obj.store, _core(kubeconfig), coild_urls, min_age=age)
+    obj.emit(report, render.ipam_report(report))
+    if audit.problems(report):
+        raise click.exceptions.Exit(3)
+
+
+@ipam.command("release")
+@click.option("--from-report", "report_path", required=True, metavar="FILE",
+              help="a report of 'coilctl -o json ipam check'")
+@click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--kubeconfig", default=None, metavar="PATH", help=_KUBECONFIG_HELP)
+@click.pass_obj
+def ipam_release(obj, report_path, yes, kubeconfig):
+    """Free the leaked addresses listed in a report, each only if it is still
+    leaked: unchanged since the report (guarded by its mod revision) and
+    still used by no Pod (a fresh Pod list)."""
+    from coil.controller import audit
+    from coil.errors import InvalidArgument
+    entries = audit.load_report(report_path, obj.store.etcd.prefix)
+    if entries and not yes:
+        if not sys.stdin.isatty():
+            raise InvalidArgument(f"refusing to free the {len(entries)} addresses of "
+                                  f"{report_path} without confirmation: stdin is not a "
+                                  f"terminal, add --yes")
+        if not click.confirm(f"free up to {len(entries)} leaked addresses?", default=False,
+                             err=True):
+            raise click.exceptions.Abort()
+    result = audit.release_from_report(obj.store, _core(kubeconfig), entries)
+    lines = [f"released {len(result['released'])} of {len(entries)} addresses"]
+    lines += [f"kept {k['address']}: {k['reason']}" for k in result["kept"]]
+    obj.emit(result, "\n".join(lines))
+
+
+@cli.group()
+def migrate():
+    """Convert a store written by an older Coil."""
+
+
+@migrate.command("v1")
+@click.option("--dry-run", is_flag=True, help="report what would be converted, change nothing")
+@click.pass_obj
+def migrate_v1(obj, dry_run):
+    """Convert a Coil v1 store under --etcd-prefix in place.
+
+    Stop every v1 coild and coil-controller and back up etcd first (see
+    docs/upgrade-from-v1.md). Safe to interrupt and to run again: it resumes."""
+    from coil.store import v1
+    obj.allow_v1 = True
+    report = v1.migrate(obj.store.etcd, dry_run=dry_run)
+    obj.emit(report, render.migration(report, obj.store.etcd.prefix))
 
 
 @cli.command("completion")

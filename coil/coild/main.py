@@ -15,19 +15,22 @@ from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
 from coil.errors import CoilError, InvalidArgument
 
 log = logging.getLogger("coild")
+UNRESOLVED_RESCAN = 5.0     # seconds: the next scan while an unknown outcome waits
 
 
 class Coild:
     """The node daemon: allocator + routes + pod network + the two servers."""
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
-                 scan_interval: float = 600.0):
+                 scan_interval: float = 600.0, teardown_batch: int = 32,
+                 teardown_delay: float = 0.1):
         from coil.coild.allocator import NodeAllocator
         from coil.coild.cniservice import CNIService
         from coil.coild.metrics import CoildMetrics
         from coil.coild.podnet import PodNetwork
         from coil.coild.pools import PoolResolver
         from coil.coild.routes import RouteExporter
+        from coil.coild.teardown import TeardownQueue
         self.node = node
         self.store = store
         self.scan_interval = scan_interval
@@ -37,18 +40,30 @@ class Coild:
         self.podnet = PodNetwork()
         self.pools = PoolResolver(store)
         self.metrics = CoildMetrics(self)
-        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics)
+        # the deletion queue also cleans up at start and stop; --teardown-batch 0
+        # keeps it out of DEL (each DEL deletes its veth pair before answering)
+        self.teardown = TeardownQueue(self.podnet, batch=max(1, teardown_batch),
+                                      delay=teardown_delay)
+        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
+                              teardown=self.teardown if teardown_batch > 0 else None)
         self._stop = threading.Event()
         self._servers = []
         self.ready = False
 
-    def start(self, http: str | None, socket_path: str):
-        """Load state, reconcile table 119, then open the servers."""
-        from coil.coild.server import PluginServer, RestServer, serve_in_thread
+    def start(self, http: str | None, socket_path: str, api_socket: str | None = None,
+              limits=None):
+        """Load state, reconcile table 119, then open the servers.
+
+        Raises AlreadyExists (an address or socket in use), InvalidArgument."""
+        from coil.coild.connections import Limits
+        from coil.coild.server import ApiSocketServer, PluginServer, RestServer, serve_in_thread
+        limits = limits or Limits()
         from coil.errors import StoreUnavailable
         delay = 0.5
+        from coil.store.v1 import refuse_if_v1
         while True:                      # etcd may come up after us: wait for it
             try:
+                refuse_if_v1(self.store.etcd, "coild")   # never read or write a v1 store
                 self.allocator.load()
                 break
             except StoreUnavailable as exc:
@@ -57,32 +72,63 @@ class Coild:
                     raise
                 delay = min(delay * 2, 10.0)
         added, removed = self.routes.sync(b.cidr for b in self.allocator.blocks())
+        # DELs answered before a crash may have left retired veths: delete
+        # them, and any coil veth whose address record is gone, before serving
+        from coil.coild.podnet import host_veth_name
+        self.teardown.start()
+        self.teardown.reconcile({host_veth_name(r.namespace, r.pod)
+                                 for r in self.allocator.records()})
         log.info("state loaded", extra={"node": self.node, "blocks": len(self.allocator.blocks()),
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),
                                         "routes_removed": sorted(removed)})
-        plugin = PluginServer(socket_path, self)
-        self._servers.append(plugin)
-        serve_in_thread(plugin, "plugin")
+        if api_socket:
+            api = ApiSocketServer(api_socket, self, limits)
+            self._servers.append(api)
+            serve_in_thread(api, "api")
         if http:
             host, _, port = http.rpartition(":")
-            rest = RestServer((host or "127.0.0.1", int(port)), self)
+            rest = RestServer((host.strip("[]") or "127.0.0.1", int(port)), self, limits,
+                              api_socket=api_socket)
             self._servers.append(rest)
             serve_in_thread(rest, "rest")
+        # the plugin socket last: once it answers, every listener does
+        plugin = PluginServer(socket_path, self, max_connections=limits.max_connections)
+        self._servers.append(plugin)
+        serve_in_thread(plugin, "plugin")
         self.pools.start()
         self.ready = True
-        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http})
+        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
+                                         "api_socket": api_socket})
 
     def status(self) -> dict:
+        """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
+        blocks), ``pods`` (container ID -> its address; the IPv4 one when a
+        container holds two), ``status``. Additions are new keys: ``version``,
+        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address),
+        ``table-routes`` (the block routes now in the export table, read from
+        the kernel: ``coilctl ipam check --coild`` compares them with etcd)."""
+        import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
-        return {"version": __version__, "node": self.node, "address-blocks": snap["blocks"],
-                "pods": snap["pods"], "status": 200}
+        pods: dict[str, str] = {}
+        for rec in sorted(self.allocator.records(),
+                          key=lambda r: (ipaddress.ip_address(r.address).version, r.address)):
+            # v1.0.2 and older keyed an address by "<namespace>/<pod>" (no container ID)
+            pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
+        return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
+                "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
+                "table-routes": sorted(self.routes.current())}
+
+    READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
 
     def check_ready(self):
+        """Raise unless coild serves: state loaded and some etcd member
+        answers a linearizable read (any member will do: the store fails
+        over). Raises CoilError (starting) or StoreUnavailable."""
         if not self.ready:
             raise CoilError("coild is starting")
-        self.store.etcd.count_prefix("pool/")
+        self.store.etcd.ping(budget=min(self.store.etcd.timeout, self.READY_BUDGET))
 
     def too_large(self) -> bytes:
         import json
@@ -97,8 +143,15 @@ class Coild:
         if returned:
             log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
 
+    def _next_scan_in(self) -> float:
+        # a write whose outcome stayed unknown is resolved by the next reload:
+        # run it soon rather than a whole scan interval later
+        if self.allocator.unresolved():
+            return min(self.scan_interval, UNRESOLVED_RESCAN)
+        return self.scan_interval
+
     def run(self):
-        while not self._stop.wait(self.scan_interval):
+        while not self._stop.wait(self._next_scan_in()):
             try:
                 self.scan()
             except CoilError as exc:
@@ -109,13 +162,26 @@ class Coild:
         self._stop.set()
 
     def shutdown(self):
+        """Stop accepting, let the requests in flight finish (each ends by its
+        deadline: done, or rolled back), then close the etcd client."""
         for server in self._servers:
             server.shutdown()
             server.server_close()
         self._servers.clear()
+        self._reached("shutdown:closed")
+        inflight = self.cni.inflight()
+        if inflight:
+            log.info("draining requests in flight", extra={"requests": inflight})
+        if not self.cni.drain(self.cni.request_timeout):
+            log.warning("requests still in flight at exit",
+                        extra={"requests": self.cni.inflight()})
+        self.teardown.close()          # after the drain: no DEL comes any more
         self.pools.stop()
         self.store.close()
         log.info("coild stopped")
+
+    def _reached(self, point: str):
+        """A no-op pause point; tests monkeypatch it."""
 
 
 def _validate_http(value: str) -> str:
@@ -127,20 +193,45 @@ def _validate_http(value: str) -> str:
     return value
 
 
+def _positive(value: str, flag: str) -> float:
+    seconds = cfg.parse_duration(value, flag)
+    if seconds <= 0:
+        raise InvalidArgument(f"invalid {flag} {value!r}: must be positive")
+    return seconds
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @etcd_options
 @click.option("--http", default="127.0.0.1:9383", show_default=True,
               help="REST endpoint HOST:PORT (empty to disable)")
 @click.option("--socket", "socket_path", default="/run/coild.sock", show_default=True,
               help="UNIX socket the coil plugin talks to (root-only)")
+@click.option("--api-socket", default="/run/coild-api.sock", show_default=True,
+              help="root-only UNIX socket serving the whole REST API, including POST and "
+                   "DELETE /ip (empty to disable)")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536),
+              help="open connections per REST listener, and plugin connections at once")
+@click.option("--api-workers", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="threads answering REST requests, per listener")
+@click.option("--read-timeout", default="10s", show_default=True,
+              help="a REST request (line, headers, body) must arrive within this")
+@click.option("--idle-timeout", default="60s", show_default=True,
+              help="REST keep-alive connections idle for longer are closed")
 @click.option("--table-id", default=119, show_default=True, type=click.IntRange(1, 2**31 - 1),
               help="routing table where address blocks are published")
 @click.option("--protocol-id", default=30, show_default=True, type=click.IntRange(5, 255),
               help="route protocol id of the published routes")
 @click.option("--scan-interval", default="10m", show_default=True,
               help="how often empty blocks are returned to the pool")
+@click.option("--teardown-batch", default=32, show_default=True, type=click.IntRange(0, 100000),
+              help="delete retired pod veths as soon as this many wait "
+                   "(0: every DEL deletes its veth before it answers)")
+@click.option("--teardown-delay", default="100ms", show_default=True,
+              help="delete retired pod veths at most this long after a DEL")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def cli(http, socket_path, table_id, protocol_id, scan_interval, log_level, **kwargs):
+def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeout, idle_timeout,
+        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, log_level,
+        **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -154,14 +245,24 @@ def cli(http, socket_path, table_id, protocol_id, scan_interval, log_level, **kw
     interval = cfg.parse_duration(scan_interval, "--scan-interval")
     if interval <= 0:
         raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
+    delay = cfg.parse_duration(teardown_delay, "--teardown-delay")
     _validate_http(http)
+    from coil.coild.connections import Limits
+    limits = Limits(max_connections=max_connections, workers=api_workers,
+                    read_timeout=_positive(read_timeout, "--read-timeout"),
+                    idle_timeout=_positive(idle_timeout, "--idle-timeout"))
+    if api_socket and not os.path.isabs(api_socket):
+        raise InvalidArgument(f"invalid --api-socket {api_socket!r}: must be an absolute path")
+    if api_socket and os.path.abspath(api_socket) == os.path.abspath(socket_path):
+        raise InvalidArgument(f"--api-socket and --socket are both {socket_path}: "
+                              f"they must differ")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
-    daemon = Coild(node, store, table_id, protocol_id, interval)
+    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:
-        daemon.start(http, socket_path)
+        daemon.start(http, socket_path, api_socket or None, limits)
     except BaseException:
         daemon.shutdown()
         raise

@@ -14,12 +14,13 @@ import logging
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
 
 import click
 
 from coil import config as cfg
 from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
+from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler
 from coil.errors import CoilError, InvalidArgument, KubernetesError
 
 log = logging.getLogger("coil-controller")
@@ -30,7 +31,8 @@ ENV_PREFIX = "COIL_CONTROLLER_ETCD_"
 class Controller:
     def __init__(self, store, core, *, scan_interval: float = 600.0,
                  address_expiration: float = 86400.0, release_leaked: bool = False,
-                 metrics=None, watch_timeout: int = 300, scan_backoff_max: float = 300.0):
+                 metrics=None, watch_timeout: int = 300, scan_backoff_max: float = 300.0,
+                 page_size: int = 500):
         from coil.controller.janitor import NodeJanitor
         from coil.controller.metrics import ControllerMetrics
         from coil.controller.scan import LeakScanner
@@ -43,9 +45,10 @@ class Controller:
         self.janitor = NodeJanitor(store, core, stop_event=self.stop_event, metrics=self.metrics)
         self.watcher = NodeWatcher(core, self.janitor.nodes_synced, self.janitor.node_deleted,
                                    stop_event=self.stop_event, metrics=self.metrics,
-                                   watch_timeout=watch_timeout)
+                                   watch_timeout=watch_timeout, page_size=page_size)
         self.scanner = LeakScanner(store, core, expiration=address_expiration,
-                                   release=release_leaked, metrics=self.metrics)
+                                   release=release_leaked, metrics=self.metrics,
+                                   page_size=page_size)
         self.scan_backoff = Backoff(1.0, max(1.0, min(scan_interval, scan_backoff_max)))
         self.last_scan = None
         self.scan_requested = threading.Event()
@@ -126,7 +129,7 @@ class Controller:
             delay = self.scan_interval
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestHandler):
     controller: Controller = None
 
     def do_GET(self):
@@ -162,14 +165,30 @@ def parse_addr(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# the metrics listener may face the network (host networking): bounded like
+# coild's REST listeners, idle or slow clients cost no thread
+METRICS_LIMITS = Limits(max_connections=64, workers=2, read_timeout=10.0, idle_timeout=60.0,
+                        max_body=0)
+
+
 def _serve(addr: str, controller: Controller):
     host, port = parse_addr(addr)
     handler = type("Handler", (_Handler,), {"controller": controller})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
+        raise InvalidArgument(f"cannot listen on --metrics-addr {addr}: "
+                              f"{exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
         raise InvalidArgument(f"cannot listen on --metrics-addr {addr}: {exc.strerror}") from None
-    server.daemon_threads = True
+    server = BoundedHTTPServer(sock, handler, METRICS_LIMITS, "metrics")
+    server.server_address = sock.getsockname()
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
@@ -213,9 +232,11 @@ def resolve_with_retry(econf, api, stop_event: threading.Event):
               help="[HOST]:PORT for /metrics, /healthz and /readyz (empty to disable)")
 @click.option("--kubeconfig", default=None,
               help="kubeconfig file [default: $KUBECONFIG, else the in-cluster service account]")
+@click.option("--list-page-size", default=500, show_default=True, type=click.IntRange(1, 10000),
+              help="Nodes and Pods are listed in pages of this many objects (memory is one page)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubeconfig,
-        log_level, **kwargs):
+        list_page_size, log_level, **kwargs):
     """Frees the blocks of deleted Nodes and finds leaked addresses."""
     from coil import k8s, logutil
     logutil.setup(log_level)
@@ -235,8 +256,14 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
     if econf is None:               # stopped while waiting for the API server
         return
     store = open_store(econf)
+    try:
+        if not _refuse_v1_store(store, stop_event):
+            return
+    except BaseException:
+        store.close()
+        raise
     controller = Controller(store, core, scan_interval=interval, address_expiration=expiration,
-                            release_leaked=release_leaked)
+                            release_leaked=release_leaked, page_size=list_page_size)
     controller.start(metrics_addr or None)
     try:
         while not stop_event.wait(1.0):
@@ -245,6 +272,23 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
     finally:
         controller.shutdown()
         store.close()
+
+
+def _refuse_v1_store(store, stop_event: threading.Event) -> bool:
+    """Raise V1StoreDetected on a Coil v1 store; wait while etcd is down.
+    False when stopped while waiting."""
+    from coil.errors import StoreUnavailable
+    from coil.store.v1 import refuse_if_v1
+    delay = 0.5
+    while True:
+        try:
+            refuse_if_v1(store.etcd, "coil-controller")
+            return True
+        except StoreUnavailable as exc:
+            log.warning("waiting for etcd", extra={"error": exc.one_line(), "retry_s": delay})
+            if stop_event.wait(delay):
+                return False
+            delay = min(delay * 2, 10.0)
 
 
 def main(argv: list[str]) -> int:

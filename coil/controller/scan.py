@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from coil.controller.watcher import list_all
+from coil.controller.watcher import collect_pages, iter_pages
 
 log = logging.getLogger("coil-controller.scan")
 
@@ -68,6 +68,7 @@ class PodIPs:
     held: set = field(default_factory=set)          # every IP a Pod object reports
     active: list = field(default_factory=list)      # PodAddress of running/pending Pods
     pods: int = 0
+    names: set = field(default_factory=set)         # (namespace, name) of every Pod
 
 
 def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
@@ -75,6 +76,8 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
     out = into or PodIPs()
     for pod in items:
         out.pods += 1
+        meta = pod.get("metadata") or {}
+        out.names.add((meta.get("namespace", ""), meta.get("name", "")))
         spec = pod.get("spec") or {}
         if spec.get("hostNetwork"):
             continue
@@ -84,7 +87,6 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
             ips = [status["podIP"]]
         if not ips:
             continue
-        meta = pod.get("metadata") or {}
         active = status.get("phase") not in TERMINATED
         for raw in ips:
             try:
@@ -102,8 +104,10 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
 
 def list_pod_ips(core, page_size: int = 500) -> PodIPs:
     """Every Pod in the cluster, paginated. Raises on any API failure."""
-    items, _ = list_all(core.list_pod_for_all_namespaces, page_size)
-    return pod_ips_from_items(items)
+    out = PodIPs()
+    collect_pages(iter_pages(core.list_pod_for_all_namespaces, page_size),
+                  lambda items: pod_ips_from_items(items, out))
+    return out
 
 
 @dataclass(frozen=True)
