@@ -59,13 +59,12 @@ import tempfile
 import threading
 import time
 import traceback
-import urllib.request
 import uuid
 
 import pytest
 
 from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
-from helpers import wait_for
+from helpers import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -85,130 +84,7 @@ GATEWAY = "169.254.1.1"
 RECOVERY = 120.0      # seconds after the run for every DEL to succeed
 
 
-# -- the etcd cluster ---------------------------------------------------------------
-
-def _ports(n: int) -> list[int]:
-    import socket
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class EtcdCluster:
-    """Three members of Debian's etcd on loopback ports, each also on a UNIX
-    socket (a file: reachable from every network namespace)."""
-
-    def __init__(self, base_dir: str, size: int = 3):
-        self.base_dir = base_dir
-        ports = _ports(2 * size)
-        self.members = [{"name": f"m{i}", "client": ports[2 * i], "peer": ports[2 * i + 1],
-                         "proc": None, "log": None} for i in range(size)]
-        self.initial = ",".join(f"{m['name']}=http://127.0.0.1:{m['peer']}" for m in self.members)
-        self.token = f"coilhammer-{uuid.uuid4().hex[:8]}"
-
-    def endpoint(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.members[i]['client']}"
-
-    def unix_endpoint(self, i: int) -> str:
-        return f"unix://{self.base_dir}/{self.members[i]['name']}.sock:0"
-
-    @property
-    def endpoints(self) -> list[str]:
-        return [self.endpoint(i) for i in range(len(self.members))]
-
-    @property
-    def unix_endpoints(self) -> list[str]:
-        return [self.unix_endpoint(i) for i in range(len(self.members))]
-
-    def start_member(self, i: int):
-        m = self.members[i]
-        exe = shutil.which("etcd") or "/usr/bin/etcd"
-        cmd = [exe, "--name", m["name"], "--data-dir", os.path.join(self.base_dir, m["name"]),
-               "--listen-client-urls", f"{self.endpoint(i)},unix://{m['name']}.sock:0",
-               "--advertise-client-urls", self.endpoint(i),
-               "--listen-peer-urls", f"http://127.0.0.1:{m['peer']}",
-               "--initial-advertise-peer-urls", f"http://127.0.0.1:{m['peer']}",
-               "--initial-cluster", self.initial, "--initial-cluster-state", "new",
-               "--initial-cluster-token", self.token, "--log-level", "error", "--logger", "zap"]
-        try:        # left behind by a SIGKILL: etcd would not bind it again
-            os.unlink(os.path.join(self.base_dir, f"{m['name']}.sock:0"))
-        except FileNotFoundError:
-            pass
-        m["log"] = open(os.path.join(self.base_dir, f"{m['name']}.log"), "ab")
-        m["proc"] = subprocess.Popen(cmd, stdout=m["log"], stderr=m["log"], cwd=self.base_dir,
-                                     env=dict(os.environ, ETCD_UNSUPPORTED_ARCH="amd64"))
-
-    def running(self, i: int) -> bool:
-        p = self.members[i]["proc"]
-        return p is not None and p.poll() is None
-
-    def healthy(self, i: int) -> bool:
-        """The member answers /health (it has a leader and serves)."""
-        try:
-            with urllib.request.urlopen(f"{self.endpoint(i)}/health", timeout=1) as r:
-                return b'"true"' in r.read()
-        except OSError:
-            return False
-
-    def wait_healthy(self, i: int, timeout: float = 30):
-        def ok():
-            if not self.running(i):
-                with open(os.path.join(self.base_dir, f"m{i}.log"), errors="replace") as f:
-                    tail = f.read()[-1500:]
-                raise RuntimeError(f"etcd member {i} exited:\n{tail}")
-            return self.healthy(i)
-        wait_for(ok, timeout, what=f"etcd member {i} to be healthy")
-
-    def start(self):
-        for i in range(len(self.members)):
-            self.start_member(i)
-        for i in range(len(self.members)):
-            self.wait_healthy(i)
-        return self
-
-    def stop_member(self, i: int, sig=signal.SIGTERM):
-        m = self.members[i]
-        p = m["proc"]
-        if p is not None and p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        m["proc"] = None
-        if m["log"]:
-            m["log"].close()
-            m["log"] = None
-
-    def leader(self) -> int | None:
-        """Index of the current leader, or None (no running member knows one)."""
-        live = [self.endpoint(i) for i in range(len(self.members)) if self.running(i)]
-        if not live:
-            return None
-        r = subprocess.run(["etcdctl", "--endpoints", ",".join(live), "--command-timeout=2s",
-                            "endpoint", "status", "-w", "json"], capture_output=True, text=True,
-                           env=dict(os.environ, ETCDCTL_API="3"), timeout=30)
-        try:
-            status = json.loads(r.stdout)
-        except ValueError:
-            return None
-        for s in status:
-            if s["Status"]["header"]["member_id"] == s["Status"]["leader"]:
-                return self.endpoints.index(s["Endpoint"])
-        return None
-
-    def close(self):
-        for i in range(len(self.members)):
-            self.stop_member(i)
-
+# -- etcd -----------------------------------------------------------------------------
 
 class EtcdReader:
     """Reads under the test prefix from whichever member answers."""
@@ -225,7 +101,7 @@ class EtcdReader:
         last = None
         for attempt in range(20):
             for i, client in enumerate(self.clients):
-                if not self.cluster.running(i):
+                if not self.cluster.alive(i):
                     continue
                 try:
                     return client.get_prefix(key)[0]
@@ -605,13 +481,12 @@ class Hammer:
                 else:
                     i = self.cluster.leader() if kind == "leader" else None
                     if i is None:
-                        kind, i = "member", rnd.randrange(len(self.cluster.members))
+                        kind, i = "member", rnd.randrange(len(self.cluster))
                     sig = rnd.choice([signal.SIGKILL, signal.SIGTERM])
                     self.cluster.stop_member(i, sig)
                     self.faults[f"etcd {kind} {signal.Signals(sig).name}"] += 1
                     self.stop.wait(rnd.uniform(0.5, 3.0))
-                    self.cluster.start_member(i)
-                    self.cluster.wait_healthy(i)
+                    self.cluster.restart_member(i)
         except Exception:
             self.violation(f"fault thread crashed:\n{traceback.format_exc()}")
         finally:
@@ -627,11 +502,10 @@ class Hammer:
 
     def restore(self):
         """Every member and every coild back, healthy and ready."""
-        for i in range(len(self.cluster.members)):
-            if not self.cluster.running(i):
-                self.cluster.start_member(i)
-        for i in range(len(self.cluster.members)):
-            self.cluster.wait_healthy(i)
+        for i in range(len(self.cluster)):
+            if not self.cluster.alive(i):
+                self.cluster.start_member(i, state="existing")
+        self.cluster.wait_healthy(range(len(self.cluster)))
         for node in self.nodes:
             self._expect_running(node)
             if node.coild.proc is None:
@@ -806,7 +680,7 @@ class Hammer:
 @pytest.fixture
 def hammer_env(tmp_path):
     base = tempfile.mkdtemp(prefix="coil-hammer-")   # short: UNIX socket paths
-    cluster = EtcdCluster(base)
+    cluster = EtcdCluster(base, 3)
     nodes, pods, reader = [], [], None
     prefix = f"/coilhammer-{uuid.uuid4().hex[:8]}/"
     try:
