@@ -16,9 +16,12 @@ What runs together, for ``COIL_HAMMER_SECONDS`` (15 s in ``make test``,
   container is ADDed again while it is up, a DELeted container ID comes
   back, and ADD/ADD, ADD/DEL, ADD/CHECK, DEL/DEL and DEL/CHECK of one
   container are raced against each other;
-- a fault thread: SIGKILL of a random coild (restarted after a random
-  pause) and stops of a random etcd member or of the current leader
-  (SIGKILL or SIGTERM, back after a random pause; never two at once).
+- a fault thread (``COIL_HAMMER_FAULTS`` picks the kinds): SIGKILL of a
+  random coild, or SIGTERM (it must drain and exit 0), restarted after a
+  random pause; stops of a random etcd member or of the current leader
+  (SIGKILL or SIGTERM, back after a random pause), and freezes of a member
+  (SIGSTOP/SIGCONT: calls to it run into their deadline); never two faults
+  at once.
 
 Errors of CNI calls while faults are injected are allowed (the runtime
 retries); each is recorded by (command, CNI code, message). Definite
@@ -76,6 +79,11 @@ NODES = 3
 RACES = tuple(tuple(r.split("+")) for r in os.environ.get(
     "COIL_HAMMER_RACES", "add+add,add+del,add+check,del+del,del+check").split(",") if r)
 SCAN = os.environ.get("COIL_HAMMER_SCAN", "2s")     # coild's --scan-interval
+# the faults injected, and how often each is chosen
+FAULT_WEIGHTS = {"coild-kill": 4, "coild-term": 2, "etcd-member": 2, "etcd-leader": 2,
+                 "etcd-freeze": 2}
+FAULTS = tuple(f for f in os.environ.get("COIL_HAMMER_FAULTS", ",".join(FAULT_WEIGHTS)).split(",")
+               if f)
 REPORT = os.environ.get("COIL_HAMMER_REPORT", "")
 POOLS = {"default": ("10.66.0.0/22", 2), "blue": ("10.67.0.0/24", 2)}   # blocks of 4
 NAMESPACES = ("default", "blue")
@@ -470,21 +478,45 @@ class Hammer:
             while not self.stop.wait(rnd.uniform(0.3, 1.5)):
                 if time.monotonic() >= self.chaos_end:
                     break
-                kind = rnd.choices(["coild", "member", "leader"], [5, 3, 2])[0]
-                if kind == "coild":
+                if not FAULTS:
+                    continue
+                kind = rnd.choices(FAULTS, [FAULT_WEIGHTS[f] for f in FAULTS])[0]
+                if kind in ("coild-kill", "coild-term"):
                     node = rnd.choice(self.nodes)
                     self._expect_running(node)
-                    node.coild.stop(signal.SIGKILL)
-                    self.faults["coild SIGKILL"] += 1
+                    if kind == "coild-kill":
+                        node.coild.stop(signal.SIGKILL)
+                        self.faults["coild SIGKILL"] += 1
+                    else:
+                        # a graceful stop drains the calls in flight and exits 0
+                        pid = node.coild.proc.pid
+                        code = node.coild.stop(signal.SIGTERM, timeout=60)
+                        self.faults["coild SIGTERM"] += 1
+                        self.check("coild exits 0 on SIGTERM", code == 0,
+                                   f"coild of {node.name} (pid {pid}) exited with {code}:\n"
+                                   f"{node.coild.log()[-1500:]}")
                     self.stop.wait(rnd.uniform(0.0, 1.0))
                     node.coild.start(wait=False)
+                elif kind == "etcd-freeze":
+                    # a member that stops answering without closing anything:
+                    # calls to it run into their deadline (outcome unknown)
+                    i = self.cluster.leader() if rnd.random() < 0.5 else None
+                    i = rnd.randrange(len(self.cluster)) if i is None else i
+                    proc = self.cluster.procs[i]
+                    proc.send_signal(signal.SIGSTOP)
+                    self.faults["etcd member SIGSTOP"] += 1
+                    try:
+                        self.stop.wait(rnd.uniform(0.5, 4.0))
+                    finally:
+                        proc.send_signal(signal.SIGCONT)
+                    self.cluster.wait_healthy([i])
                 else:
-                    i = self.cluster.leader() if kind == "leader" else None
+                    i = self.cluster.leader() if kind == "etcd-leader" else None
                     if i is None:
-                        kind, i = "member", rnd.randrange(len(self.cluster))
+                        kind, i = "etcd-member", rnd.randrange(len(self.cluster))
                     sig = rnd.choice([signal.SIGKILL, signal.SIGTERM])
                     self.cluster.stop_member(i, sig)
-                    self.faults[f"etcd {kind} {signal.Signals(sig).name}"] += 1
+                    self.faults[f"{kind.replace('-', ' ')} {signal.Signals(sig).name}"] += 1
                     self.stop.wait(rnd.uniform(0.5, 3.0))
                     self.cluster.restart_member(i)
         except Exception:
@@ -731,7 +763,7 @@ def test_hammer(hammer_env):
     replay = f"(seed {seed}; replay with COIL_HAMMER_SEED={seed} COIL_HAMMER_SECONDS={SECONDS:g})"
     # the run did what it claims: traffic, faults of every kind, races
     assert fig["operations_total"] >= 50, f"too little traffic {replay}"
-    assert hammer.faults, f"no fault was injected {replay}"
+    assert hammer.faults or not FAULTS, f"no fault was injected {replay}"
     assert not RACES or any(k[0] == "race" for k in hammer.ops), f"no race ran {replay}"
     assert not hammer.violations, \
         f"{len(hammer.violations)} violations {replay}:\n" + "\n".join(hammer.violations[:30])
