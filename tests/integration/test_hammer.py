@@ -85,7 +85,9 @@ FAULT_WEIGHTS = {"coild-kill": 4, "coild-term": 2, "etcd-member": 2, "etcd-leade
 FAULTS = tuple(f for f in os.environ.get("COIL_HAMMER_FAULTS", ",".join(FAULT_WEIGHTS)).split(",")
                if f)
 REPORT = os.environ.get("COIL_HAMMER_REPORT", "")
-POOLS = {"default": ("10.66.0.0/22", 2), "blue": ("10.67.0.0/24", 2)}   # blocks of 4
+# blocks of 4; "blue" has 4 blocks for 12 pods on 3 nodes: nodes fight over them and
+# run out (an ADD then fails with "pool exhausted", and the runtime DELs)
+POOLS = {"default": ("10.66.0.0/22", 2), "blue": ("10.67.0.0/28", 2)}
 NAMESPACES = ("default", "blue")
 TRY_AGAIN = 11
 GATEWAY = "169.254.1.1"
