@@ -763,6 +763,12 @@ def test_hammer(hammer_env):
         with open(REPORT, "w") as f:
             json.dump(fig, f, indent=1)
     replay = f"(seed {seed}; replay with COIL_HAMMER_SEED={seed} COIL_HAMMER_SECONDS={SECONDS:g})"
+    if hammer.violations:
+        # keep the logs for the post-mortem: the test's own directories go away
+        keep = tempfile.mkdtemp(prefix=f"coil-hammer-{seed}-")
+        for node in nodes:
+            shutil.copy(node.coild.log_path, os.path.join(keep, f"{node.name}.log"))
+        replay += f"; coild logs in {keep}"
     # the run did what it claims: traffic, faults of every kind, races
     assert fig["operations_total"] >= 50, f"too little traffic {replay}"
     assert hammer.faults or not FAULTS, f"no fault was injected {replay}"
