@@ -62,6 +62,7 @@ CHAOS_SECONDS ?= 600
 chaos: core
 	@mkdir -p .cache
 	COIL_STRICT=1 COIL_REQUIRE_FAST=1 COIL_HAMMER_SECONDS=$(CHAOS_SECONDS) \
+	  COIL_HAMMER_FAULTS=coild-kill,coild-term,etcd-member,etcd-leader,etcd-freeze \
 	  COIL_HAMMER_REPORT=.cache/chaos-hammer.json COIL_FUZZ_PROFILE=chaos \
 	  COIL_FUZZ_REPORT=.cache/chaos-fuzz.json \
 	  $(VENV)/bin/pytest tests/integration/test_hammer.py tests/integration/test_fuzz.py \
