@@ -6,7 +6,7 @@ from __future__ import annotations
 class CoildMetrics:
     def __init__(self, daemon):
         from prometheus_client import CollectorRegistry, Counter, Histogram
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         self.registry = CollectorRegistry()
         self._daemon = daemon
         self.cni_requests = Counter("coild_cni_requests_total", "CNI requests handled",
@@ -24,6 +24,17 @@ class CoildMetrics:
                 yield blocks
                 yield GaugeMetricFamily("coild_addresses_in_use", "addresses assigned on this node",
                                         value=daemon.allocator.count())
+                teardown = getattr(daemon, "teardown", None)
+                if teardown is not None:
+                    yield GaugeMetricFamily("coild_teardown_pending",
+                                            "veth pairs retired by DEL, waiting for the next batch",
+                                            value=teardown.pending())
+                    yield CounterMetricFamily("coild_teardown_retired",
+                                              "veth pairs retired by DEL for batched deletion",
+                                              value=teardown.retired_total)
+                    yield CounterMetricFamily("coild_teardown_flushes",
+                                              "batched deletions of retired veth pairs",
+                                              value=teardown.flushes_total)
         self.registry.register(_State())
 
         class _Etcd:
