@@ -54,6 +54,7 @@ SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 SUBNET = "10.88.0.0/24"
 FIGURES: dict = {}        # examples run per campaign, for make chaos
+NOTES: dict = {}          # observations that break no promise, counted
 
 
 class Problems:
@@ -433,7 +434,10 @@ def check_plugin_answer(env, rc, out: bytes, err: bytes, bad: list, problem) -> 
             if not isinstance(msg, str) or not msg.strip():
                 problem("an error object without msg", req)
             elif "\n" in msg:
-                problem("a multi-line error message", req)
+                # valid JSON on one line, but the message quotes a bad value raw;
+                # counted (FIGURES "notes"), not failed: the CNI contract holds
+                NOTES["a message quoting a line break raw"] = \
+                    NOTES.get("a message quoting a line break raw", 0) + 1
             if not isinstance(doc.get("details", ""), str):
                 problem("error details not a string", req)
     return doc
@@ -476,7 +480,7 @@ def test_plugin_bad_input(node):
                 state[key] = now          # judge the next request on its own
 
     campaign()
-    FIGURES["plugin"] = dict(count, problems=problem.counts())
+    FIGURES["plugin"] = dict(count, problems=problem.counts(), notes=dict(NOTES))
     report = problem.report(PLUGIN_PENDING)
     assert not report, f"the plugin broke its promises:\n{report}"
     assert count["failed"] > count["examples"] // 2
@@ -664,9 +668,11 @@ def rest_requests(draw):
         headers.append(b"Content-Type: application/json")
     if length_kind == "right":
         headers.append(b"Content-Length: %d" % len(body))
-    elif length_kind == "none":
-        if body:
-            bad.append("a body without Content-Length")
+    elif length_kind == "none" and body:
+        # no Content-Length: the request has no body, and the bytes after it
+        # are a next (pipelined) request, which must be refused on its own
+        if method == "POST":
+            bad.append("a POST without Content-Length")
     elif length_kind == "abc":
         headers.append(b"Content-Length: " + draw(st.sampled_from([b"abc", b"1e3", b"0x10",
                                                                    b" ", b"+5", b"\xff"])))
@@ -717,7 +723,7 @@ def rest_requests(draw):
         line = draw(st.binary(max_size=60)).replace(b"\n", b"")     # no request line at all
         bad.append("garbage request line")
     raw = line + b"\r\n" + b"\r\n".join(headers) + b"\r\n\r\n" + body
-    if body and method != "POST":
+    if body and method != "POST" and length_kind == "right":
         bad.append("a body on a request that takes none")
 
     kind = None
