@@ -7,12 +7,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-dev \
+APT_PACKAGES := etcd-server etcd-client bird2 gettext-base golang-go golang-github-appc-cni-dev \
 	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps openssl dpkg-dev
 CNITOOL := tests/cniclient/cnitool
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv core build test demo bench chaos clean kube-apiserver
+.PHONY: all deps venv core build test demo bench chaos clean kube-apiserver docs-images
 
 all: build
 
@@ -72,6 +72,11 @@ demo: core
 	@tools/host-services.sh snapshot .cache/host-services.before
 	$(PY) -m coil.demo
 	@tools/host-services.sh check .cache/host-services.before
+
+# the architecture picture of docs/design.md and the README, from its source (Debian's graphviz)
+docs-images:
+	@tools/apt-install.sh graphviz
+	dot -Tsvg docs/img/architecture.dot -o docs/img/architecture.svg
 
 clean:
 	rm -rf build .cache $(CNITOOL) coil/_fast/hypercoil
