@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -202,6 +203,9 @@ class Etcd:
         self._endpoint_text = ",".join(config.endpoints)
         self._preferred = 0                     # index of the member that answered last
         self.counters = collections.Counter()
+        # gRPC's C core logs TLS and connection failures on stderr; coil reports
+        # them itself, on one line (GRPC_VERBOSITY=debug still turns them on)
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from pyetcd import etcdrpc  # heavy: imported only by roles that talk to etcd
         self._rpc = etcdrpc
         self._targets = self._parse_endpoints(config)
@@ -250,7 +254,8 @@ class Etcd:
                        for url, target, secure in self._targets])
 
     def close(self):
-        """Close the client. Calls made afterwards raise StoreUnavailable."""
+        """Close the client: its channels close when the calls in flight have
+        ended. Calls made afterwards raise StoreUnavailable. Safe to repeat."""
         with self._lock:
             client, self._client = self._client, None
             if client is not None:
@@ -435,8 +440,11 @@ class Etcd:
             pause = min(pause * 2, MAX_ROUND_PAUSE)
         budget = f"{self.timeout:g}s"
         reasons = "; ".join(f"{url}: {why}" for url, why in errors.items()) or "no time left"
+        hint = "check --etcd-endpoints and that etcd is running"
+        if self._creds is not None:
+            hint = "check --etcd-endpoints, the --etcd-tls-* files and that etcd is running"
         raise StoreUnavailable(f"no etcd member answered within {budget} ({reasons})",
-                               hint="check --etcd-endpoints and that etcd is running")
+                               hint=hint)
 
     @property
     def member_in_use(self) -> str:
