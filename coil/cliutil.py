@@ -53,10 +53,12 @@ def open_store(config):
 
 
 def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
-    """Run a click command; CoilError -> one line on stderr and exit 1."""
+    """Run a click command; CoilError -> one line on stderr and exit 1. A
+    command's own exit code (``raise click.exceptions.Exit(N)``) is kept."""
     try:
-        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-        return 0
+        rv = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        # non-standalone click returns an Exit's code instead of raising it
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except CoilError as exc:
         sys.stderr.write(f"{prog_name}: error: {exc.one_line()}\n")
         return 1

@@ -374,8 +374,19 @@ class CNIService:
             if rec.container_id in keep:
                 continue
             try:
-                self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
-                self.allocator.release_address(rec)
+                # one request per container: not while its ADD/DEL/CHECK runs
+                self._reached("lock:wait", req)
+                with self.containers.hold(rec.container_id,
+                                          timeout=req.deadline - self.clock()):
+                    if rec not in self.allocator.lookup(rec.container_id):
+                        continue          # released meanwhile
+                    self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod),
+                                       [rec.address])
+                    self.allocator.release_address(rec)
+            except TimeoutError:
+                raise CNIError(spec.ERR_TRY_AGAIN,
+                               f"GC: a request for container {rec.container_id} is still "
+                               f"running after {self.request_timeout:g} s") from None
             except BaseException as exc:
                 raise self._cni_error(exc) from None
         return None

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -15,6 +16,7 @@ from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
 from coil.errors import CoilError, InvalidArgument
 
 log = logging.getLogger("coild")
+UNRESOLVED_RESCAN = 5.0     # seconds: the next scan while an unknown outcome waits
 
 
 class Coild:
@@ -104,7 +106,9 @@ class Coild:
         """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
         blocks), ``pods`` (container ID -> its address; the IPv4 one when a
         container holds two), ``status``. Additions are new keys: ``version``,
-        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address)."""
+        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address),
+        ``table-routes`` (the block routes now in the export table, read from
+        the kernel: ``coilctl ipam check --coild`` compares them with etcd)."""
         import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
@@ -114,12 +118,18 @@ class Coild:
             # v1.0.2 and older keyed an address by "<namespace>/<pod>" (no container ID)
             pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
         return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
-                "version": __version__, "node": self.node, "pod-addresses": snap["pods"]}
+                "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
+                "table-routes": sorted(self.routes.current())}
+
+    READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
 
     def check_ready(self):
+        """Raise unless coild serves: state loaded and some etcd member
+        answers a linearizable read (any member will do: the store fails
+        over). Raises CoilError (starting) or StoreUnavailable."""
         if not self.ready:
             raise CoilError("coild is starting")
-        self.store.etcd.count_prefix("pool/")
+        self.store.etcd.ping(budget=min(self.store.etcd.timeout, self.READY_BUDGET))
 
     def too_large(self) -> bytes:
         import json
@@ -134,8 +144,18 @@ class Coild:
         if returned:
             log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
 
+    def _scan_due(self, last: float, now: float) -> bool:
+        # a write whose outcome stayed unknown is resolved by the next reload:
+        # run it within UNRESOLVED_RESCAN rather than a whole scan interval later
+        return now - last >= self.scan_interval or self.allocator.unresolved()
+
     def run(self):
-        while not self._stop.wait(self.scan_interval):
+        last = time.monotonic()
+        while not self._stop.wait(min(self.scan_interval, UNRESOLVED_RESCAN)):
+            now = time.monotonic()
+            if not self._scan_due(last, now):
+                continue
+            last = now
             try:
                 self.scan()
             except CoilError as exc:

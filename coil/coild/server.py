@@ -167,8 +167,7 @@ class RestHandler(RequestHandler):
             if parts == ["healthz"]:
                 return self._send(200, {"status": 200})
             if parts == ["readyz"]:
-                d.check_ready()
-                return self._send(200, {"status": 200})
+                return self._readyz(d)
             if parts == ["metrics"]:
                 data, ctype = d.metrics.render()
                 return self._send(200, data, ctype)
@@ -181,6 +180,16 @@ class RestHandler(RequestHandler):
         raise HTTPError(404, f"no such endpoint: {method} {self.path[:200]}")
 
     do_GET = do_POST = do_DELETE = lambda self: self._run(self._dispatch)
+
+    def _readyz(self, d):
+        try:
+            d.check_ready()
+        except StoreUnavailable as exc:
+            return self._send(503, {"status": 503, "reason": "etcd-unreachable",
+                                    "error": exc.one_line()})
+        except CoilError as exc:
+            return self._send(503, {"status": 503, "reason": "starting", "error": exc.one_line()})
+        self._send(200, {"status": 200})
 
     def _get_ip(self, ns, pod, cid):
         validate_owner(ns, pod, cid)

@@ -68,6 +68,7 @@ class PodIPs:
     held: set = field(default_factory=set)          # every IP a Pod object reports
     active: list = field(default_factory=list)      # PodAddress of running/pending Pods
     pods: int = 0
+    names: set = field(default_factory=set)         # (namespace, name) of every Pod
 
 
 def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
@@ -75,6 +76,8 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
     out = into or PodIPs()
     for pod in items:
         out.pods += 1
+        meta = pod.get("metadata") or {}
+        out.names.add((meta.get("namespace", ""), meta.get("name", "")))
         spec = pod.get("spec") or {}
         if spec.get("hostNetwork"):
             continue
@@ -84,7 +87,6 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
             ips = [status["podIP"]]
         if not ips:
             continue
-        meta = pod.get("metadata") or {}
         active = status.get("phase") not in TERMINATED
         for raw in ips:
             try:
@@ -183,6 +185,14 @@ class LeakScanner:
         pools = self.store.list_pools()
         blocks = self.store.all_blocks()
         addresses, _rev = self.store.all_addresses_paged()
+        pool_of_block = {b.cidr: b.pool for b in blocks}
+        in_use: dict[str, int] = {}
+        for a in addresses:
+            pool = pool_of_block.get(a.block, "")
+            in_use[pool] = in_use.get(pool, 0) + 1
+        if self.metrics is not None:
+            # capacity needs etcd only: kept fresh even when the Pod list fails
+            self.metrics.set_capacity(pools, blocks, in_use)
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
         leaks = find_leaks(addresses, pods.held, now, self.expiration)
@@ -193,12 +203,6 @@ class LeakScanner:
             # a Pod may have got its address after our etcd read: look again
             unknown = self._still_unknown(unknown)
         released = self._release(leaks) if self.release else 0
-
-        pool_of_block = {b.cidr: b.pool for b in blocks}
-        in_use: dict[str, int] = {}
-        for a in addresses:
-            pool = pool_of_block.get(a.block, "")
-            in_use[pool] = in_use.get(pool, 0) + 1
         seconds = time.monotonic() - t0
         result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use)
         self._report(result, blocks)

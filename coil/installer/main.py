@@ -16,6 +16,7 @@ Configured by the environment (v1 names and defaults):
     COIL_PROC_SYS     /proc/sys              sysctl tree (tests point it elsewhere)
     COIL_INSTALLER_API_TIMEOUT  2m           how long to retry the API server
     COIL_INSTALLER_RESCAN_WAIT  6s           wait before removing the taint (v1's)
+    COIL_LOG_LEVEL    info                   debug, info, warning or error
 
 Steps, in order; everything is validated before anything is written:
 install ``coil`` (copy to a temp file in the same directory, then rename),
@@ -245,15 +246,16 @@ def remove_other_confs(etc_dir: str, conf_name: str) -> list[str]:
 
 # -- the taint -------------------------------------------------------------------------
 def remove_taints(core, node: str, keys: list[str], timeout: float,
-                  sleep=time.sleep, before_patch=None) -> list[str]:
+                  sleep=time.sleep, before_patch=None, clock=time.monotonic) -> list[str]:
     """Remove taints with ``keys`` from ``node``; retried with backoff on API
-    errors and conflicts until ``timeout``. ``before_patch`` is called once,
-    before the first patch (only when there is a taint to remove). Returns
-    the keys removed."""
+    errors and conflicts until ``timeout`` (measured with ``clock``; a retry
+    whose pause would end past it is not made). ``before_patch`` is called
+    once, before the first patch (only when there is a taint to remove).
+    Returns the keys removed."""
     from coil import k8s
     from coil.controller.watcher import Backoff
     backoff = Backoff(0.5, 10.0)
-    deadline = time.monotonic() + timeout
+    deadline = clock() + timeout
     while True:
         try:
             resp = core.read_node(node, _preload_content=False,
@@ -286,7 +288,7 @@ def remove_taints(core, node: str, keys: list[str], timeout: float,
             if status in (401, 403):
                 raise k8s.to_coil_error(exc, f"removing taints from node {node}") from None
             delay = backoff.next()
-            if time.monotonic() + delay > deadline:
+            if clock() + delay > deadline:
                 raise k8s.to_coil_error(exc, f"removing taints from node {node} "
                                              f"(gave up after {timeout:g}s)") from None
             if status == 409:
@@ -365,7 +367,12 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"coil-installer: error: unexpected argument {argv[0]!r} "
                          f"(it is configured by environment variables; see --help)\n")
         return 2
-    logutil.setup(os.environ.get("COIL_LOG_LEVEL", "info"))
+    level = os.environ.get("COIL_LOG_LEVEL", "info")
+    if level.lower() not in ("debug", "info", "warning", "error"):
+        sys.stderr.write(f"coil-installer: error: invalid COIL_LOG_LEVEL {level!r}: "
+                         f"debug, info, warning or error\n")
+        return 1
+    logutil.setup(level)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         run()

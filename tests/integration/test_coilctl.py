@@ -208,13 +208,13 @@ def test_address_info(ctl, populated):
 
 
 def test_address_free(ctl, populated):
-    r = ctl("address", "free", "--yes", "10.0.0.2")
+    r = ctl("address", "free", "--yes", "--force", "10.0.0.2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "freed 10.0.0.2 (was team-a/web-0, container c0ffee)"
     assert populated.count_addresses("10.0.0.0/29") == 0
     # the block stays with its node
     assert [b.cidr for b in populated.node_blocks("node-1")] == ["10.0.0.0/29"]
-    r = ctl("-o", "json", "address", "free", "-y", "fd00:10::1")
+    r = ctl("-o", "json", "address", "free", "-y", "--force", "fd00:10::1")
     assert json.loads(r.stdout)["container_id"] == "beef"
     assert populated.all_addresses()[0] == []
 
@@ -227,13 +227,14 @@ def test_address_free_without_yes_and_without_a_terminal_refuses(ctl, populated)
 
 
 def _free_on_a_terminal(etcd_server, etcd_prefix, answer: str):
-    """Run 'coilctl address free 10.0.0.2' with a pseudo-terminal as stdin."""
+    """Run 'coilctl address free --force 10.0.0.2' with a pseudo-terminal as stdin
+    (--force: no Kubernetes here to tell whether the Pod is gone)."""
     import pty
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "coil", "coilctl", "--etcd-endpoints", etcd_server.endpoint,
-             "--etcd-prefix", etcd_prefix, "address", "free", "10.0.0.2"],
+             "--etcd-prefix", etcd_prefix, "address", "free", "--force", "10.0.0.2"],
             stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         os.close(slave)
         slave = None
@@ -366,7 +367,7 @@ BAD = [
     ("invalid-address", ["address", "info", "10.0.0.300"], ["10.0.0.300"]),
     ("invalid-address-free", ["address", "free", "bogus"], ["bogus"]),
     ("missing-argument", ["pool", "create", "p2", "10.1.0.0/24"], ["SIZE"]),
-    ("unknown-command", ["pool", "delete", "default"], ["delete"]),
+    ("unknown-command", ["pool", "rename", "default"], ["rename"]),
     ("bad-output", ["-o", "yaml", "pool", "list"], ["yaml"]),
     ("bad-shell", ["completion", "tcsh"], ["tcsh"]),
 ]

@@ -387,10 +387,13 @@ def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, 
     metrics = ControllerMetrics()
     scanner = LeakScanner(store, controller_core, expiration=86400, metrics=metrics,
                           page_size=100)
+    calls_before = store.etcd.counters["calls"]
     t0 = time.monotonic()
     result = scanner.scan()
     scan_s = time.monotonic() - t0
-    print(f"\nplanted {SCAN_N} addresses in {plant_s:.1f}s; scan took {scan_s:.2f}s")
+    etcd_calls = store.etcd.counters["calls"] - calls_before
+    print(f"\nplanted {SCAN_N} addresses in {plant_s:.1f}s; scan took {scan_s:.2f}s "
+          f"and {etcd_calls} etcd requests")
     assert result.addresses == SCAN_N
     assert result.pods >= len(pods)
     assert {lk.address.address for lk in result.leaks} == leaks
@@ -399,7 +402,11 @@ def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, 
     assert all(lk.age is not None and lk.age > 86400 for lk in result.leaks)
     assert result.released == 0
     assert store.etcd.count_prefix("ip/") == SCAN_N
-    assert scan_s < 30, f"scan of {SCAN_N} addresses took {scan_s:.1f}s"
+    # the scan reads etcd in pages of 5,000 keys (every address, then the
+    # blocks) and rechecks each of the 20 unknown Pod IPs by itself (two
+    # reads each): about 60 requests, never one per address (100,000) or per
+    # Pod (326). Speed itself is bench/'s job.
+    assert 2 * len(unknown) <= etcd_calls <= 100, etcd_calls
     assert metrics.leaked._value.get() == 250
     assert metrics.unknown._value.get() == 20
     from prometheus_client import generate_latest
