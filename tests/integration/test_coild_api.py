@@ -444,3 +444,21 @@ def test_plugin_socket_caps_connections(etcd_server, store, etcd_prefix, tmp_pat
         for s in held_open:
             s.close()
         assert c.stop() == 0
+
+
+@pytest.mark.parametrize("flags, wrong", [
+    (["--read-timeout", "0"], "--read-timeout"),
+    (["--idle-timeout", "soon"], "--idle-timeout"),
+    (["--max-connections", "0"], "--max-connections"),
+    (["--api-workers", "-2"], "--api-workers"),
+    (["--api-socket", "relative.sock"], "--api-socket"),
+    (["--api-socket", "/tmp/same.sock", "--socket", "/tmp/same.sock"], "--api-socket"),
+])
+def test_bad_limit_flags_are_one_line(flags, wrong, etcd_server, etcd_prefix, node):
+    import sys
+    r = node.exec("env", "COIL_NODE_NAME=node1", sys.executable, "-m", "coil", "coild",
+                  "--etcd-endpoints", etcd_server.unix_endpoint, "--etcd-prefix", etcd_prefix,
+                  *flags, check=False, timeout=60)
+    assert r.returncode != 0
+    assert wrong in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
