@@ -17,7 +17,7 @@ Topology (defaults)::
     etcd        in the fabric ns, clients use its UNIX socket (a file, so
                 every namespace and the root one reach it without a route)
     pods        one ns each, wired to their node by the coil CNI plugin,
-                called by the libcni client (tests/cniclient/cnitool)
+                called by the built-in CNI executor (coil/sandbox/cniexec.py)
 
 Extension point: ``Sandbox.extensions`` is a list of objects whose optional
 methods are called at fixed points of the lifecycle -- ``on_services(sb)``
@@ -47,10 +47,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from coil.sandbox import bird
+from coil.sandbox import bird, cniexec
 from coil.sandbox.state import DEFAULT_STATE_DIR, Proc, State, stop_processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REFERENCE_PLUGINS = "/usr/lib/cni"
 ETCD_SOCKET = "etcd.sock:0"
 GATEWAY = "169.254.1.1"               # the pods' gateway: coild's host-side veth address        # etcd names UNIX listeners HOST:PORT; the file is this
@@ -113,14 +112,6 @@ def tool(name: str, hint: str) -> str:
                                        if os.access(p, os.X_OK)), None)
     if not path:
         raise SandboxError(f"{name} not found: {hint}")
-    return path
-
-
-def cnitool_path() -> str:
-    path = os.environ.get("COIL_CNITOOL") or os.path.join(REPO, "tests", "cniclient", "cnitool")
-    if not os.access(path, os.X_OK):
-        raise SandboxError(f"libcni client {path} not found: run 'make build' "
-                           "(or set COIL_CNITOOL)")
     return path
 
 
@@ -348,7 +339,6 @@ class Sandbox:
                            ("etcdctl", "install etcd-client"), ("bird", "install bird2"),
                            ("birdc", "install bird2"), ("ping", "install iputils-ping")):
             tool(name, hint)
-        cnitool_path()
 
     def _up(self, cfg: Config, progress):
         st = self.state
@@ -599,9 +589,8 @@ class Sandbox:
         failed = []
         parallel = cfg.parallel or 2 * (os.cpu_count() or 2)   # CPU-bound: more is slower
         step = max(1, -(-total // 5))
-        cnitool = cnitool_path()
         with futures.ThreadPoolExecutor(min(parallel, total)) as pool:
-            jobs = {pool.submit(self._add_one, cnitool, p): p for p in new}
+            jobs = {pool.submit(self._add_one, p): p for p in new}
             for fut in futures.as_completed(jobs):
                 p = jobs[fut]
                 rc, out = fut.result()
@@ -662,10 +651,10 @@ class Sandbox:
             for ns in netns_names:
                 run("ip", "-n", ns, "link", "set", "lo", "up")
 
-    def _add_one(self, cnitool: str, p: dict):
+    def _add_one(self, p: dict):
         """CNI ADD, then the pod side of the static neighbour entries (see
         _static_neighbours)."""
-        rc, out = self._cni(cnitool, "add", p)
+        rc, out = self._cni("add", p)
         if rc == 0:
             host_mac = out["interfaces"][0].get("mac")
             if host_mac:
@@ -675,31 +664,28 @@ class Sandbox:
                     return 1, {"msg": f"static neighbour in {p['netns']}: {r.stderr.strip()}"}
         return rc, out
 
-    def _cni(self, cnitool: str, command: str, p: dict):
+    def _cni(self, command: str, p: dict):
+        """Run the node's conflist for pod ``p`` with the built-in executor
+        (plugins run in the node's namespace, as the runtime's would):
+        (0, result) or (1, the CNI error object)."""
         n = self.node(p["node"])
-        env = dict(os.environ, CNI_PATH=f"{n['cni_bin']}:{REFERENCE_PLUGINS}",
-                   CNI_CACHE_DIR=n["cni_cache"])
+        ex = cniexec.Executor([n["cni_bin"], REFERENCE_PLUGINS], n["cni_cache"],
+                              wrapper=["ip", "netns", "exec", n["netns"]])
+        rt = cniexec.Runtime.for_pod(p["container_id"], f"/run/netns/{p['netns']}",
+                                     p["ifname"], p["namespace"], p["name"])
         try:
-            r = subprocess.run(["ip", "netns", "exec", n["netns"], cnitool, command, n["conflist"],
-                                f"/run/netns/{p['netns']}", p["container_id"], p["ifname"],
-                                p["namespace"], p["name"]],
-                               capture_output=True, text=True, env=env, timeout=120)
-        except subprocess.TimeoutExpired:
-            return 1, {"msg": f"cnitool {command} timed out"}
-        try:
-            out = json.loads(r.stdout) if r.stdout.strip() else {}
-        except ValueError:
-            out = {"raw": r.stdout}
-        if r.returncode != 0 and not out:
-            out = {"stderr": r.stderr.strip()}
-        return r.returncode, out
+            conf = ex.load(n["conflist"])
+            out = getattr(ex, {"add": "add", "del": "delete", "check": "check"}[command])(conf, rt)
+        except cniexec.CNIExecError as exc:
+            return 1, exc.to_json()
+        return 0, out or {}
 
     def delete_pod(self, name: str) -> dict:
         """CNI DEL the pod, remove its namespace and its record. Raises
         SandboxError when DEL fails (the pod then stays)."""
         with self.state.locked():
             p = self.pod(name)
-            rc, out = self._cni(cnitool_path(), "del", p)
+            rc, out = self._cni("del", p)
             if rc != 0:
                 raise SandboxError(f"CNI DEL {name}: {json.dumps(out)}")
             run("ip", "netns", "del", p["netns"], check=False)
