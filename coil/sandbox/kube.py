@@ -42,7 +42,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from coil.sandbox.cluster import Progress, SandboxError, ip_batch, netns_exists, tail
+from coil.sandbox.config import SandboxError
+from coil.sandbox.shell import Progress, ip_batch, netns_exists, tail
 
 DEFAULT_BINARY = os.path.join(os.environ.get("KUBE_CACHE_DIR", "/var/cache/coil-kube"),
                               "bin", "kube-apiserver")
