@@ -238,6 +238,7 @@ def test_rest_api(cluster):
     assert body["pod-addresses"] == {"default/a": [ip]}
     assert body["address-blocks"] == {"default": ["10.30.0.0/28"]}
     assert body["table-routes"] == ["10.30.0.0/28"]      # read from the kernel
+    assert body["unreachable-routes"] == ["10.30.0.0/28"]
     for i in range(2):
         assert rest("POST", "/ip", {"pod-namespace": "tiny", "pod-name": f"t{i}",
                                     "container-id": f"t{i}"})[0] == 200
