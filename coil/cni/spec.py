@@ -55,22 +55,45 @@ def version_tuple(version: str) -> tuple:
         return (0,)
 
 
+SCOPE_LINK = 253          # rtnetlink RT_SCOPE_LINK: the "scope" of a 1.1 route
+
+
 def build_result(cni_version: str, host_name: str, host_mac: str, ifname: str,
-                 container_mac: str, netns: str, addresses: list, gateways: dict) -> dict:
+                 container_mac: str, netns: str, addresses: list, gateways: dict,
+                 mtu: int | None = None, prev: dict | None = None) -> dict:
     """The ADD result in the shape of ``cni_version``: interfaces (host end,
     then container end), one /32 or /128 per address on the container end,
-    default routes via the link-local gateways."""
+    the on-link route to each gateway (``scope`` link from 1.1.0) and the
+    default routes via them. From 1.1.0 the container end carries its
+    ``mtu``. ``prev``: the prevResult of the plugins before coil in the
+    chain; its interfaces, ips, routes and dns come first, unchanged."""
     legacy = version_tuple(cni_version) < (1, 0, 0)
+    v11 = version_tuple(cni_version) >= (1, 1, 0)
+    prev = prev if isinstance(prev, dict) else {}
+    prev_ifaces = [i for i in prev.get("interfaces") or [] if isinstance(i, dict)]
+    base = len(prev_ifaces)
     ips, routes = [], []
+    onlink = []
     for addr in addresses:
         v6 = ":" in addr
-        entry = {"address": f"{addr}/{128 if v6 else 32}", "gateway": gateways[addr],
-                 "interface": 1}
+        gw = gateways[addr]
+        entry = {"address": f"{addr}/{128 if v6 else 32}", "gateway": gw,
+                 "interface": base + 1}
         if legacy:
             entry = {"version": "6" if v6 else "4", **entry}
         ips.append(entry)
-        routes.append({"dst": "::/0" if v6 else "0.0.0.0/0", "gw": gateways[addr]})
-    return {"cniVersion": cni_version,
-            "interfaces": [{"name": host_name, "mac": host_mac},
-                           {"name": ifname, "mac": container_mac, "sandbox": netns}],
-            "ips": ips, "routes": routes, "dns": {}}
+        route = {"dst": f"{gw}/{128 if v6 else 32}"}
+        if v11:
+            route["scope"] = SCOPE_LINK
+        onlink.append(route)
+        routes.append({"dst": "::/0" if v6 else "0.0.0.0/0", "gw": gw})
+    container = {"name": ifname, "mac": container_mac, "sandbox": netns}
+    if v11 and mtu:
+        container["mtu"] = mtu
+    out = {"cniVersion": cni_version,
+           "interfaces": prev_ifaces + [{"name": host_name, "mac": host_mac}, container],
+           "ips": [i for i in prev.get("ips") or [] if isinstance(i, dict)] + ips,
+           "routes": [r for r in prev.get("routes") or [] if isinstance(r, dict)]
+           + onlink + routes,
+           "dns": prev.get("dns") if isinstance(prev.get("dns"), dict) else {}}
+    return out

@@ -376,9 +376,12 @@ class CNIService:
 
     @staticmethod
     def _result(req, host_name, info, addrs):
+        # not first in the chain: what the plugins before coil made is passed on
+        prev = req.netconf.get("prevResult")
         return spec.build_result(req.version, host_name, info["host_mac"], req.ifname,
                                  info["container_mac"], req.netns, addrs,
-                                 {a: gateway_for(a) for a in addrs})
+                                 {a: gateway_for(a) for a in addrs}, mtu=info.get("mtu"),
+                                 prev=prev if isinstance(prev, dict) else None)
 
     def _pool(self, namespace: str) -> str:
         try:

@@ -239,3 +239,49 @@ def test_del_is_best_effort(cluster):
     r = cluster.node.exec("ip", "route", "show", check=False)
     assert not [line for line in r.stdout.splitlines()
                 if line.startswith("10.66.0.") and " dev veth" in line], r.stdout
+
+
+# -- 6. the ADD result ----------------------------------------------------------------------
+def test_result_1_1_carries_mtu_and_scoped_gateway_route(cluster):
+    """A 1.1.0 ADD (driven per the spec's protocol: Debian's libcni cannot
+    parse 1.1.0 results) names the MTU it set and the on-link route to the
+    gateway with scope link (253); both match the pod's kernel state."""
+    cluster.store.create_pool("default", "10.67.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    rc, res = raw_call(cluster, base_env(pod, cid="c1"), conf(cluster, cniVersion="1.1.0",
+                                                               mtu=1400))
+    assert rc == 0, res
+    assert res["cniVersion"] == "1.1.0"
+    cont = res["interfaces"][1]
+    assert cont["name"] == "eth0" and cont["mtu"] == 1400
+    assert "mtu 1400" in pod.exec("ip", "link", "show", "eth0").stdout
+    assert res["routes"] == [{"dst": "169.254.1.1/32", "scope": 253},
+                             {"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+    assert "169.254.1.1 dev eth0" in pod.exec("ip", "route").stdout
+    # 1.0.0 has no interface mtu nor route scope: left out
+    pod2 = cluster.new_pod()
+    rc, res = raw_call(cluster, base_env(pod2, cid="c2"), conf(cluster, mtu=1400))
+    assert rc == 0 and "mtu" not in res["interfaces"][1], res
+    assert res["routes"][0] == {"dst": "169.254.1.1/32"}
+
+
+def test_add_not_first_in_the_chain_passes_prev_result_on(cluster):
+    """libcni (Debian's, 1.0.0) runs loopback first, then coil with
+    loopback's result as prevResult: coil's result keeps loopback's
+    interface and address and adds its own after them (interface indexes
+    shifted)."""
+    cluster.store.create_pool("default", "10.68.0.0/24", 4)
+    cluster.start()
+    conflist = {"cniVersion": "1.0.0", "name": "coil-test", "plugins": [
+        {"type": "loopback"}, {"type": "coil", "socket": cluster.coild.socket}]}
+    cluster.cni.write_conf(conflist)
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    names = [i["name"] for i in res["interfaces"]]
+    assert names[0] == "lo" and names[-1] == "eth0" and names[1].startswith("veth"), res
+    assert res["ips"][0]["address"].startswith("127.0.0.1"), res
+    ours = res["ips"][-1]
+    assert ours["address"].startswith("10.68.0.") and ours["interface"] == 2, res
+    assert cluster.cni.call("del", pod, "c1")[0] == 0
+    assert etcd_ips(cluster.store) == {}

@@ -81,7 +81,7 @@ def test_add_wires_pod_and_publishes_block(cluster):
     assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.20.0.0/24")
     assert res["cniVersion"] == "1.0.0"
     assert res["ips"][0]["gateway"] == "169.254.1.1"
-    assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+    assert res["routes"] == [{"dst": "169.254.1.1/32"}, {"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
     host, cont = res["interfaces"]
     assert host["name"].startswith("veth") and len(host["name"]) == 15
     assert cont == {"name": "eth0", "mac": cont["mac"], "sandbox": pod.path}
