@@ -409,26 +409,80 @@ class CNIService:
         return None
 
     def check(self, req):
+        """CNI CHECK: the prevResult (required) must name what this
+        container holds - read from etcd, not the cache - and the pod must
+        be wired as ADD left it (podnet.check). A missing reservation is
+        104, never 3: 3 would tell the runtime that no DEL is needed."""
         ns, pod = req.args["K8S_POD_NAMESPACE"], req.args["K8S_POD_NAME"]
-        addrs = self.allocator.lookup_pod(ns, pod, req.container_id)
-        if not addrs:
-            raise CNIError(spec.ERR_UNKNOWN_CONTAINER,
-                           f"container {req.container_id} holds no address on this node")
-        want = sorted(a.address for a in addrs)
         prev = req.netconf.get("prevResult")
-        if isinstance(prev, dict):
-            got = sorted(str(ipaddress.ip_interface(i.get("address", "")).ip)
-                         for i in prev.get("ips", []) if isinstance(i, dict) and i.get("address"))
-            if got and got != want:
-                raise CNIError(spec.ERR_CHECK_FAILED,
-                               f"prevResult addresses {got} differ from the held {want}")
+        if not isinstance(prev, dict):
+            raise CNIError(spec.ERR_INVALID_NETCONF, "CHECK needs prevResult",
+                           "the runtime passes the ADD result it cached")
+        ifaces = [i for i in prev.get("interfaces") or [] if isinstance(i, dict)]
+        container = next((i for i in ifaces if i.get("name") == req.ifname
+                          and i.get("sandbox")), None)
+        if container is None:
+            raise CNIError(spec.ERR_CHECK_FAILED,
+                           f"prevResult has no interface {req.ifname} in a sandbox")
+        if container.get("sandbox") != req.netns:
+            raise CNIError(spec.ERR_CHECK_FAILED,
+                           f"prevResult puts {req.ifname} in {container.get('sandbox')}, "
+                           f"not in CNI_NETNS {req.netns}")
+        index = ifaces.index(container)          # "interface" of ips: 0-based
+        got = []
+        for ip in prev.get("ips") or []:
+            if not isinstance(ip, dict) or not ip.get("address"):
+                continue
+            if ip.get("interface") is not None and ip.get("interface") != index:
+                continue              # another plugin's interface
+            try:
+                got.append(str(ipaddress.ip_interface(ip["address"]).ip))
+            except ValueError:
+                raise CNIError(spec.ERR_INVALID_NETCONF,
+                               f"prevResult has an invalid address {ip['address']!r:.60}") from None
+        if not got:
+            raise CNIError(spec.ERR_CHECK_FAILED,
+                           f"prevResult names no address on {req.ifname}")
+        host_name = host_veth_name(ns, pod)
+        host = next((i for i in ifaces if i.get("name") == host_name and not i.get("sandbox")),
+                    None)
         try:
-            self.podnet.check(req.netns, req.ifname, host_veth_name(ns, pod), want)
+            held = self._reservations(req.container_id, ns, pod, got)
+            self.podnet.check(req.netns, req.ifname, host_name, sorted(got),
+                              mtu=req.netconf.get("mtu"),
+                              host_mac=(host or {}).get("mac") or "",
+                              container_mac=container.get("mac") or "")
         except PodNetError as exc:
             raise CNIError(spec.ERR_CHECK_FAILED, exc.one_line()) from None
         except BaseException as exc:
             raise self._cni_error(exc) from None
+        families = sorted({6 if ":" in a else 4 for a in held})
+        if families != self._versions(req):
+            raise CNIError(spec.ERR_CHECK_FAILED,
+                           f"prevResult has IPv{families} addresses, the configuration asks "
+                           f"for IPv{self._versions(req)}")
         return None
+
+    def _reservations(self, container_id, ns, pod, addresses) -> list:
+        """The addresses of ``addresses`` that etcd records for this
+        container (a read per address). Raises CNIError 104 for one that is
+        not reserved for it."""
+        store = self.pools.store
+        out = []
+        for address in addresses:
+            try:
+                addr, _pool, block = store._locate(address)
+            except NotFound:
+                raise CNIError(spec.ERR_CHECK_FAILED,
+                               f"{address} is in no pool: it is not reserved") from None
+            rec = store.get_address(str(block), int(addr) - int(block.network_address))
+            if rec is None or rec.container_id != container_id or \
+                    (rec.namespace, rec.pod) != (ns, pod):
+                raise CNIError(spec.ERR_CHECK_FAILED,
+                               f"{address} is not reserved for container {container_id} in etcd",
+                               "DEL and ADD the pod again")
+            out.append(address)
+        return sorted(out)
 
     def gc(self, req):
         """Free every address this node gave through CNI to an attachment

@@ -244,14 +244,29 @@ class PodNetwork:
                 return True
         return False
 
-    def check(self, netns_path: str, ifname: str, host_name: str, addresses: list[str]):
-        """Raise PodNetError naming the first thing that is missing."""
+    def check(self, netns_path: str, ifname: str, host_name: str, addresses: list[str],
+              mtu: int | None = None, host_mac: str = "", container_mac: str = ""):
+        """Raise PodNetError naming the first thing that is missing or
+        different: both ends up, the gateway addresses on the host end,
+        routes on both sides, the pod's addresses; ``mtu`` (both ends) and
+        the MACs when given. Routes and addresses others added are fine."""
         with self._host_nl() as h:
             host = h.link_get(host_name)
             if host is None:
                 raise PodNetError(f"host interface {host_name} is missing")
             if not host.up:
                 raise PodNetError(f"host interface {host_name} is down")
+            if host_mac and host.mac.lower() != host_mac.lower():
+                raise PodNetError(f"host interface {host_name} has MAC {host.mac}, "
+                                  f"prevResult says {host_mac}")
+            if mtu and host.mtu != mtu:
+                raise PodNetError(f"host interface {host_name} has MTU {host.mtu}, not {mtu}")
+            host_addrs = {(ipaddress.ip_address(a.address), a.prefixlen)
+                          for a in h.addr_list(host.index)}
+            for gw, plen, v6 in ((GATEWAY4, 32, False), (GATEWAY6, 64, True)):
+                if any((":" in a) == v6 for a in addresses) and \
+                        (ipaddress.ip_address(gw), plen) not in host_addrs:
+                    raise PodNetError(f"gateway address {gw}/{plen} is missing on {host_name}")
             host_routes = {(ipaddress.ip_address(r.dst), r.prefixlen)
                            for r in h.route_list(0, table=MAIN_TABLE) if r.oif == host.index}
         for addr in addresses:
@@ -265,6 +280,13 @@ class PodNetwork:
                 link = pod_nl.link_get(ifname)
                 if link is None:
                     raise PodNetError(f"interface {ifname} is missing in {netns_path}")
+                if not link.up:
+                    raise PodNetError(f"interface {ifname} is down in {netns_path}")
+                if container_mac and link.mac.lower() != container_mac.lower():
+                    raise PodNetError(f"interface {ifname} has MAC {link.mac}, prevResult "
+                                      f"says {container_mac}")
+                if mtu and link.mtu != mtu:
+                    raise PodNetError(f"interface {ifname} has MTU {link.mtu}, not {mtu}")
                 have = {(ipaddress.ip_address(a.address), a.prefixlen)
                         for a in pod_nl.addr_list(link.index)}
                 routes = pod_nl.route_list(0, table=MAIN_TABLE)

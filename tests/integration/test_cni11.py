@@ -285,3 +285,75 @@ def test_add_not_first_in_the_chain_passes_prev_result_on(cluster):
     assert ours["address"].startswith("10.68.0.") and ours["interface"] == 2, res
     assert cluster.cni.call("del", pod, "c1")[0] == 0
     assert etcd_ips(cluster.store) == {}
+
+
+# -- 5. CHECK per the spec ------------------------------------------------------------------
+def _host(res):
+    return res["interfaces"][0]["name"]
+
+
+def _release_in_etcd(cluster, pod, res, ip):
+    """The reservation disappears from etcd; coild's cache still has it."""
+    rec = etcd_ips(cluster.store)[ip]
+    assert cluster.store.release_address(rec.block, rec.offset)
+
+
+DRIFT = {
+    "pod-link-down": lambda c, pod, res, ip: pod.exec("ip", "link", "set", "eth0", "down"),
+    "host-link-down": lambda c, pod, res, ip: c.node.exec("ip", "link", "set", _host(res),
+                                                           "down"),
+    "gateway-addr-removed": lambda c, pod, res, ip: c.node.exec(
+        "ip", "addr", "del", "169.254.1.1/32", "dev", _host(res)),
+    "pod-mac-changed": lambda c, pod, res, ip: pod.exec("ip", "link", "set", "eth0",
+                                                        "address", "02:00:00:00:00:42"),
+    "mtu-changed": lambda c, pod, res, ip: pod.exec("ip", "link", "set", "eth0", "mtu", "1300"),
+    "pod-address-removed": lambda c, pod, res, ip: pod.exec("ip", "addr", "del", f"{ip}/32",
+                                                            "dev", "eth0"),
+    "default-route-removed": lambda c, pod, res, ip: pod.exec("ip", "route", "del", "default"),
+    "host-route-removed": lambda c, pod, res, ip: c.node.exec("ip", "route", "del",
+                                                              f"{ip}/32"),
+    "reservation-gone-from-etcd": _release_in_etcd,
+}
+
+
+@pytest.mark.parametrize("drift", list(DRIFT))
+def test_check_sees_drift(cluster, drift):
+    """Through Debian's libcni (which passes the cached prevResult): CHECK
+    passes on the pod ADD wired, then one thing is broken and CHECK fails
+    with 104 (never 3: that would tell the runtime no DEL is needed); DEL
+    still cleans up."""
+    cluster.store.create_pool("default", "10.69.0.0/24", 4)
+    cluster.start(mtu=1400)
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    ip = pod_ip(res)
+    rc, out = cluster.cni.call("check", pod, "c1", "default", "c1")
+    assert rc == 0, out
+    DRIFT[drift](cluster, pod, res, ip)
+    rc, out = cluster.cni.call("check", pod, "c1", "default", "c1")
+    assert rc != 0 and out["code"] == 104, out
+    assert cluster.cni.call("del", pod, "c1")[0] == 0
+    assert etcd_ips(cluster.store) == {}
+
+
+def test_check_tolerates_later_plugins_and_needs_prev_result(cluster):
+    """Routes and addresses a later plugin adds do not fail CHECK; a CHECK
+    without prevResult is refused (7); a prevResult naming another address
+    fails (104)."""
+    cluster.store.create_pool("default", "10.70.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    pod.exec("ip", "route", "add", "10.123.0.0/24", "via", "169.254.1.1", "dev", "eth0")
+    pod.exec("ip", "addr", "add", "192.168.77.1/32", "dev", "eth0")
+    rc, out = cluster.cni.call("check", pod, "c1", "default", "c1")
+    assert rc == 0, out
+    env = base_env(pod, cid="c1", CNI_COMMAND="CHECK", CNI_ARGS=
+                   "K8S_POD_NAMESPACE=default;K8S_POD_NAME=c1")
+    rc, out = raw_call(cluster, env, conf(cluster))
+    assert rc == 1 and out["code"] == 7 and "prevResult" in out["msg"], out
+    assert raw_call(cluster, env, conf(cluster, prevResult=res)) == (0, None)
+    other = json.loads(json.dumps(res))
+    other["ips"][0]["address"] = "10.70.0.250/32"
+    rc, out = raw_call(cluster, env, conf(cluster, prevResult=other))
+    assert rc == 1 and out["code"] == 104, out
