@@ -136,7 +136,8 @@ def test_add_straight_after_del_same_container_netns_ifname(cluster, namespace):
 
 def test_check_after_del_fails(cluster):
     """CNI spec: CHECK of a container that was DELeted is an error; coil
-    answers code 3 (unknown container). libcni itself refuses it (its cached
+    answers 104 (the reservation is gone), never 3, which would tell the
+    runtime that no DEL is needed (issue 14). libcni itself refuses it (its cached
     result went with the DEL), so the plugin is also asked directly."""
     start_holding(cluster, "10.44.0.0/24")
     pod = cluster.new_pod()
@@ -154,7 +155,7 @@ def test_check_after_del_fails(cluster):
                        input=stdin, capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode != 0
     err = json.loads(r.stdout)
-    assert err["code"] == 3 and "c1" in err["msg"]
+    assert err["code"] == 104 and "c1" in err["msg"]
 
 
 def test_del_when_netns_is_already_gone(cluster):
