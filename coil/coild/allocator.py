@@ -137,6 +137,7 @@ class NodeAllocator:
     def allocate(self, pool: str, version: int, namespace: str, pod: str, container_id: str,
                  extra: dict | None = None) -> Address:
         """Assign one IPv``version`` address of ``pool`` to the container.
+        ``extra``: optional record fields (origin, network, ifname, ...).
 
         Raises AlreadyExists when the container holds an address of that
         version already, PoolExhausted, NotFound (pool), StoreUnavailable.
@@ -155,7 +156,8 @@ class NodeAllocator:
                 continue
             held, offset = got
             try:
-                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id)
+                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id,
+                                                extra)
             except BlockLost:
                 log.warning("block lost, reloading", extra={"block": held.block.cidr})
                 with self._lock:

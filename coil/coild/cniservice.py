@@ -12,13 +12,16 @@ import ipaddress
 import json
 import logging
 import os
+import threading
 import time
+from contextlib import contextmanager
 
 from coil.cni import spec
 from coil.cni.spec import CNIError
 from coil.coild.podnet import PodNetError, gateway_for, host_veth_name
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NetlinkError, NotFound,
                          PoolExhausted, StoreUnavailable)
+from coil.store.model import ORIGIN_CNI, now_iso
 
 log = logging.getLogger("coild.cni")
 
@@ -89,6 +92,40 @@ class CNIService:
         self.podnet = podnet
         self.pools = pools
         self.metrics = metrics
+        # containers with an ADD/DEL/CHECK in flight (count), and those GC is freeing
+        self._busy_cond = threading.Condition()
+        self._in_flight: dict[str, int] = {}
+        self._gc_claimed: set[str] = set()
+
+    # -- requests in flight, per container ------------------------------------------
+    @contextmanager
+    def _attachment_request(self, container_id: str):
+        """Marks an ADD/DEL/CHECK of the container as in flight (GC leaves it
+        alone); waits while GC is freeing that container."""
+        with self._busy_cond:
+            while container_id in self._gc_claimed:
+                self._busy_cond.wait()
+            self._in_flight[container_id] = self._in_flight.get(container_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._busy_cond:
+                n = self._in_flight.pop(container_id) - 1
+                if n:
+                    self._in_flight[container_id] = n
+
+    def _gc_claim(self, container_id: str) -> bool:
+        """GC takes the container unless a request of it is in flight."""
+        with self._busy_cond:
+            if container_id in self._in_flight or container_id in self._gc_claimed:
+                return False
+            self._gc_claimed.add(container_id)
+            return True
+
+    def _gc_release(self, container_id: str):
+        with self._busy_cond:
+            self._gc_claimed.discard(container_id)
+            self._busy_cond.notify_all()
 
     # -- entry ----------------------------------------------------------------
     def handle(self, data: bytes) -> tuple[int, bytes]:
@@ -99,7 +136,11 @@ class CNIService:
             self._validate(req)
             handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
                        "GC": self.gc, "STATUS": self.status, "VERSION": self.version_cmd}[req.command]
-            out = handler(req)
+            if req.command in ("ADD", "DEL", "CHECK"):
+                with self._attachment_request(req.container_id):
+                    out = handler(req)
+            else:
+                out = handler(req)
             code, body = 0, (json.dumps(out).encode() if out is not None else b"")
         except CNIError as exc:
             code, body = 1, json.dumps(exc.to_json(req.version if req else "1.1.0")).encode()
@@ -200,7 +241,9 @@ class CNIService:
             for v in self._versions(req):
                 if v in existing:
                     continue
-                fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id))
+                fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id, {
+                    "origin": ORIGIN_CNI, "network": req.netconf["name"],
+                    "ifname": req.ifname}))
             addrs = [a.address for a in list(existing.values()) + fresh]
             host_name = host_veth_name(ns, pod)
             info = self.podnet.setup(req.netns, req.ifname, host_name, addrs,
@@ -263,21 +306,75 @@ class CNIService:
         return None
 
     def gc(self, req):
-        """Free every address this node gave through CNI to an attachment
-        that is not in ``cni.dev/valid-attachments``."""
-        valid = req.netconf.get("cni.dev/valid-attachments")
-        if not isinstance(valid, list):
-            raise CNIError(spec.ERR_INVALID_NETCONF, "GC needs cni.dev/valid-attachments")
-        keep = {a.get("containerID") for a in valid if isinstance(a, dict)}
+        """Free the attachments this node made through CNI ADD for this
+        network that the runtime no longer lists. A record is freed only
+        when it was made by CNI ADD (not the REST API), names this network
+        ``name``, is not in the valid list (by container ID and ifname), was
+        created before this GC request started, and no ADD/DEL/CHECK of its
+        container is in flight. Errors do not stop the walk: each is logged
+        and counted, and the answer is an error naming how many failed."""
+        started = now_iso()
+        keep, keep_all = self._valid_attachments(req.netconf)
+        network = req.netconf["name"]
+        freed, failed, first_error = 0, 0, None
         for rec in self.allocator.records():
-            if rec.container_id in keep:
+            if rec.origin != ORIGIN_CNI or rec.network != network:
+                continue
+            if rec.container_id in keep_all or (rec.container_id, rec.ifname) in keep:
+                continue
+            if not rec.created_at or rec.created_at >= started:
+                continue
+            if not self._gc_claim(rec.container_id):
+                log.info("gc: request in flight, attachment kept", extra={
+                    "container": rec.container_id, "address": rec.address})
                 continue
             try:
                 self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
                 self.allocator.release_address(rec)
-            except BaseException as exc:
-                raise self._cni_error(exc) from None
+                freed += 1
+                log.info("gc: freed stale attachment", extra={
+                    "container": rec.container_id, "ifname": rec.ifname,
+                    "address": rec.address, "network": network})
+            except Exception as exc:      # noqa: BLE001 - go on with the others
+                failed += 1
+                first_error = first_error or exc
+                text = exc.one_line() if isinstance(exc, CoilError) else repr(exc)
+                log.error("gc: freeing an attachment failed", extra={
+                    "container": rec.container_id, "address": rec.address, "error": text})
+            finally:
+                self._gc_release(rec.container_id)
+        if self.metrics is not None:
+            self.metrics.gc_freed.inc(freed)
+            self.metrics.gc_errors.inc(failed)
+        if failed:
+            err = self._cni_error(first_error)
+            raise CNIError(err.code, f"GC freed {freed} attachment(s), {failed} failed: {err.msg}")
         return None
+
+    @staticmethod
+    def _valid_attachments(conf) -> tuple[set, set]:
+        """(container ID, ifname) pairs, and container IDs listed without an
+        ifname, from ``cni.dev/valid-attachments`` and ``cni.dev/attachments``
+        (both accepted). Missing or null means none. Raises CNIError (7)
+        when a list is not a list."""
+        keep, keep_all = set(), set()
+        for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+            value = conf.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                raise CNIError(spec.ERR_INVALID_NETCONF, f"{key} must be a list of "
+                                                         f"{{containerID, ifname}} objects")
+            for entry in value:
+                if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str):
+                    raise CNIError(spec.ERR_INVALID_NETCONF,
+                                   f"{key} has an entry without a containerID: {entry!r:.80}")
+                ifname = entry.get("ifname")
+                if isinstance(ifname, str) and ifname:
+                    keep.add((entry["containerID"], ifname))
+                else:               # no ifname: every attachment of the container stays
+                    keep_all.add(entry["containerID"])
+        return keep, keep_all
 
     def status(self, req):
         try:

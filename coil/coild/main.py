@@ -21,8 +21,9 @@ class Coild:
     """The node daemon: allocator + routes + pod network + the two servers."""
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
-                 scan_interval: float = 600.0):
+                 scan_interval: float = 600.0, liveness_ttl: float = 30.0):
         from coil.coild.allocator import NodeAllocator
+        from coil.coild.heartbeat import LivenessKeeper
         from coil.coild.cniservice import CNIService
         from coil.coild.metrics import CoildMetrics
         from coil.coild.podnet import PodNetwork
@@ -39,6 +40,7 @@ class Coild:
         self.metrics = CoildMetrics(self)
         self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics)
         self._stop = threading.Event()
+        self.liveness = LivenessKeeper(store.etcd, node, liveness_ttl, self._stop)
         self._servers = []
         self.ready = False
 
@@ -49,6 +51,9 @@ class Coild:
         delay = 0.5
         while True:                      # etcd may come up after us: wait for it
             try:
+                # liveness first: from now on coil-controller's guarded release
+                # of this node's blocks fails, so what load() reads stays ours
+                self.liveness.ensure()
                 self.allocator.load()
                 break
             except StoreUnavailable as exc:
@@ -70,6 +75,7 @@ class Coild:
             self._servers.append(rest)
             serve_in_thread(rest, "rest")
         self.pools.start()
+        threading.Thread(target=self.liveness.run, name="liveness", daemon=True).start()
         self.ready = True
         log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http})
 
@@ -139,8 +145,11 @@ def _validate_http(value: str) -> str:
               help="route protocol id of the published routes")
 @click.option("--scan-interval", default="10m", show_default=True,
               help="how often empty blocks are returned to the pool")
+@click.option("--liveness-ttl", default="30s", show_default=True,
+              help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def cli(http, socket_path, table_id, protocol_id, scan_interval, log_level, **kwargs):
+def cli(http, socket_path, table_id, protocol_id, scan_interval, liveness_ttl, log_level,
+        **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -155,9 +164,13 @@ def cli(http, socket_path, table_id, protocol_id, scan_interval, log_level, **kw
     if interval <= 0:
         raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
     _validate_http(http)
+    from coil.coild.heartbeat import MAX_TTL, MIN_TTL
+    ttl = cfg.parse_duration(liveness_ttl, "--liveness-ttl")
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise InvalidArgument(f"invalid --liveness-ttl {liveness_ttl!r}: must be 3s..1h")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
-    daemon = Coild(node, store, table_id, protocol_id, interval)
+    daemon = Coild(node, store, table_id, protocol_id, interval, ttl)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:

@@ -2,7 +2,8 @@
 
 REST (JSON; errors are ``{"status": CODE, "error": "..."}``):
   GET    /status                          blocks per pool, pods -> addresses
-  POST   /ip                              {pod-namespace, pod-name, container-id, address-type}
+  POST   /ip                              {pod-namespace, pod-name, container-id, address-type,
+                                           release-if-leaked}
   GET    /ip/<ns>/<pod>/<container-id>    404 when none
   DELETE /ip/<ns>/<pod>/<container-id>
   GET    /healthz, /readyz, /metrics
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from coil import __version__
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
                          StoreUnavailable)
+from coil.store.model import ORIGIN_REST
 
 log = logging.getLogger("coild.server")
 MAX_REQUEST = 16 << 20
@@ -126,11 +128,15 @@ class RestHandler(BaseHTTPRequestHandler):
         kind = body.get("address-type", "ipv4")
         if kind not in ("ipv4", "ipv6"):
             raise InvalidArgument(f"invalid address-type {kind!r}: ipv4 or ipv6")
+        opt_in = body.get("release-if-leaked", False)
+        if not isinstance(opt_in, bool):
+            raise InvalidArgument(f"invalid release-if-leaked {str(opt_in)[:40]!r}: true or false")
+        extra = {"origin": ORIGIN_REST, **({"release_if_leaked": True} if opt_in else {})}
         d = self.server.coild
         ns = body["pod-namespace"]
         pool = d.pools.for_namespace(ns)
         rec = d.allocator.allocate(pool, 4 if kind == "ipv4" else 6, ns, body["pod-name"],
-                                   body["container-id"])
+                                   body["container-id"], extra)
         self._send(200, {"address": rec.address, "status": 200})
 
     def do_DELETE(self):

@@ -175,7 +175,7 @@ class Etcd:
 
     # -- transactions -------------------------------------------------------
     # compare tuples: ("version"|"mod"|"create", key, op, int) and
-    # ("prefix-empty", prefix); ops: ("put", key, bytes), ("delete", key),
+    # ("prefix-empty", prefix); ops: ("put", key, bytes[, lease]), ("delete", key),
     # ("delete-prefix", prefix), ("get", key)
     def _compare(self, spec):
         rpc = self._rpc
@@ -203,8 +203,9 @@ class Etcd:
     def _op(self, spec):
         rpc = self._rpc
         kind = spec[0]
-        if kind == "put":
-            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(spec[1]), value=spec[2]))
+        if kind == "put":     # ("put", key, value[, lease id])
+            return rpc.RequestOp(request_put=rpc.PutRequest(
+                key=self._key(spec[1]), value=spec[2], lease=spec[3] if len(spec) > 3 else 0))
         if kind == "delete":
             return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._key(spec[1])))
         if kind == "delete-prefix":
@@ -227,3 +228,36 @@ class Etcd:
         """Unguarded put; only for tests and tools, never for IPAM state."""
         ok, rev, _ = self.txn([], [("put", key, value)])
         return rev
+
+    # -- leases -------------------------------------------------------------
+    def lease_grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; returns its id. Raises StoreUnavailable."""
+        req = self._rpc.LeaseGrantRequest(TTL=int(ttl), ID=0)
+        resp = self._call(lambda c: c.leasestub.LeaseGrant(req, c.timeout, **self._auth(c)))
+        if resp.error:
+            raise StoreUnavailable(f"etcd at {self._endpoint_text} refused a lease: {resp.error}")
+        return resp.ID
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Renew a lease once. Returns the seconds it has left now; 0 or less
+        means it has expired (or never existed): its keys are gone. Raises
+        StoreUnavailable. Safe to repeat."""
+        req = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
+
+        def once(c):
+            for resp in c.leasestub.LeaseKeepAlive(iter([req]), c.timeout, **self._auth(c)):
+                return resp.TTL
+            return 0
+        return self._call(once)
+
+    def lease_revoke(self, lease_id: int) -> bool:
+        """Revoke a lease and delete its keys. False when it did not exist
+        (expired already). Raises StoreUnavailable. Safe to repeat."""
+        req = self._rpc.LeaseRevokeRequest(ID=lease_id)
+        try:
+            self._call(lambda c: c.leasestub.LeaseRevoke(req, c.timeout, **self._auth(c)))
+        except StoreUnavailable as exc:
+            if "lease not found" in str(exc):
+                return False
+            raise
+        return True

@@ -7,7 +7,9 @@ All keys are relative to the configured prefix (default ``/coil/``).
     subnets-guard                 "<generation>"        serialises subnet changes
     block/<pool>/<block-CIDR>     {"node", "subnet", "acquired_at"}  one per held block
     node-block/<node>/<block-CIDR>  "<pool>"            index of a node's blocks
-    ip/<block-CIDR>/<offset>      {"namespace", "pod", "container_id", "created_at"}
+    ip/<block-CIDR>/<offset>      {"namespace", "pod", "container_id", "created_at",
+                                   "origin", "network", "ifname", "release_if_leaked"}
+    node-alive/<node>             {"pid", "since"}     under the node's coild lease
 
 A free block has no key: taking one is a create guarded by
 ``version(block/...) == 0``, so nodes taking blocks never rewrite a shared
@@ -20,6 +22,7 @@ SUBNETS_GUARD = "subnets-guard"
 BLOCK = "block/"
 NODE_BLOCK = "node-block/"
 IP = "ip/"
+NODE_ALIVE = "node-alive/"
 
 
 def pool(name: str) -> str:
@@ -52,6 +55,11 @@ def block_ips(block_cidr: str) -> str:
 
 def ip(block_cidr: str, offset: int) -> str:
     return f"{IP}{block_cidr}/{offset}"
+
+
+def node_alive(node: str) -> str:
+    """The liveness record of ``node``'s coild (attached to an etcd lease)."""
+    return f"{NODE_ALIVE}{node}"
 
 
 def parse_block_key(key: str) -> tuple[str, str]:
