@@ -144,3 +144,16 @@ def need_sandbox(*extra_tools):
         cnitool_path()
     except Exception as exc:  # noqa: BLE001 - its message says what is missing
         pytest.skip(str(exc))
+
+
+class FakeClock:
+    """A clock that moves only when told to (``clock()`` -> seconds)."""
+
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds

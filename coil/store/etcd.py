@@ -22,6 +22,7 @@ class KV:
     mod_revision: int
     create_revision: int
     version: int
+    lease: int = 0
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -150,7 +151,7 @@ class Etcd:
 
     def _kv(self, kv) -> KV:
         return KV(kv.key.decode()[len(self.prefix):], kv.value, kv.mod_revision,
-                  kv.create_revision, kv.version)
+                  kv.create_revision, kv.version, kv.lease)
 
     # -- reads --------------------------------------------------------------
     def get(self, key: str) -> KV | None:
