@@ -79,6 +79,8 @@ class Config:
     coild_scan_interval: str = "10m"
     kubernetes: bool = False             # kube-apiserver, Node objects, coil-controller
     controller_scan_interval: str = "30s"   # coil-controller's leak scan
+    coild_liveness_ttl: str = "5s"          # node-alive/<node> lease: lapses soon after a stop
+    controller_node_grace: str = "1m"       # the shortest grace coil-controller accepts
 
     def validate(self):
         if not 1 <= self.nodes <= 200:
@@ -514,7 +516,8 @@ class Sandbox:
         return self.spawn("coild", n["name"], n["netns"], [
             sys.executable, "-m", "coil", "coild", "--etcd-endpoints", self.etcd_endpoint,
             "--etcd-prefix", cfg.etcd_prefix, "--socket", n["coild_socket"],
-            "--http", n["http"], "--scan-interval", cfg.coild_scan_interval],
+            "--http", n["http"], "--scan-interval", cfg.coild_scan_interval,
+            "--liveness-ttl", cfg.coild_liveness_ttl],
             os.path.join(n["dir"], "coild.log"), env={"COIL_NODE_NAME": n["name"]})
 
     def _wait_coild(self, node: str, timeout: float = 30):

@@ -11,6 +11,9 @@ All keys are relative to the configured prefix (default ``/coil/``).
                                    "origin", "network", "ifname", "release_if_leaked"}
     node-alive/<node>             {"pid", "since"}     under the node's coild lease
 
+Address records written before ``origin``/``network``/``ifname`` existed
+read as origin unknown, network unknown, ifname ``eth0`` (see docs/schema.md).
+
 A free block has no key: taking one is a create guarded by
 ``version(block/...) == 0``, so nodes taking blocks never rewrite a shared
 document.

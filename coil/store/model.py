@@ -10,6 +10,7 @@ is only released when no address key exists under it (range compare).
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import json
 import random
@@ -84,6 +85,13 @@ def validate_block_size(size, subnet=None) -> int:
             raise InvalidArgument(f"invalid block size {value} for subnet {subnet}: "
                                   f"a /{subnet.prefixlen} holds at most 2^{host_bits} addresses")
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_base(cidr: str):
+    """The first address of a block (decoding many records of one block
+    parses its CIDR once)."""
+    return ipaddress.ip_network(cidr).network_address
 
 
 def _dumps(obj) -> bytes:
@@ -380,9 +388,9 @@ class IPAMStore:
     def _decode_address(self, kv) -> Address:
         cidr, offset = keys.parse_ip_key(kv.key)
         data = json.loads(kv.value)
-        addr = ipaddress.ip_network(cidr).network_address + offset
-        opt = {k: data[k] for k, kind in RECORD_FIELDS.items()
-               if k in data and isinstance(data[k], kind)}
+        addr = _block_base(cidr) + offset
+        opt = {k: v for k, v in data.items()
+               if k in RECORD_FIELDS and isinstance(v, RECORD_FIELDS[k])} if len(data) > 4 else {}
         return Address(str(addr), cidr, offset, data.get("namespace", ""), data.get("pod", ""),
                        data.get("container_id", ""), data.get("created_at", ""),
                        kv.mod_revision, **opt)
