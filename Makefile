@@ -16,14 +16,9 @@ PYTEST_ARGS ?=
 
 all: build
 
+# installs what is missing without starting the packages' host services (tools/apt-install.sh)
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	fi
+	@tools/apt-install.sh $(APT_PACKAGES)
 
 $(VENV)/.installed: pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,10 +53,13 @@ test: build
 	COIL_STRICT=1 COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-disable -m "not slow"
 
 bench: build
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-only $(PYTEST_ARGS)
 
 demo: core
+	@tools/host-services.sh snapshot .cache/host-services.before
 	$(PY) -m coil.demo
+	@tools/host-services.sh check .cache/host-services.before
 
 clean:
 	rm -rf build .cache $(CNITOOL) coil/_fast/hypercoil

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-pytest_plugins = ["strict"]  # skips fail under COIL_STRICT=1
+pytest_plugins = ["kube", "strict"]  # kube_apiserver fixture; skips fail under COIL_STRICT=1
 
 _ROOT_CONFTEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "tests", "conftest.py")

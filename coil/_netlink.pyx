@@ -127,6 +127,7 @@ cdef enum:
     IFLA_IFNAME = 3
     IFLA_MTU = 4
     IFLA_LINKINFO = 18
+    IFLA_GROUP = 27
     IFLA_NET_NS_FD = 28
     IFLA_EXT_MASK = 29
     IFLA_INFO_KIND = 1
@@ -289,7 +290,7 @@ cdef tuple_new = tuple.__new__
 cdef object parse_link(const char *m, int mlen):
     cdef int off = NLMSG_HDRLEN + 16, alen, atype, noff, nend
     cdef int32_t index
-    cdef uint32_t flags, mtu = 0
+    cdef uint32_t flags, mtu = 0, group = 0
     cdef const char *d
     name = ""
     mac = ""
@@ -308,6 +309,8 @@ cdef object parse_link(const char *m, int mlen):
             name = cstr(d, alen - 4)
         elif atype == IFLA_MTU and alen >= 8:
             mtu = rd32(d)
+        elif atype == IFLA_GROUP and alen >= 8:
+            group = rd32(d)
         elif atype == IFLA_ADDRESS:
             mac = fmt_mac(d, alen - 4)
         elif atype == IFLA_LINKINFO:
@@ -321,7 +324,7 @@ cdef object parse_link(const char *m, int mlen):
                     break
                 noff += align4(rd16(m + noff))
         off += align4(alen)
-    return tuple_new(Link, (index, name, mtu, mac, bool(flags & IFF_UP), kind))
+    return tuple_new(Link, (index, name, mtu, mac, bool(flags & IFF_UP), kind, group))
 
 cdef object parse_addr(const char *m, int mlen, int want_index):
     cdef int off = NLMSG_HDRLEN + 8, alen, atype
@@ -781,16 +784,22 @@ cdef class Netlink:
             raise NetlinkError(f"deleting link {name}", rc)
         return True
 
-    def link_set(self, index, up=None, mtu=None, netns=None):
-        """Set the link up/down and/or its MTU, or move it to ``netns``.
+    def link_set(self, index, up=None, mtu=None, netns=None, name=None, group=None):
+        """Set the link up/down, its MTU, its name and/or its group, or move
+        it to ``netns``; all given changes go in one RTM_SETLINK.
+
+        ``name`` renames the link (the kernel applies the rename before the
+        up/down change of the same request; kernels that refuse to rename a
+        link that is up answer EBUSY). ``group`` (1..2**32-1) puts the link
+        in that link group (IFLA_GROUP), see ``link_del_group``.
 
         ``netns`` (a path such as ``/run/netns/NAME`` or an open fd of a
         network namespace) moves the link there: RTM_SETLINK with
         IFLA_NET_NS_FD; a path is opened O_RDONLY|O_CLOEXEC and closed
         again, an fd is left open. Errors name the link and the target
         ("moving link 7 to /run/netns/x: ..."); a missing path raises
-        ENOENT before any request is sent. ``netns`` together with ``up``
-        or ``mtu`` raises EINVAL: the index means another link (or none)
+        ENOENT before any request is sent. ``netns`` together with any
+        other change raises EINVAL: the index means another link (or none)
         after the move, so set those with a handle opened in the target
         namespace. A veth peer is better created in its namespace directly
         (``veth_add(..., peer_netns=...)``): moving one afterwards costs far
@@ -800,13 +809,28 @@ cdef class Netlink:
         cdef int off, rc
         cdef int32_t c_index
         cdef uint32_t flags = 0, change = 0
+        cdef bytes b_name = None
+        cdef str context
         if netns is not None:
+            if name is not None or group is not None:
+                raise NetlinkError(f"moving link {index} to {target_label(netns)}",
+                                   _errno.EINVAL,
+                                   hint="rename or regroup with a handle opened in the "
+                                        "target namespace after the move")
             self._link_move(index, up, mtu, netns)
             return
+        context = f"setting link index {index}"
         if not isinstance(index, int) or index <= 0 or index > 0x7FFFFFFF:
-            raise NetlinkError(f"setting link index {index}", _errno.ENODEV)
+            raise NetlinkError(context, _errno.ENODEV)
         if mtu is not None and (not isinstance(mtu, int) or mtu <= 0 or mtu > 0xFFFFFFFF):
-            raise NetlinkError(f"setting link index {index}", _errno.EINVAL)
+            raise NetlinkError(context, _errno.EINVAL)
+        if name is not None:
+            context = f"renaming link index {index} to {name}"
+            b_name = ifname_bytes(name, context)
+        if group is not None and (not isinstance(group, int) or isinstance(group, bool)
+                                  or group <= 0 or group > 0xFFFFFFFF):
+            raise NetlinkError(f"setting the group of link index {index} to {group!r}",
+                               _errno.EINVAL)
         c_index = <int32_t>index
         off = put_hdr(req, RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK)
         memset(req + off, 0, 16)
@@ -819,9 +843,39 @@ cdef class Netlink:
         off += 16
         if mtu is not None:
             off = put_u32(req, off, IFLA_MTU, <uint32_t>mtu)
+        if b_name is not None:
+            off = put_str(req, off, IFLA_IFNAME, b_name, len(b_name))
+        if group is not None:
+            off = put_u32(req, off, IFLA_GROUP, <uint32_t>group)
         rc = self._xfer(req, off, P_NONE, None)
         if rc:
-            raise NetlinkError(f"setting link index {index}", rc)
+            raise NetlinkError(context, rc)
+
+    def link_del_group(self, group):
+        """Delete every link of link group ``group`` with one RTM_DELLINK
+        (ifi_index 0 + IFLA_GROUP, as ``ip link del group N``): the kernel
+        unregisters them as one batch (one ``unregister_netdevice_many()``,
+        one set of RCU grace periods), and a veth takes its peer, wherever
+        it is, with it. True when links were deleted, False when the group
+        was empty. The kernel refuses the whole request (EOPNOTSUPP, nothing
+        deleted) when a member cannot be deleted by rtnetlink. ``group`` 0
+        (every link's default) raises EINVAL before anything is sent."""
+        cdef char req[REQ_SIZE]
+        cdef int off, rc
+        cdef str context = f"deleting link group {group!r}"
+        if not isinstance(group, int) or isinstance(group, bool) \
+                or group <= 0 or group > 0xFFFFFFFF:
+            raise NetlinkError(context, _errno.EINVAL)
+        off = put_hdr(req, RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK)
+        memset(req + off, 0, 16)
+        off += 16
+        off = put_u32(req, off, IFLA_GROUP, <uint32_t>group)
+        rc = self._xfer(req, off, P_NONE, None)
+        if rc == _errno.ENODEV:
+            return False
+        if rc:
+            raise NetlinkError(context, rc)
+        return True
 
     cdef int _link_move(self, index, up, mtu, netns) except -1:
         cdef char req[REQ_SIZE]

@@ -17,9 +17,11 @@ Methods
 ``link_get(name)``, ``link_get_index(index)`` -> Link | None
 ``link_list()`` -> list[Link]
 ``veth_add(name, peer_name, peer_netns=None, mtu=None)`` -> index of name
-``link_del(name)`` -> bool, ``link_set(index, up=None, mtu=None, netns=None)``
-(``netns``: move the link to that namespace, path or fd; not together with
-``up``/``mtu``)
+``link_del(name)`` -> bool, ``link_del_group(group)`` -> bool (every link
+of that IFLA_GROUP in one request, one kernel batch),
+``link_set(index, up=None, mtu=None, netns=None, name=None, group=None)``
+(one request; ``name`` renames, ``group`` sets IFLA_GROUP; ``netns``: move
+the link to that namespace, path or fd, not together with another change)
 ``addr_add(index, address, prefixlen, scope=0, nodad=False)``
 ``addr_list(index=None, family=0)`` -> list[Addr]
 ``addr_del(index, address, prefixlen)``
@@ -93,6 +95,11 @@ def _check_ifname(name, context: str) -> None:
         raise NetlinkError(context, _errno.EINVAL)
 
 
+def _group_ok(group) -> bool:
+    return (isinstance(group, int) and not isinstance(group, bool)
+            and 0 < group <= 0xFFFFFFFF)
+
+
 def _ifname_ok(name) -> bool:
     return isinstance(name, str) and 0 < len(name.encode()) < IFNAMSIZ
 
@@ -105,7 +112,7 @@ def _link(msg) -> Link:
     mac = msg.get_attr("IFLA_ADDRESS") or ""
     return Link(msg["index"], msg.get_attr("IFLA_IFNAME") or "",
                 msg.get_attr("IFLA_MTU") or 0, mac,
-                bool(msg["flags"] & IFF_UP), kind)
+                bool(msg["flags"] & IFF_UP), kind, msg.get_attr("IFLA_GROUP") or 0)
 
 
 def _addr(msg) -> Addr:
@@ -275,30 +282,72 @@ class Netlink:
             raise
         return True
 
-    def link_set(self, index: int, up=None, mtu=None, netns=None) -> None:
-        """Set the link up/down and/or its MTU, or move it to ``netns``.
+    def link_set(self, index: int, up=None, mtu=None, netns=None, name=None,
+                 group=None) -> None:
+        """Set the link up/down, its MTU, its name and/or its group, or move
+        it to ``netns``; all given changes go in one RTM_SETLINK.
+
+        ``name`` renames the link (the kernel applies the rename before the
+        up/down change of the same request; kernels that refuse to rename a
+        link that is up answer EBUSY). ``group`` (1..2**32-1) puts the link
+        in that link group (IFLA_GROUP), see ``link_del_group``.
 
         ``netns`` (a path such as ``/run/netns/NAME`` or an open fd of a
         network namespace) moves the link there with IFLA_NET_NS_FD; a
         path is opened O_RDONLY|O_CLOEXEC and closed again, an fd is left
         open. Errors name the link and the target ("moving link 7 to
         /run/netns/x: ..."); a missing path raises ENOENT before any
-        request is sent. ``netns`` together with ``up`` or ``mtu`` raises
+        request is sent. ``netns`` together with any other change raises
         EINVAL: the index means another link (or none) after the move, so
         set those with a handle opened in the target namespace. A veth
         peer is better created in its namespace directly (``veth_add(...,
         peer_netns=...)``): moving one afterwards costs far more kernel time.
         """
         if netns is not None:
+            if name is not None or group is not None:
+                raise NetlinkError(f"moving link {index} to {target_label(netns)}",
+                                   _errno.EINVAL,
+                                   hint="rename or regroup with a handle opened in the "
+                                        "target namespace after the move")
             self._link_move(index, up, mtu, netns)
             return
+        context = f"setting link index {index}"
+        if not isinstance(index, int) or index <= 0 or index > 0x7FFFFFFF:
+            raise NetlinkError(context, _errno.ENODEV)
+        if mtu is not None and (not isinstance(mtu, int) or mtu <= 0 or mtu > 0xFFFFFFFF):
+            raise NetlinkError(context, _errno.EINVAL)
         spec = {"index": index}
         if up is not None:
             spec["flags"] = IFF_UP if up else 0
             spec["change"] = IFF_UP
         if mtu is not None:
             spec["mtu"] = mtu
-        self._call(f"setting link index {index}", "link", "set", **spec)
+        if name is not None:
+            context = f"renaming link index {index} to {name}"
+            _check_ifname(name, context)
+            spec["ifname"] = name
+        if group is not None:
+            if not _group_ok(group):
+                raise NetlinkError(f"setting the group of link index {index} to {group!r}",
+                                   _errno.EINVAL)
+            spec["IFLA_GROUP"] = group
+        self._call(context, "link", "set", **spec)
+
+    def link_del_group(self, group) -> bool:
+        """Delete every link of link group ``group`` with one RTM_DELLINK
+        (ifi_index 0 + IFLA_GROUP, as ``ip link del group N``): one kernel
+        batch, and a veth takes its peer with it. True when links were
+        deleted, False when the group was empty; group 0 raises EINVAL."""
+        context = f"deleting link group {group!r}"
+        if not _group_ok(group):
+            raise NetlinkError(context, _errno.EINVAL)
+        try:
+            self._call(context, "link", "del", index=0, IFLA_GROUP=group)
+        except NetlinkError as exc:
+            if exc.errno == _errno.ENODEV:
+                return False
+            raise
+        return True
 
     def _link_move(self, index, up, mtu, netns) -> None:
         context = f"moving link {index} to {target_label(netns)}"

@@ -40,6 +40,7 @@ RTPROT_STATIC = 4
 RT_TABLE_MAIN = 254
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
+GROUP_MAX = 0xFFFFFFFF
 
 
 # -- value types ------------------------------------------------------------
@@ -54,6 +55,7 @@ class Link(NamedTuple):
     mac: str            # "aa:bb:cc:dd:ee:ff"; "" when the link has none
     up: bool            # IFF_UP (administratively up)
     kind: Optional[str]  # IFLA_INFO_KIND ("veth", "dummy", ...) or None
+    group: int = 0      # IFLA_GROUP (0: the default group)
 
 
 class Addr(NamedTuple):

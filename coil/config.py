@@ -1,8 +1,9 @@
 """etcd connection settings, shared by every role that talks to etcd.
 
-Precedence: command-line flags > environment (``<ROLE>_ETCD_ENDPOINTS`` ...)
-> a YAML/JSON config file (``~/.coilctl.yml`` for coilctl) > defaults.
-The flag names are v1's, so operators' scripts keep working.
+Precedence: command-line flags > environment (``<ROLE>_ETCD_ENDPOINTS`` ...,
+then for coilctl v1's ``COILCTL_ENDPOINTS`` ...) > a YAML/JSON config file
+(``~/.coilctl.yml`` for coilctl; v1's ``tls-ca-file`` keys and inline PEM
+too) > defaults. The flag names are v1's, so operators' scripts keep working.
 """
 
 from __future__ import annotations
@@ -29,6 +30,46 @@ FIELDS = {
     "tls_cert": ("--etcd-tls-cert", "tls-cert"),
     "tls_key": ("--etcd-tls-key", "tls-key"),
 }
+
+
+# Coil v1's coilctl (cybozu-go/etcdutil): config-file keys and, after the
+# v1 environment prefix (``COILCTL_``), the same names upper-cased with
+# '-' -> '_'. ``tls-ca`` etc. hold inline PEM in v1 and a file path here:
+# a value starting with "-----BEGIN" is PEM, anything else a path.
+V1_FILE_KEYS = {
+    "tls_ca": "tls-ca-file",
+    "tls_cert": "tls-cert-file",
+    "tls_key": "tls-key-file",
+}
+V1_ENV_NAMES = {
+    "endpoints": ("ENDPOINTS",),
+    "prefix": ("PREFIX",),
+    "timeout": ("TIMEOUT",),
+    "username": ("USERNAME",),
+    "password": ("PASSWORD",),
+    "tls_ca": ("TLS_CA_FILE", "TLS_CA"),
+    "tls_cert": ("TLS_CERT_FILE", "TLS_CERT"),
+    "tls_key": ("TLS_KEY_FILE", "TLS_KEY"),
+}
+PEM_MARK = "-----BEGIN"
+_pem_dir = None
+
+
+def _pem_file(field: str, pem: str) -> str:
+    """Write inline PEM to a private file (0600 in a 0700 directory removed
+    at exit) and return its path: the etcd client takes files."""
+    global _pem_dir
+    import atexit
+    import shutil
+    import tempfile
+    if _pem_dir is None:
+        _pem_dir = tempfile.mkdtemp(prefix="coil-etcd-pem-")
+        atexit.register(shutil.rmtree, _pem_dir, True)
+    path = os.path.join(_pem_dir, f"{field}.pem")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(pem if pem.endswith("\n") else pem + "\n")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +177,7 @@ def load_file(path: str | None) -> dict:
         raise InvalidArgument(f"invalid config file {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"invalid config file {path}: expected a mapping of keys")
-    known = {key for _, key in FIELDS.values()}
+    known = {key for _, key in FIELDS.values()} | set(V1_FILE_KEYS.values())
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
         raise InvalidArgument(f"invalid config file {path}: unknown key {unknown[0]!r}")
@@ -144,11 +185,14 @@ def load_file(path: str | None) -> dict:
 
 
 def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
-            environ=None) -> EtcdConfig:
+            environ=None, v1_env_prefix: str | None = None) -> EtcdConfig:
     """Merge flags (values None when not given) > environment > file.
 
     ``env_prefix`` is e.g. ``COILCTL_ETCD_`` so that ``COILCTL_ETCD_ENDPOINTS``
-    and ``COILCTL_ETCD_TLS_CA`` are read. Raises InvalidArgument.
+    and ``COILCTL_ETCD_TLS_CA`` are read. ``v1_env_prefix`` (``COILCTL_`` for
+    coilctl) also reads Coil v1's names (``COILCTL_ENDPOINTS``,
+    ``COILCTL_TLS_CA_FILE``, ``COILCTL_TLS_CA`` with inline PEM, ...). Within
+    one layer the current name wins over the v1 one. Raises InvalidArgument.
     """
     environ = os.environ if environ is None else environ
     file_values = load_file(config_file)
@@ -157,14 +201,26 @@ def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
         value = flags.get(field)
         if value is None:
             value = environ.get(env_prefix + field.upper())
+        if value is None and v1_env_prefix:
+            for name in V1_ENV_NAMES[field]:
+                value = environ.get(v1_env_prefix + name)
+                if value is not None:
+                    break
         if value is None:
             value = file_values.get(file_key)
+        if value is None and field in V1_FILE_KEYS:
+            value = file_values.get(V1_FILE_KEYS[field])
         if value is not None:
             merged[field] = value
+    for field in V1_FILE_KEYS:
+        if field in merged and str(merged[field]).lstrip().startswith(PEM_MARK):
+            merged[field] = _pem_file(field, str(merged[field]).strip())
     if "endpoints" in merged:
         eps = merged["endpoints"]
         if isinstance(eps, (list, tuple)):
             eps = ",".join(map(str, eps))
+        elif "," not in str(eps):
+            eps = ",".join(str(eps).split())       # v1 (viper) split a list on spaces
         merged["endpoints"] = split_endpoints(eps)
     if "prefix" in merged:
         prefix = str(merged["prefix"])

@@ -60,6 +60,11 @@ class PoolExhausted(CoilError):
         self.pool = pool
 
 
+class V1StoreDetected(CoilError):
+    """The etcd prefix holds a Coil v1 store: nothing but ``coilctl migrate v1``
+    may read or write it."""
+
+
 class StoreUnavailable(CoilError):
     """etcd cannot be reached or refused the request."""
 

@@ -60,12 +60,27 @@ class Netns:
     def routes(self, *args) -> str:
         return self.exec("ip", *args).stdout
 
+    def retired(self) -> list[str]:
+        """Links waiting in coild's deletion queue (its retired link group)."""
+        from coil.coild.teardown import RETIRED_GROUP
+        out = self.exec("ip", "-o", "link", "show", "group", str(RETIRED_GROUP)).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+    def wait_retired_gone(self, timeout: float = 30) -> None:
+        """Wait until coild's deletion queue has deleted every retired link
+        (it flushes within --teardown-delay); fails after ``timeout``."""
+        deadline = time.time() + timeout
+        while self.retired():
+            if time.time() > deadline:
+                raise AssertionError(f"retired links not deleted: {self.retired()}")
+            time.sleep(0.05)
+
 
 class Coild:
     """coild running inside a node namespace, started and stopped by PID."""
 
     def __init__(self, node: Netns, workdir: str, etcd_endpoint: str, prefix: str,
-                 node_name: str = "node1", extra=()):
+                 node_name: str = "node1", extra=(), hook_dir: str | None = None):
         self.node = node
         self.workdir = workdir
         self.socket = os.path.join(workdir, "coild.sock")
@@ -76,9 +91,12 @@ class Coild:
         self.proc = None
         self.log_path = os.path.join(workdir, "coild.log")
         self.http_port = 9383
+        self.hook_dir = hook_dir     # run through tests/coild_hooked.py (pause points)
 
     def start(self, wait=True):
-        cmd = ["ip", "netns", "exec", self.node.name, sys.executable, "-m", "coil", "coild",
+        entry = ([os.path.join(REPO, "tests", "coild_hooked.py"), self.hook_dir]
+                 if self.hook_dir else ["-m", "coil", "coild"])
+        cmd = ["ip", "netns", "exec", self.node.name, sys.executable, *entry,
                "--etcd-endpoints", self.etcd_endpoint, "--etcd-prefix", self.prefix,
                "--socket", self.socket, "--http", f"127.0.0.1:{self.http_port}", *self.extra]
         env = dict(os.environ, COIL_NODE_NAME=self.node_name)

@@ -50,8 +50,15 @@
 #define RELAY_MAGIC "COIL1\n"
 #define MAX_STDIN (16u * 1024u * 1024u)      /* larger stdin: ERR_DECODE */
 #define MAX_RESPONSE (64u * 1024u * 1024u)   /* larger answer: malformed */
+/* The runtime gives a CNI call 120 s. Connect (5 s) + answer (110 s) stay
+ * under that and above coild's own 100 s request deadline, so coild gives
+ * up (and rolls back) before we do, and we answer before the runtime kills
+ * us. docs/cni.md, "Timeouts". */
+#ifndef COIL_CONNECT_TIMEOUT_MS
+#define COIL_CONNECT_TIMEOUT_MS 5000         /* coild must accept within */
+#endif
 #ifndef COIL_RELAY_TIMEOUT_MS
-#define COIL_RELAY_TIMEOUT_MS 120000         /* coild must answer within */
+#define COIL_RELAY_TIMEOUT_MS 110000         /* coild must answer within */
 #endif
 #ifndef COIL_PYTHON
 #define COIL_PYTHON "/usr/bin/python3"
@@ -701,8 +708,8 @@ static int cni_main(void)
             err = errno;
         } else {
             /* a full listen queue must not block us for ever either */
-            struct timeval tv = { COIL_RELAY_TIMEOUT_MS / 1000,
-                                  (COIL_RELAY_TIMEOUT_MS % 1000) * 1000 };
+            struct timeval tv = { COIL_CONNECT_TIMEOUT_MS / 1000,
+                                  (COIL_CONNECT_TIMEOUT_MS % 1000) * 1000 };
             setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
             socklen_t alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len);
             while (connect(fd, (struct sockaddr *)&addr, alen) < 0) {

@@ -13,6 +13,7 @@ from coil.coilctl import render
 
 CONFIG_FILE = "~/.coilctl.yml"
 ENV_PREFIX = "COILCTL_ETCD_"
+V1_ENV_PREFIX = "COILCTL_"            # v1's names: COILCTL_ENDPOINTS, COILCTL_TLS_CA_FILE ...
 
 
 class Ctx:
@@ -21,11 +22,21 @@ class Ctx:
         self.config_file = config_file
         self.output = output
         self._store = None
+        self.allow_v1 = False           # only 'migrate v1' may open a v1 store
 
     @property
     def store(self):
         if self._store is None:
-            self._store = open_store(cfg.resolve(self.flags, ENV_PREFIX, self.config_file))
+            store = open_store(cfg.resolve(self.flags, ENV_PREFIX, self.config_file,
+                                           v1_env_prefix=V1_ENV_PREFIX))
+            if not self.allow_v1:
+                from coil.store.v1 import refuse_if_v1
+                try:
+                    refuse_if_v1(store.etcd, "coilctl")
+                except BaseException:
+                    store.close()
+                    raise
+            self._store = store
         return self._store
 
     def emit(self, data, human: str):
@@ -96,14 +107,21 @@ def pool_list(obj):
 @pool.command("show")
 @click.argument("name")
 @click.argument("subnet", required=False)
+@click.option("--json", "as_json", is_flag=True, help="same as '-o json' (v1's flag)")
 @click.pass_obj
-def pool_show(obj, name, subnet):
+def pool_show(obj, name, subnet, as_json):
     """Block usage of pool NAME (optionally only SUBNET)."""
     from coil.store.model import parse_subnet, validate_pool_name
+    if as_json:
+        obj.output = "json"
     validate_pool_name(name)
     if subnet is not None:
         parse_subnet(subnet)
     u = obj.store.pool_usage(name, subnet)
+    nodes = {}                      # v1's "nodes" key: node -> its blocks
+    for b in u["blocks"]:
+        nodes.setdefault(b["node"], []).append(b["block"])
+    u["nodes"] = nodes
     head = (f"pool {u['pool']}  subnets {', '.join(u['subnets'])}  "
             f"block size {u['addresses_per_block']}\n"
             f"blocks: {u['blocks_used']} used, {u['blocks_free']} free of {u['blocks_total']}")
@@ -129,13 +147,15 @@ def node():
 @click.argument("node_name", metavar="NODE")
 @click.pass_obj
 def node_blocks(obj, node_name):
-    """Address blocks held by NODE."""
-    from coil.errors import NotFound
+    """Address blocks held by NODE (nothing, exit 0, for an idle node)."""
     from coil.store.model import validate_node_name
     validate_node_name(node_name)
     blocks = obj.store.node_blocks(node_name)
     if not blocks:
-        raise NotFound(f"node {node_name!r} holds no address block")
+        # v1 printed nothing and exited 0 for an idle node; so do we (JSON: [])
+        if obj.output == "json":
+            obj.emit([], "")
+        return
     rows = []
     data = []
     for b in sorted(blocks, key=lambda b: (b.pool, b.network.version, b.network)):
@@ -164,12 +184,44 @@ def address_info(obj, addr):
 
 @address.command("free")
 @click.argument("addr", metavar="ADDRESS")
+@click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
 @click.pass_obj
-def address_free(obj, addr):
-    """Free ADDRESS by hand (e.g. leaked by a crashed node)."""
+def address_free(obj, addr, yes):
+    """Free ADDRESS by hand (e.g. leaked by a crashed node). Asks first, as
+    v1 did, unless --yes; without a terminal, --yes is required."""
+    from coil.errors import InvalidArgument
+    if not yes:
+        info = obj.store.address_info(addr)
+        if not sys.stdin.isatty():
+            raise InvalidArgument(f"refusing to free {info['address']} without confirmation: "
+                                  f"stdin is not a terminal, add --yes")
+        click.echo("\n".join(f"{k}: {info[k]}" for k in
+                              ("address", "pool", "block", "node", "namespace", "pod",
+                               "container_id", "created_at")), err=True)
+        if not click.confirm(f"free {info['address']}?", default=False, err=True):
+            raise click.exceptions.Abort()
     rec = obj.store.free_address(addr)
     obj.emit(rec.to_json(), f"freed {rec.address} (was {rec.namespace}/{rec.pod}, "
                             f"container {rec.container_id})")
+
+
+@cli.group()
+def migrate():
+    """Convert a store written by an older Coil."""
+
+
+@migrate.command("v1")
+@click.option("--dry-run", is_flag=True, help="report what would be converted, change nothing")
+@click.pass_obj
+def migrate_v1(obj, dry_run):
+    """Convert a Coil v1 store under --etcd-prefix in place.
+
+    Stop every v1 coild and coil-controller and back up etcd first (see
+    docs/upgrade-from-v1.md). Safe to interrupt and to run again: it resumes."""
+    from coil.store import v1
+    obj.allow_v1 = True
+    report = v1.migrate(obj.store.etcd, dry_run=dry_run)
+    obj.emit(report, render.migration(report, obj.store.etcd.prefix))
 
 
 @cli.command("completion")

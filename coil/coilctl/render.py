@@ -14,3 +14,35 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def as_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def migration(r: dict, prefix: str) -> str:
+    """The human report of ``coilctl migrate v1``."""
+    steps = r["steps"]
+    if not r["v1"]:
+        return f"no Coil v1 data under {prefix}: nothing to convert"
+    verb = "would convert" if r["dry_run"] else "converted"
+    nodes = sorted({b["node"] for b in r["blocks"]})
+    lines = [f"Coil v1 store under {prefix}: {verb} {len(r['pools'])} pools, "
+             f"{len(r['blocks'])} blocks of {len(nodes)} nodes, {r['addresses']} addresses"]
+    if r["pools"]:
+        lines += ["", table(["POOL", "BLOCK", "SUBNETS"],
+                            [[p["name"], 1 << p["block_size"], ", ".join(p["subnets"])]
+                             for p in r["pools"]])]
+    if r["blocks"]:
+        lines += ["", table(["NODE", "POOL", "BLOCK"],
+                            [[b["node"], b["pool"], b["block"]]
+                             for b in sorted(r["blocks"], key=lambda b: (b["node"], b["pool"]))])]
+    for a in r["legacy_addresses"]:
+        lines.append(f"note: {a['address']} ({a['namespace']}/{a['pod']}) was recorded by v1 "
+                     f"before 1.0.2 without a container ID; free it with 'coilctl address free' "
+                     f"once its pod is gone")
+    for a in r["orphan_addresses"]:
+        lines.append(f"note: {a['address']} ({a['namespace']}/{a['pod']}) is in block "
+                     f"{a['block']}, which no node held in v1; kept as it was")
+    for m in r["stray_subnet_markers"]:
+        lines.append(f"note: {m} belonged to no pool; removed")
+    lines += ["", f"steps: {steps['total']} in all, {steps['already_done']} done by an earlier run, "
+                  f"{steps['applied']} applied now, {steps['pending']} pending"
+                  + (" (dry run: nothing changed)" if r["dry_run"] else "")]
+    return "\n".join(lines)

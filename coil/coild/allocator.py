@@ -4,6 +4,21 @@ Once the node holds a block with room, an allocation costs one guarded etcd
 transaction. The in-memory state is a cache of what etcd says the node
 holds: every change is written to etcd first (guarded), and a lost guard
 means the cache was stale, so the block is reloaded or dropped.
+
+Invariants (docs/design.md, "The allocator's cache"):
+
+- One container at a time: ``allocate`` and ``release`` of one container ID
+  run one after the other; a retried ``allocate`` returns the address the
+  container already holds.
+- Unknown outcomes are read back: when etcd may or may not have committed a
+  write (``OutcomeUnknown``), the key is read back and its record (which
+  names the container, or the node for a block) decides. When the read
+  fails too, the slot stays reserved ("quarantined") until a later
+  successful read (the container's next request, or the next reload).
+- A reload never loses a change made while it runs: changes to the cache
+  between the start of ``load()`` and its swap are journaled and replayed on
+  top of the fresh read. A block's route is removed only when the block
+  really left the node in etcd.
 """
 
 from __future__ import annotations
@@ -14,7 +29,9 @@ import threading
 from dataclasses import dataclass, field
 
 from coil.bitmap import Bitmap
-from coil.errors import AlreadyExists, InvalidArgument, NotFound, PoolExhausted
+from coil.coild.serial import KeyedLocks
+from coil.errors import (AlreadyExists, InvalidArgument, NotFound, OutcomeUnknown,
+                         PoolExhausted, StoreUnavailable)
 from coil.store.model import Address, Block, BlockLost, IPAMStore
 
 log = logging.getLogger("coild.allocator")
@@ -24,8 +41,9 @@ log = logging.getLogger("coild.allocator")
 class HeldBlock:
     block: Block
     bitmap: Bitmap
-    records: dict = field(default_factory=dict)   # offset -> Address
-    pending: set = field(default_factory=set)     # offsets reserved, etcd write in flight
+    records: dict = field(default_factory=dict)     # offset -> Address
+    pending: set = field(default_factory=set)       # offsets reserved, etcd write in flight
+    quarantine: dict = field(default_factory=dict)  # offset -> container id, outcome unknown
 
     @property
     def version(self) -> int:
@@ -35,12 +53,16 @@ class HeldBlock:
         return self.bitmap.count() >= self.bitmap.size
 
 
+def _version_of(rec: Address) -> int:
+    return 6 if ":" in rec.address else 4
+
+
 class NodeAllocator:
     """Addresses for the containers of one node.
 
     ``on_block_added(block)`` / ``on_block_removed(block)`` are called
-    (outside the lock) so that the route exporter follows the node's blocks.
-    Thread-safe.
+    (outside the cache lock, one at a time) so that the route exporter
+    follows the node's blocks. Thread-safe.
     """
 
     def __init__(self, store: IPAMStore, node: str, on_block_added=None, on_block_removed=None):
@@ -50,35 +72,151 @@ class NodeAllocator:
         self._blocks: dict[str, HeldBlock] = {}          # cidr -> HeldBlock
         self._by_container: dict[str, dict[int, Address]] = {}  # container id -> {4|6: Address}
         self._block_locks: dict[tuple, threading.Lock] = {}
+        self._containers = KeyedLocks()
+        self._load_lock = threading.Lock()                # one load() at a time
+        self._journal: list | None = None                 # cache changes during a load()
+        self._limbo: dict[str, Block] = {}                # release_block outcome unknown
+        self._route_lock = threading.Lock()
         self._on_added = on_block_added or (lambda b: None)
         self._on_removed = on_block_removed or (lambda b: None)
 
+    def _reached(self, point: str):
+        """A no-op pause point; tests monkeypatch it to stop a thread here."""
+
+    # -- cache changes (all under self._lock; journaled while a load runs) -----
+    def _note(self, *entry):
+        if self._journal is not None:
+            self._journal.append(entry)
+
+    def _cache_record(self, rec: Address):
+        held = self._blocks.get(rec.block)
+        if held is not None:
+            held.bitmap.set(rec.offset)
+            held.records[rec.offset] = rec
+            held.quarantine.pop(rec.offset, None)
+        self._by_container.setdefault(rec.container_id, {})[_version_of(rec)] = rec
+        self._note("rec+", rec)
+
+    def _forget_record(self, rec: Address):
+        held = self._blocks.get(rec.block)
+        if held is not None and held.records.get(rec.offset) == rec:
+            del held.records[rec.offset]
+            if rec.offset not in held.pending and rec.offset not in held.quarantine:
+                held.bitmap.free(rec.offset)
+        by = self._by_container.get(rec.container_id, {})
+        version = _version_of(rec)
+        if by.get(version) == rec:
+            del by[version]
+            if not by:
+                del self._by_container[rec.container_id]
+        self._note("rec-", rec)
+
+    def _both(self, held: HeldBlock) -> list[HeldBlock]:
+        """``held`` and, when a load replaced it meanwhile, its successor."""
+        cur = self._blocks.get(held.block.cidr)
+        if cur is None or cur is held or cur.block.revision != held.block.revision:
+            return [held]
+        return [held, cur]
+
+    def _settle(self, held: HeldBlock, offset: int, keep: bool):
+        """End a reservation made in ``held`` (which a load may have replaced)."""
+        for h in self._both(held):
+            h.pending.discard(offset)
+            if not keep and offset not in h.records and offset not in h.quarantine:
+                h.bitmap.free(offset)
+
+    def _quarantine(self, held: HeldBlock, offset: int, container_id: str):
+        for h in self._both(held):
+            h.pending.discard(offset)
+            h.bitmap.set(offset)
+            h.quarantine[offset] = container_id
+        self._note("quar", held.block.cidr, offset, container_id)
+
     # -- state ----------------------------------------------------------------
     def load(self):
-        """(Re)load the node's blocks and addresses from etcd. Safe to repeat."""
-        blocks = self.store.node_blocks(self.node)
-        fresh = {}
-        for b in blocks:
-            held = HeldBlock(b, Bitmap(b.size))
-            for rec in self.store.block_addresses(b.cidr):
+        """(Re)load the node's blocks and addresses from etcd. Safe to repeat,
+        safe to run while requests change the cache: their changes are
+        replayed on top of the fresh read. Raises StoreUnavailable."""
+        with self._load_lock:
+            with self._lock:
+                self._journal = []
+            try:
+                fresh = {}
+                for b in self.store.node_blocks(self.node):
+                    held = HeldBlock(b, Bitmap(b.size))
+                    for rec in self.store.block_addresses(b.cidr):
+                        held.bitmap.set(rec.offset)
+                        held.records[rec.offset] = rec
+                    fresh[b.cidr] = held
+                self._reached("load:read")
+            except BaseException:
+                with self._lock:
+                    self._journal = None
+                raise
+            with self._lock:
+                journal, self._journal = self._journal, None
+                limbo_before = dict(self._limbo)
+                for entry in journal:
+                    self._replay(fresh, entry)
+                old = self._blocks
+                for cidr, held in fresh.items():
+                    prev = old.get(cidr)
+                    if prev is not None and prev.block.revision == held.block.revision:
+                        for off in prev.pending:        # in flight: keep reserved
+                            held.bitmap.set(off)
+                            held.pending.add(off)
+                removed = [h.block for c, h in old.items() if c not in fresh]
+                removed += [b for c, b in limbo_before.items()
+                            if c not in fresh and self._limbo.get(c) is b]
+                for c, b in limbo_before.items():      # resolved by this read
+                    if self._limbo.get(c) is b:
+                        del self._limbo[c]
+                added = [h.block for c, h in fresh.items() if c not in old]
+                self._blocks = fresh
+                self._reindex()
+        for b in removed:
+            self._remove_route(b)
+        for b in added:
+            with self._route_lock:
+                self._on_added(b)
+
+    def _replay(self, fresh: dict, entry: tuple):
+        kind = entry[0]
+        if kind == "rec+":
+            rec = entry[1]
+            held = fresh.get(rec.block)
+            if held is not None:
                 held.bitmap.set(rec.offset)
                 held.records[rec.offset] = rec
-            fresh[b.cidr] = held
-        with self._lock:
-            removed = [h.block for c, h in self._blocks.items() if c not in fresh]
-            added = [h.block for c, h in fresh.items() if c not in self._blocks]
-            for cidr, held in fresh.items():
-                old = self._blocks.get(cidr)
-                if old is not None and old.block.revision == held.block.revision:
-                    for off in old.pending:        # keep in-flight reservations
-                        held.bitmap.set(off)
-                    held.pending = old.pending
-            self._blocks = fresh
-            self._reindex()
-        for b in removed:
-            self._on_removed(b)
-        for b in added:
-            self._on_added(b)
+                held.quarantine.pop(rec.offset, None)
+        elif kind == "rec-":
+            rec = entry[1]
+            held = fresh.get(rec.block)
+            if held is not None and held.records.get(rec.offset) == rec:
+                del held.records[rec.offset]
+                if rec.offset not in held.quarantine:
+                    held.bitmap.free(rec.offset)
+        elif kind == "blk+":
+            held = entry[1]
+            if held.block.cidr not in fresh:
+                fresh[held.block.cidr] = held
+        elif kind == "blk-":
+            block = entry[1]
+            cur = fresh.get(block.cidr)
+            if cur is not None and cur.block.revision == block.revision:
+                del fresh[block.cidr]
+        elif kind == "quar":
+            _, cidr, offset, cid = entry
+            held = fresh.get(cidr)
+            if held is not None and offset not in held.records:
+                held.bitmap.set(offset)
+                held.quarantine[offset] = cid
+        elif kind == "unq":
+            _, cidr, offset = entry
+            held = fresh.get(cidr)
+            if held is not None and held.quarantine.pop(offset, None) is not None:
+                if offset not in held.records:
+                    held.bitmap.free(offset)
 
     def _reindex(self):
         index: dict[str, dict[int, Address]] = {}
@@ -86,6 +224,14 @@ class NodeAllocator:
             for rec in held.records.values():
                 index.setdefault(rec.container_id, {})[held.version] = rec
         self._by_container = index
+
+    def _remove_route(self, block: Block):
+        """Remove a block's route, unless the node holds that block (again)."""
+        with self._route_lock:
+            with self._lock:
+                if block.cidr in self._blocks or block.cidr in self._limbo:
+                    return
+            self._on_removed(block)
 
     def blocks(self) -> list[Block]:
         with self._lock:
@@ -106,6 +252,11 @@ class NodeAllocator:
     def count(self) -> int:
         with self._lock:
             return sum(len(h.records) for h in self._blocks.values())
+
+    def quarantined(self) -> dict:
+        """Slots whose write has an unknown outcome: {cidr: {offset: container id}}."""
+        with self._lock:
+            return {c: dict(h.quarantine) for c, h in self._blocks.items() if h.quarantine}
 
     def lookup(self, container_id: str) -> list[Address]:
         with self._lock:
@@ -129,25 +280,60 @@ class NodeAllocator:
             return held, offset
         return None
 
-    def _unreserve(self, held: HeldBlock, offset: int, keep: bool):
-        held.pending.discard(offset)
-        if not keep:
-            held.bitmap.free(offset)
+    def _resolve_quarantine(self, container_id: str):
+        """Read back the container's slots whose write had an unknown outcome.
+        Raises StoreUnavailable (the slots stay quarantined)."""
+        with self._lock:
+            slots = [(h, off) for h in self._blocks.values()
+                     for off, cid in h.quarantine.items() if cid == container_id]
+        for held, offset in slots:
+            rec = self.store.get_address(held.block.cidr, offset)
+            with self._lock:
+                cur = self._blocks.get(held.block.cidr)
+                if cur is None or cur.quarantine.get(offset) != container_id:
+                    continue          # a reload resolved it meanwhile
+                del cur.quarantine[offset]
+                self._note("unq", held.block.cidr, offset)
+                if rec is not None:
+                    self._cache_record(rec)
+                elif offset not in cur.pending and offset not in cur.records:
+                    cur.bitmap.free(offset)
 
     def allocate(self, pool: str, version: int, namespace: str, pod: str, container_id: str,
                  extra: dict | None = None) -> Address:
         """Assign one IPv``version`` address of ``pool`` to the container.
         ``extra``: optional record fields (origin, network, ifname, ...).
 
-        Raises AlreadyExists when the container holds an address of that
-        version already, PoolExhausted, NotFound (pool), StoreUnavailable.
+        Idempotent: when the container (same namespace and pod) holds an
+        address of that version already, that address is returned.
+        Raises AlreadyExists when the container ID holds one for another
+        pod, PoolExhausted, NotFound (pool), StoreUnavailable (also when
+        the outcome of the write stayed unknown: the slot stays reserved
+        and a retry resolves it).
         """
         if version not in (4, 6):
             raise InvalidArgument(f"invalid address version {version}")
+        with self._containers.hold(container_id):
+            held_addr = self._held(container_id, version, namespace, pod)
+            if held_addr is not None:
+                return held_addr
+            self._resolve_quarantine(container_id)
+            held_addr = self._held(container_id, version, namespace, pod)
+            if held_addr is not None:
+                return held_addr
+            return self._allocate(pool, version, namespace, pod, container_id)
+
+    def _held(self, container_id, version, namespace, pod) -> Address | None:
         with self._lock:
-            if version in self._by_container.get(container_id, {}):
-                held_addr = self._by_container[container_id][version]
-                raise AlreadyExists(f"container {container_id} already holds {held_addr.address}")
+            rec = self._by_container.get(container_id, {}).get(version)
+        if rec is None:
+            return None
+        if rec.namespace != namespace or rec.pod != pod:
+            raise AlreadyExists(f"container {container_id} already holds {rec.address} "
+                                f"for pod {rec.namespace}/{rec.pod}")
+        return rec
+
+    def _allocate(self, pool, version, namespace, pod, container_id) -> Address:
         for _ in range(64):
             with self._lock:
                 got = self._reserve(pool, version)
@@ -161,21 +347,45 @@ class NodeAllocator:
             except BlockLost:
                 log.warning("block lost, reloading", extra={"block": held.block.cidr})
                 with self._lock:
-                    self._unreserve(held, offset, keep=False)
+                    self._settle(held, offset, keep=False)
                 self.load()
                 continue
+            except OutcomeUnknown as exc:
+                rec = self._read_back_assign(held, offset, container_id, exc)
+                if rec is None or rec.container_id != container_id:
+                    continue          # not committed (slot freed), or somebody else's
+                return rec
             except BaseException:
                 with self._lock:
-                    self._unreserve(held, offset, keep=False)
+                    self._settle(held, offset, keep=False)
                 raise
             with self._lock:
-                self._unreserve(held, offset, keep=True)
+                self._settle(held, offset, keep=True)
                 if rec is None:      # taken behind our back (e.g. a stale cache): skip it
                     continue
-                held.records[offset] = rec
-                self._by_container.setdefault(container_id, {})[version] = rec
+                self._cache_record(rec)
             return rec
         raise PoolExhausted(pool, f"could not allocate from pool {pool!r}: too many conflicts")
+
+    def _read_back_assign(self, held: HeldBlock, offset: int, container_id: str,
+                          exc: OutcomeUnknown) -> Address | None:
+        """Decide an address write whose outcome is unknown by reading the key."""
+        cidr = held.block.cidr
+        try:
+            rec = self.store.get_address(cidr, offset)
+        except StoreUnavailable:
+            with self._lock:
+                self._quarantine(held, offset, container_id)
+            log.warning("address write outcome unknown, slot quarantined",
+                        extra={"block": cidr, "offset": offset, "container": container_id})
+            raise exc from None
+        with self._lock:
+            self._settle(held, offset, keep=rec is not None)
+            if rec is not None:
+                self._cache_record(rec)
+        log.info("address write outcome resolved", extra={
+            "block": cidr, "offset": offset, "committed": bool(rec and rec.container_id == container_id)})
+        return rec
 
     def _grow(self, pool: str, version: int):
         """Take one more block of ``pool`` (serialised per pool and version)."""
@@ -187,64 +397,105 @@ class NodeAllocator:
                 if any(h.block.pool == pool and h.version == version and not h.full()
                        for h in self._blocks.values()):
                     return       # another thread grew it meanwhile
-            block = self.store.acquire_block(pool, self.node, version)
+            try:
+                block = self.store.acquire_block(pool, self.node, version)
+            except OutcomeUnknown:
+                # etcd may hold a new block of this node that the cache does not
+                # know: a reload adopts it (and adds its route). If the reload
+                # fails, the next successful one does.
+                log.warning("block acquisition outcome unknown, reloading", extra={"pool": pool})
+                self.load()
+                return
             log.info("acquired block", extra={"pool": pool, "block": block.cidr})
             # Route first: an address of this block must never exist without its route.
             try:
-                self._on_added(block)
+                with self._route_lock:
+                    self._on_added(block)
             except BaseException:
                 self.store.release_block(block)
                 raise
             with self._lock:
-                self._blocks[block.cidr] = HeldBlock(block, Bitmap(block.size))
+                held = HeldBlock(block, Bitmap(block.size))
+                self._blocks[block.cidr] = held
+                self._note("blk+", held)
 
     def release(self, container_id: str) -> list[Address]:
         """Free every address of the container. Returns what was freed
         (empty when it held nothing). Safe to repeat."""
-        freed = []
-        for rec in self.lookup(container_id):
-            self.release_address(rec)
-            freed.append(rec)
-        return freed
+        with self._containers.hold(container_id):
+            freed = []
+            for rec in self.lookup(container_id):
+                self.release_address(rec)
+                freed.append(rec)
+            return freed
 
     def release_address(self, rec: Address):
-        self.store.release_address(rec.block, rec.offset, rec.revision)
+        """Delete the record in etcd, then from the cache. When the outcome
+        is unknown the key is read back; if that fails too, the record stays
+        cached (a retry frees it). Raises StoreUnavailable."""
+        try:
+            self.store.release_address(rec.block, rec.offset, rec.revision)
+        except OutcomeUnknown:
+            cur = self.store.get_address(rec.block, rec.offset)   # may raise: keep cached
+            if cur is not None and cur.revision == rec.revision:
+                raise                  # not committed: still held, the caller retries
         with self._lock:
-            held = self._blocks.get(rec.block)
-            if held is not None and held.records.get(rec.offset) == rec:
-                del held.records[rec.offset]
-                held.bitmap.free(rec.offset)
-            by = self._by_container.get(rec.container_id, {})
-            version = ipaddress.ip_address(rec.address).version
-            if by.get(version) == rec:
-                del by[version]
-                if not by:
-                    del self._by_container[rec.container_id]
+            self._forget_record(rec)
 
     def return_empty_blocks(self) -> list[Block]:
         """Give back every block that holds no address. Returns them."""
         with self._lock:
-            empty = [h for h in self._blocks.values() if not h.records and not h.pending]
+            empty = [h for h in self._blocks.values()
+                     if not h.records and not h.pending and not h.quarantine]
         returned = []
         for held in empty:
+            block = held.block
             with self._lock:
-                if held.records or held.pending:
+                if held.records or held.pending or held.quarantine:
                     continue
-                if self._blocks.get(held.block.cidr) is held:
-                    del self._blocks[held.block.cidr]
+                if self._blocks.get(block.cidr) is not held:
+                    continue
+                del self._blocks[block.cidr]
+                self._note("blk-", block)
             try:
-                released = self.store.release_block(held.block)
+                released = self.store.release_block(block)
+            except OutcomeUnknown:
+                released = self._read_back_release(held)
+                if released is None:
+                    raise
+                if not released:         # not committed: still ours
+                    self._put_back(held)
+                    continue
             except BaseException:
-                with self._lock:      # still ours: keep using it
-                    self._blocks.setdefault(held.block.cidr, held)
+                self._put_back(held)        # still ours: keep using it
                 raise
             if released:
-                returned.append(held.block)
-                self._on_removed(held.block)
-            else:   # changed meanwhile: the next load() tells what it is now
-                log.warning("block not returned: changed", extra={"block": held.block.cidr})
+                returned.append(block)
+                self._remove_route(block)
+            else:   # changed meanwhile: the reload tells what it is now
+                log.warning("block not returned: changed", extra={"block": block.cidr})
+                self._put_back(held)
                 self.load()
         return returned
+
+    def _put_back(self, held: HeldBlock):
+        with self._lock:
+            if held.block.cidr not in self._blocks:
+                self._blocks[held.block.cidr] = held
+                self._note("blk+", held)
+
+    def _read_back_release(self, held: HeldBlock) -> bool | None:
+        """Did a release_block whose outcome is unknown commit? None: unknown
+        still (the block stays in limbo, route kept, until the next reload)."""
+        block = held.block
+        try:
+            cur = self.store.get_block(block.pool, block.cidr)
+        except StoreUnavailable:
+            with self._lock:
+                self._limbo[block.cidr] = block
+            log.warning("block release outcome unknown", extra={"block": block.cidr})
+            return None
+        return not (cur is not None and cur.node == self.node and cur.revision == block.revision)
 
     def find(self, address: str) -> Address:
         with self._lock:

@@ -14,11 +14,11 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 
 from coil.cni import spec
 from coil.cni.spec import CNIError
 from coil.coild.podnet import PodNetError, gateway_for, host_veth_name
+from coil.coild.serial import KeyedLocks
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NetlinkError, NotFound,
                          PoolExhausted, StoreUnavailable)
 from coil.store.model import ORIGIN_CNI, now_iso
@@ -28,14 +28,16 @@ log = logging.getLogger("coild.cni")
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 MAGIC = b"COIL1\n"
 
-# Fault injection for the crash tests: coild pauses this many seconds in the
-# middle of an ADD (address recorded, veth made, result not sent yet).
-_FAULT_PAUSE = float(os.environ.get("COIL_FAULT_ADD_PAUSE", "0") or 0)
+# Each request must be answered within this many seconds of its arrival.
+# The runtime (kubelet/containerd) gives a CNI call 120 s; the plugin waits
+# at most 5 s to connect plus 110 s for the answer (coil/cni/plugin.py,
+# coil/_fast/launcher.c), so coild gives up first and rolls back. docs/cni.md
+REQUEST_TIMEOUT = 100.0
 
 
 class CNIRequest:
     __slots__ = ("env", "stdin", "netconf", "command", "container_id", "netns", "ifname",
-                 "args", "version")
+                 "args", "version", "deadline")
 
     def __init__(self, env: dict, stdin: bytes):
         self.env = env
@@ -47,6 +49,7 @@ class CNIRequest:
         self.ifname = env.get("CNI_IFNAME", "")
         self.args = {}
         self.version = "1.1.0"
+        self.deadline = float("inf")
 
 
 def decode_frame(data: bytes) -> CNIRequest:
@@ -85,60 +88,76 @@ def parse_cni_args(text: str) -> dict:
 
 
 class CNIService:
-    """ADD/DEL/CHECK/GC/STATUS on top of the allocator and the pod network."""
+    """ADD/DEL/CHECK/GC/STATUS on top of the allocator and the pod network.
 
-    def __init__(self, allocator, podnet, pools, metrics=None):
+    The requests of one container run one at a time (``containers``), those
+    of different containers in parallel. Each request has a deadline of
+    ``request_timeout`` seconds from its arrival (``clock``, monotonic); an
+    ADD past it is rolled back and answered with an error. ``drain()``
+    waits for the requests in flight.
+    """
+
+    request_timeout = REQUEST_TIMEOUT
+
+    def __init__(self, allocator, podnet, pools, metrics=None, teardown=None):
         self.allocator = allocator
         self.podnet = podnet
         self.pools = pools
         self.metrics = metrics
-        # containers with an ADD/DEL/CHECK in flight (count), and those GC is freeing
-        self._busy_cond = threading.Condition()
-        self._in_flight: dict[str, int] = {}
-        self._gc_claimed: set[str] = set()
+        # DEL's remover: the deletion queue (coil.coild.teardown) retires the
+        # pair now and deletes it in a batch later; without one, podnet
+        # deletes it at once. Either way nothing routes the addresses when
+        # delete() returns, so they are released after it.
+        self.teardown = teardown if teardown is not None else podnet
+        self.clock = time.monotonic
+        self.containers = KeyedLocks()
+        self._inflight = 0
+        self._idle = threading.Condition()
 
-    # -- requests in flight, per container ------------------------------------------
-    @contextmanager
-    def _attachment_request(self, container_id: str):
-        """Marks an ADD/DEL/CHECK of the container as in flight (GC leaves it
-        alone); waits while GC is freeing that container."""
-        with self._busy_cond:
-            while container_id in self._gc_claimed:
-                self._busy_cond.wait()
-            self._in_flight[container_id] = self._in_flight.get(container_id, 0) + 1
-        try:
-            yield
-        finally:
-            with self._busy_cond:
-                n = self._in_flight.pop(container_id) - 1
-                if n:
-                    self._in_flight[container_id] = n
+    def _reached(self, point: str, req: CNIRequest):
+        """A no-op pause point; tests monkeypatch it to stop a request here."""
 
-    def _gc_claim(self, container_id: str) -> bool:
-        """GC takes the container unless a request of it is in flight."""
-        with self._busy_cond:
-            if container_id in self._in_flight or container_id in self._gc_claimed:
-                return False
-            self._gc_claimed.add(container_id)
-            return True
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight (at most ``timeout`` seconds).
+        True when none is left."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
 
-    def _gc_release(self, container_id: str):
-        with self._busy_cond:
-            self._gc_claimed.discard(container_id)
-            self._busy_cond.notify_all()
+    def inflight(self) -> int:
+        with self._idle:
+            return self._inflight
 
     # -- entry ----------------------------------------------------------------
-    def handle(self, data: bytes) -> tuple[int, bytes]:
+    def handle(self, data: bytes, arrived: float | None = None) -> tuple[int, bytes]:
+        """Run one relayed request; ``arrived`` is ``clock()`` when its
+        connection was accepted (default: now). Returns (exit code, stdout)."""
+        with self._idle:
+            self._inflight += 1
+        try:
+            return self._handle(data, self.clock() if arrived is None else arrived)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    def _handle(self, data: bytes, arrived: float) -> tuple[int, bytes]:
         started = time.perf_counter()
         req = None
         try:
             req = decode_frame(data)
+            req.deadline = arrived + self.request_timeout
             self._validate(req)
             handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
                        "GC": self.gc, "STATUS": self.status, "VERSION": self.version_cmd}[req.command]
             if req.command in ("ADD", "DEL", "CHECK"):
-                with self._attachment_request(req.container_id):
-                    out = handler(req)
+                out = self._serialised(handler, req)
             else:
                 out = handler(req)
             code, body = 0, (json.dumps(out).encode() if out is not None else b"")
@@ -159,6 +178,26 @@ class CNIService:
                 "namespace": req.args.get("K8S_POD_NAMESPACE", ""),
                 "ms": round((time.perf_counter() - started) * 1000, 2)})
         return code, body
+
+    def _serialised(self, handler, req: CNIRequest):
+        """Run ``handler`` alone for the request's container ID."""
+        self._reached("lock:wait", req)
+        try:
+            with self.containers.hold(req.container_id,
+                                      timeout=req.deadline - self.clock()):
+                self._reached("lock:held", req)
+                return handler(req)
+        except TimeoutError:
+            raise CNIError(spec.ERR_TRY_AGAIN,
+                           f"another request for container {req.container_id} is still "
+                           f"running after {self.request_timeout:g} s") from None
+
+    def _check_deadline(self, req: CNIRequest):
+        if self.clock() > req.deadline:
+            raise CNIError(spec.ERR_TRY_AGAIN,
+                           f"{req.command} of container {req.container_id} did not finish "
+                           f"within coild's {self.request_timeout:g} s deadline; rolled back",
+                           "etcd or the node may be overloaded; the runtime retries")
 
     def _validate(self, req: CNIRequest):
         if not req.command:
@@ -235,28 +274,50 @@ class CNIService:
         ns, pod = req.args["K8S_POD_NAMESPACE"], req.args["K8S_POD_NAME"]
         existing = {4 if ":" not in a.address else 6: a for a in
                     self.allocator.lookup_pod(ns, pod, req.container_id)}
+        host_name = host_veth_name(ns, pod)
+        versions = self._versions(req)
+        if existing and all(v in existing for v in versions):
+            # a repeated ADD (the runtime retried, or two raced): when the pod
+            # is wired exactly so, answer the same result again
+            addrs = [existing[v].address for v in versions]
+            info = self.podnet.describe(req.netns, req.ifname, host_name, addrs)
+            if info is not None:
+                return self._result(req, host_name, info, addrs)
         fresh = []
+        addrs = []
+        wired = False
         try:
             pool = self._pool(ns)
-            for v in self._versions(req):
+            for v in versions:
                 if v in existing:
                     continue
                 fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id, {
                     "origin": ORIGIN_CNI, "network": req.netconf["name"],
                     "ifname": req.ifname}))
             addrs = [a.address for a in list(existing.values()) + fresh]
-            host_name = host_veth_name(ns, pod)
+            self._reached("add:allocated", req)
+            self._check_deadline(req)
             info = self.podnet.setup(req.netns, req.ifname, host_name, addrs,
                                      mtu=req.netconf.get("mtu"))
-            if _FAULT_PAUSE:
-                time.sleep(_FAULT_PAUSE)
+            wired = True
+            self._reached("add:wired", req)
+            self._check_deadline(req)
         except BaseException as exc:
+            if wired:              # made here: remove it again
+                try:
+                    self.podnet.delete(req.netns, req.ifname, host_name, addrs)
+                except CoilError:
+                    log.exception("removing %s after a failed ADD", host_name)
             for rec in fresh:      # leave nothing of this try behind
                 try:
                     self.allocator.release_address(rec)
                 except CoilError:
                     log.exception("releasing %s after a failed ADD", rec.address)
             raise self._cni_error(exc) from None
+        return self._result(req, host_name, info, addrs)
+
+    @staticmethod
+    def _result(req, host_name, info, addrs):
         return spec.build_result(req.version, host_name, info["host_mac"], req.ifname,
                                  info["container_mac"], req.netns, addrs,
                                  {a: gateway_for(a) for a in addrs})
@@ -273,10 +334,10 @@ class CNIService:
         pod = req.args.get("K8S_POD_NAME") or (addrs[0].pod if addrs else "")
         try:
             if ns and pod:
-                self.podnet.delete(req.netns or None, req.ifname, host_veth_name(ns, pod),
-                                   [a.address for a in addrs])
+                self.teardown.delete(req.netns or None, req.ifname, host_veth_name(ns, pod),
+                                     [a.address for a in addrs])
             elif req.netns:
-                self.podnet.delete(req.netns, req.ifname, "", [])
+                self.teardown.delete(req.netns, req.ifname, "", [])
             for rec in addrs:
                 self.allocator.release_address(rec)
         except BaseException as exc:
@@ -324,31 +385,41 @@ class CNIService:
                 continue
             if not rec.created_at or rec.created_at >= started:
                 continue
-            if not self._gc_claim(rec.container_id):
+            try:
+                # the container's request lock, not waited for: a container
+                # with an ADD/DEL/CHECK in flight is left alone
+                with self.containers.hold(rec.container_id, timeout=0):
+                    error = self._gc_free(rec, network)
+            except TimeoutError:
                 log.info("gc: request in flight, attachment kept", extra={
                     "container": rec.container_id, "address": rec.address})
                 continue
-            try:
-                self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
-                self.allocator.release_address(rec)
+            if error is None:
                 freed += 1
-                log.info("gc: freed stale attachment", extra={
-                    "container": rec.container_id, "ifname": rec.ifname,
-                    "address": rec.address, "network": network})
-            except Exception as exc:      # noqa: BLE001 - go on with the others
+            else:
                 failed += 1
-                first_error = first_error or exc
-                text = exc.one_line() if isinstance(exc, CoilError) else repr(exc)
-                log.error("gc: freeing an attachment failed", extra={
-                    "container": rec.container_id, "address": rec.address, "error": text})
-            finally:
-                self._gc_release(rec.container_id)
+                first_error = first_error or error
         if self.metrics is not None:
             self.metrics.gc_freed.inc(freed)
             self.metrics.gc_errors.inc(failed)
         if failed:
             err = self._cni_error(first_error)
             raise CNIError(err.code, f"GC freed {freed} attachment(s), {failed} failed: {err.msg}")
+        return None
+
+    def _gc_free(self, rec, network: str):
+        """Remove one stale attachment. Returns the exception, or None."""
+        try:
+            self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
+            self.allocator.release_address(rec)
+        except Exception as exc:      # noqa: BLE001 - GC goes on with the others
+            text = exc.one_line() if isinstance(exc, CoilError) else repr(exc)
+            log.error("gc: freeing an attachment failed", extra={
+                "container": rec.container_id, "address": rec.address, "error": text})
+            return exc
+        log.info("gc: freed stale attachment", extra={
+            "container": rec.container_id, "ifname": rec.ifname, "address": rec.address,
+            "network": network})
         return None
 
     @staticmethod

@@ -21,7 +21,8 @@ class Coild:
     """The node daemon: allocator + routes + pod network + the two servers."""
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
-                 scan_interval: float = 600.0, liveness_ttl: float = 30.0):
+                 scan_interval: float = 600.0, teardown_batch: int = 32,
+                 teardown_delay: float = 0.1, liveness_ttl: float = 30.0):
         from coil.coild.allocator import NodeAllocator
         from coil.coild.heartbeat import LivenessKeeper
         from coil.coild.cniservice import CNIService
@@ -29,6 +30,7 @@ class Coild:
         from coil.coild.podnet import PodNetwork
         from coil.coild.pools import PoolResolver
         from coil.coild.routes import RouteExporter
+        from coil.coild.teardown import TeardownQueue
         self.node = node
         self.store = store
         self.scan_interval = scan_interval
@@ -38,7 +40,12 @@ class Coild:
         self.podnet = PodNetwork()
         self.pools = PoolResolver(store)
         self.metrics = CoildMetrics(self)
-        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics)
+        # the deletion queue also cleans up at start and stop; --teardown-batch 0
+        # keeps it out of DEL (each DEL deletes its veth pair before answering)
+        self.teardown = TeardownQueue(self.podnet, batch=max(1, teardown_batch),
+                                      delay=teardown_delay)
+        self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
+                              teardown=self.teardown if teardown_batch > 0 else None)
         self._stop = threading.Event()
         self.liveness = LivenessKeeper(store.etcd, node, liveness_ttl, self._stop)
         self._servers = []
@@ -49,9 +56,11 @@ class Coild:
         from coil.coild.server import PluginServer, RestServer, serve_in_thread
         from coil.errors import StoreUnavailable
         delay = 0.5
+        from coil.store.v1 import refuse_if_v1
         while True:                      # etcd may come up after us: wait for it
             try:
-                # liveness first: from now on coil-controller's guarded release
+                refuse_if_v1(self.store.etcd, "coild")   # never read or write a v1 store
+                # liveness next: from now on coil-controller's guarded release
                 # of this node's blocks fails, so what load() reads stays ours
                 self.liveness.ensure()
                 self.allocator.load()
@@ -62,6 +71,12 @@ class Coild:
                     raise
                 delay = min(delay * 2, 10.0)
         added, removed = self.routes.sync(b.cidr for b in self.allocator.blocks())
+        # DELs answered before a crash may have left retired veths: delete
+        # them, and any coil veth whose address record is gone, before serving
+        from coil.coild.podnet import host_veth_name
+        self.teardown.start()
+        self.teardown.reconcile({host_veth_name(r.namespace, r.pod)
+                                 for r in self.allocator.records()})
         log.info("state loaded", extra={"node": self.node, "blocks": len(self.allocator.blocks()),
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),
@@ -80,10 +95,20 @@ class Coild:
         log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http})
 
     def status(self) -> dict:
+        """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
+        blocks), ``pods`` (container ID -> its address; the IPv4 one when a
+        container holds two), ``status``. Additions are new keys: ``version``,
+        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address)."""
+        import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
-        return {"version": __version__, "node": self.node, "address-blocks": snap["blocks"],
-                "pods": snap["pods"], "status": 200}
+        pods: dict[str, str] = {}
+        for rec in sorted(self.allocator.records(),
+                          key=lambda r: (ipaddress.ip_address(r.address).version, r.address)):
+            # v1.0.2 and older keyed an address by "<namespace>/<pod>" (no container ID)
+            pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
+        return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
+                "version": __version__, "node": self.node, "pod-addresses": snap["pods"]}
 
     def check_ready(self):
         if not self.ready:
@@ -115,13 +140,26 @@ class Coild:
         self._stop.set()
 
     def shutdown(self):
+        """Stop accepting, let the requests in flight finish (each ends by its
+        deadline: done, or rolled back), then close the etcd client."""
         for server in self._servers:
             server.shutdown()
             server.server_close()
         self._servers.clear()
+        self._reached("shutdown:closed")
+        inflight = self.cni.inflight()
+        if inflight:
+            log.info("draining requests in flight", extra={"requests": inflight})
+        if not self.cni.drain(self.cni.request_timeout):
+            log.warning("requests still in flight at exit",
+                        extra={"requests": self.cni.inflight()})
+        self.teardown.close()          # after the drain: no DEL comes any more
         self.pools.stop()
         self.store.close()
         log.info("coild stopped")
+
+    def _reached(self, point: str):
+        """A no-op pause point; tests monkeypatch it."""
 
 
 def _validate_http(value: str) -> str:
@@ -145,11 +183,16 @@ def _validate_http(value: str) -> str:
               help="route protocol id of the published routes")
 @click.option("--scan-interval", default="10m", show_default=True,
               help="how often empty blocks are returned to the pool")
+@click.option("--teardown-batch", default=32, show_default=True, type=click.IntRange(0, 100000),
+              help="delete retired pod veths as soon as this many wait "
+                   "(0: every DEL deletes its veth before it answers)")
+@click.option("--teardown-delay", default="100ms", show_default=True,
+              help="delete retired pod veths at most this long after a DEL")
 @click.option("--liveness-ttl", default="30s", show_default=True,
               help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def cli(http, socket_path, table_id, protocol_id, scan_interval, liveness_ttl, log_level,
-        **kwargs):
+def cli(http, socket_path, table_id, protocol_id, scan_interval, teardown_batch, teardown_delay,
+        liveness_ttl, log_level, **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -163,6 +206,7 @@ def cli(http, socket_path, table_id, protocol_id, scan_interval, liveness_ttl, l
     interval = cfg.parse_duration(scan_interval, "--scan-interval")
     if interval <= 0:
         raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
+    delay = cfg.parse_duration(teardown_delay, "--teardown-delay")
     _validate_http(http)
     from coil.coild.heartbeat import MAX_TTL, MIN_TTL
     ttl = cfg.parse_duration(liveness_ttl, "--liveness-ttl")
@@ -170,7 +214,7 @@ def cli(http, socket_path, table_id, protocol_id, scan_interval, liveness_ttl, l
         raise InvalidArgument(f"invalid --liveness-ttl {liveness_ttl!r}: must be 3s..1h")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
-    daemon = Coild(node, store, table_id, protocol_id, interval, ttl)
+    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay, ttl)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:

@@ -158,6 +158,8 @@ class RestHandler(BaseHTTPRequestHandler):
 class PluginHandler(socketserver.BaseRequestHandler):
     def handle(self):
         conn: socket.socket = self.request
+        cni = self.server.coild.cni
+        arrived = cni.clock()          # the request's deadline counts from here
         chunks, size = [], 0
         try:
             conn.settimeout(30)
@@ -172,7 +174,7 @@ class PluginHandler(socketserver.BaseRequestHandler):
                 chunks.append(chunk)
             if not chunks:         # a liveness probe: connected and closed
                 return
-            code, body = self.server.coild.cni.handle(b"".join(chunks))
+            code, body = cni.handle(b"".join(chunks), arrived)
             conn.sendall(f"{code}\n".encode() + body)
         except OSError as exc:
             log.warning("plugin connection failed", extra={"error": str(exc)})

@@ -32,8 +32,8 @@ class Controller:
     def __init__(self, store, core, *, scan_interval: float = 600.0,
                  address_expiration: float = 86400.0, release_leaked: bool = False,
                  metrics=None, watch_timeout: int = 300, scan_backoff_max: float = 300.0,
-                 node_grace: float = 300.0, node_recheck: float = 30.0, clock=None,
-                 wall_clock=None):
+                 page_size: int = 500, node_grace: float = 300.0, node_recheck: float = 30.0,
+                 clock=None, wall_clock=None):
         """``clock`` (monotonic) times the node grace period and ``wall_clock``
         (epoch seconds) the leak scan; both are injectable for tests."""
         import time
@@ -51,10 +51,11 @@ class Controller:
                                    clock=clock or time.monotonic)
         self.watcher = NodeWatcher(core, self.janitor.nodes_synced, self.janitor.node_deleted,
                                    stop_event=self.stop_event, metrics=self.metrics,
-                                   watch_timeout=watch_timeout)
+                                   watch_timeout=watch_timeout, page_size=page_size)
         self.scanner = LeakScanner(store, core, expiration=address_expiration,
                                    release=release_leaked, metrics=self.metrics,
-                                   clock=wall_clock or time.time, min_gap=scan_interval)
+                                   page_size=page_size, clock=wall_clock or time.time,
+                                   min_gap=scan_interval)
         self.scan_backoff = Backoff(1.0, max(1.0, min(scan_interval, scan_backoff_max)))
         self.last_scan = None
         self.scan_requested = threading.Event()
@@ -227,10 +228,12 @@ def resolve_with_retry(econf, api, stop_event: threading.Event):
               help="[HOST]:PORT for /metrics, /healthz and /readyz (empty to disable)")
 @click.option("--kubeconfig", default=None,
               help="kubeconfig file [default: $KUBECONFIG, else the in-cluster service account]")
+@click.option("--list-page-size", default=500, show_default=True, type=click.IntRange(1, 10000),
+              help="Nodes and Pods are listed in pages of this many objects (memory is one page)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(scan_interval, address_expiration, release_leaked, node_grace_period, metrics_addr,
-        kubeconfig, log_level, **kwargs):
-    """Frees the blocks of deleted Nodes and finds leaked addresses."""
+        kubeconfig, list_page_size, log_level, **kwargs):
+    """Frees the blocks of dead nodes and finds leaked addresses."""
     from coil import k8s, logutil
     logutil.setup(log_level)
     # the client's own connection retries are logged by urllib3; ours say more
@@ -257,8 +260,15 @@ def cli(scan_interval, address_expiration, release_leaked, node_grace_period, me
     if econf is None:               # stopped while waiting for the API server
         return
     store = open_store(econf)
+    try:
+        if not _refuse_v1_store(store, stop_event):
+            return
+    except BaseException:
+        store.close()
+        raise
     controller = Controller(store, core, scan_interval=interval, address_expiration=expiration,
-                            release_leaked=release_leaked, node_grace=grace)
+                            release_leaked=release_leaked, page_size=list_page_size,
+                            node_grace=grace)
     controller.start(metrics_addr or None)
     try:
         while not stop_event.wait(1.0):
@@ -267,6 +277,23 @@ def cli(scan_interval, address_expiration, release_leaked, node_grace_period, me
     finally:
         controller.shutdown()
         store.close()
+
+
+def _refuse_v1_store(store, stop_event: threading.Event) -> bool:
+    """Raise V1StoreDetected on a Coil v1 store; wait while etcd is down.
+    False when stopped while waiting."""
+    from coil.errors import StoreUnavailable
+    from coil.store.v1 import refuse_if_v1
+    delay = 0.5
+    while True:
+        try:
+            refuse_if_v1(store.etcd, "coil-controller")
+            return True
+        except StoreUnavailable as exc:
+            log.warning("waiting for etcd", extra={"error": exc.one_line(), "retry_s": delay})
+            if stop_event.wait(delay):
+                return False
+            delay = min(delay * 2, 10.0)
 
 
 def main(argv: list[str]) -> int:

@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from coil.controller.watcher import list_all
+from coil.controller.watcher import collect_pages, iter_pages
 
 log = logging.getLogger("coil-controller.scan")
 
@@ -111,8 +111,10 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
 
 def list_pod_ips(core, page_size: int = 500) -> PodIPs:
     """Every Pod in the cluster, paginated. Raises on any API failure."""
-    items, _ = list_all(core.list_pod_for_all_namespaces, page_size)
-    return pod_ips_from_items(items)
+    out = PodIPs()
+    collect_pages(iter_pages(core.list_pod_for_all_namespaces, page_size),
+                  lambda items: pod_ips_from_items(items, out))
+    return out
 
 
 @dataclass(frozen=True)

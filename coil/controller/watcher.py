@@ -44,10 +44,11 @@ class WatchError(Exception):
     """The server sent an ERROR event other than 410."""
 
 
-def list_all(list_func, page_size: int = 500, request_timeout=k8s.REQUEST_TIMEOUT, **kwargs):
-    """All items of a paginated list call as raw dicts, and the list's
-    resourceVersion. Any failure raises: a partial list is never returned."""
-    items: list[dict] = []
+def iter_pages(list_func, page_size: int = 500, request_timeout=k8s.REQUEST_TIMEOUT, **kwargs):
+    """The pages of a paginated list call (``limit``/``continue``) as lists of
+    raw dicts; after the last page, ``StopIteration.value`` is the list's
+    resourceVersion. Only one page is in memory at a time. Any failure
+    raises (a 410 Gone when the continue token expired: list again)."""
     token = None
     resource_version = ""
     while True:
@@ -61,12 +62,34 @@ def list_all(list_func, page_size: int = 500, request_timeout=k8s.REQUEST_TIMEOU
             resp.release_conn()
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise WatchError("the API server sent a list without items")
-        items.extend(body["items"])
         meta = body.get("metadata") or {}
         resource_version = meta.get("resourceVersion", "") or resource_version
         token = meta.get("continue") or None
+        yield body["items"]
         if not token:
-            return items, resource_version
+            return resource_version
+
+
+def list_all(list_func, page_size: int = 500, request_timeout=k8s.REQUEST_TIMEOUT, **kwargs):
+    """All items of a paginated list call as raw dicts, and the list's
+    resourceVersion. Any failure raises: a partial list is never returned."""
+    items: list[dict] = []
+    pages = iter_pages(list_func, page_size, request_timeout, **kwargs)
+    while True:
+        try:
+            items.extend(next(pages))
+        except StopIteration as done:
+            return items, done.value or ""
+
+
+def collect_pages(pages, fn) -> str:
+    """Call ``fn(items)`` for every page of ``iter_pages``; returns the
+    list's resourceVersion."""
+    while True:
+        try:
+            fn(next(pages))
+        except StopIteration as done:
+            return done.value or ""
 
 
 class NodeWatcher:
@@ -164,12 +187,17 @@ class NodeWatcher:
 
     # -- list and watch -----------------------------------------------------------
     def list_nodes(self) -> tuple[set[str], str]:
-        items, rv = list_all(self.core.list_node, self.page_size)
+        """Names of all Nodes, listed in pages of ``page_size``: only the
+        names are kept, so memory is one page plus one name per Node."""
         names = set()
-        for item in items:
-            name = (item.get("metadata") or {}).get("name")
-            if isinstance(name, str) and name:
-                names.add(name)
+
+        def keep_names(items):
+            for item in items:
+                name = (item.get("metadata") or {}).get("name")
+                if isinstance(name, str) and name:
+                    names.add(name)
+
+        rv = collect_pages(iter_pages(self.core.list_node, self.page_size), keep_names)
         return names, rv
 
     def watch(self, rv: str) -> str:

@@ -7,19 +7,26 @@ Configured by the environment (v1 names and defaults):
     CNI_BIN_DIR       /host/opt/cni/bin     where ``coil`` is installed
     COIL_PATH         the native launcher (``hypercoil``), else the Python
                       entry point            what is installed as ``coil``
-    CNI_NETCONF_FILE  a file with the conflist to write, or
-    CNI_NETCONF       the conflist itself    (default: coil + portmap + bandwidth)
+    CNI_NETCONF       the conflist itself, or (when CNI_NETCONF is empty)
+    CNI_NETCONF_FILE  a file with the conflist to write (v1's precedence)
+                                             (default: coil + portmap + bandwidth)
     COIL_NODE_NAME    this node's name (needed to remove the taint)
     COIL_BOOT_TAINT   coil.cybozu.com/bootstrap   comma-separated taint keys
                       to remove from the Node once installed (empty: none)
     COIL_PROC_SYS     /proc/sys              sysctl tree (tests point it elsewhere)
     COIL_INSTALLER_API_TIMEOUT  2m           how long to retry the API server
+    COIL_INSTALLER_RESCAN_WAIT  6s           wait before removing the taint (v1's)
 
 Steps, in order; everything is validated before anything is written:
 install ``coil`` (copy to a temp file in the same directory, then rename),
-write the conflist (same), enable IPv4 and IPv6 forwarding, remove the
-taint keys from the Node (optimistic concurrency: patch guarded by the
-resourceVersion). Re-running it changes nothing that is already right.
+write the conflist (same), then remove every other CNI configuration file
+(``*.conf``, ``*.conflist``, ``*.json``) from CNI_ETC_DIR as v1 did, so that
+no other network can sort first and win; enable IPv4 and IPv6 forwarding;
+remove the taint keys from the Node (optimistic concurrency: patch guarded
+by the resourceVersion), but only after COIL_INSTALLER_RESCAN_WAIT: the
+kubelet rescans CNI_ETC_DIR every 5 s, and a Pod scheduled before it saw
+coil's conflist would fail. Re-running it changes nothing that is already
+right (and does not wait when there is no taint left to remove).
 """
 
 from __future__ import annotations
@@ -42,7 +49,11 @@ DEFAULTS = {
     "COIL_BOOT_TAINT": "coil.cybozu.com/bootstrap",
     "COIL_PROC_SYS": "/proc/sys",
     "COIL_INSTALLER_API_TIMEOUT": "2m",
+    "COIL_INSTALLER_RESCAN_WAIT": "6s",
 }
+
+# what libcni (and so the kubelet) loads from CNI_ETC_DIR
+CNI_CONF_SUFFIXES = (".conf", ".conflist", ".json")
 
 DEFAULT_NETCONF = {
     "cniVersion": "1.0.0",
@@ -116,6 +127,11 @@ def validate_netconf(text: str, conf_name: str, source: str) -> bytes:
 
 
 def load_netconf(environ, conf_name: str) -> bytes:
+    """CNI_NETCONF when set and not empty, else CNI_NETCONF_FILE, else the
+    default (v1's precedence)."""
+    text = environ.get("CNI_NETCONF")
+    if text is not None and text.strip():
+        return validate_netconf(text, conf_name, "CNI_NETCONF")
     path = environ.get("CNI_NETCONF_FILE")
     if path:
         try:
@@ -126,9 +142,6 @@ def load_netconf(environ, conf_name: str) -> bytes:
         except UnicodeDecodeError:
             raise InvalidArgument(f"invalid CNI_NETCONF_FILE {path}: not UTF-8 text") from None
         return validate_netconf(text, conf_name, f"CNI_NETCONF_FILE {path}")
-    text = environ.get("CNI_NETCONF")
-    if text is not None and text.strip():
-        return validate_netconf(text, conf_name, "CNI_NETCONF")
     return validate_netconf(json.dumps(DEFAULT_NETCONF), conf_name, "default configuration")
 
 
@@ -208,11 +221,35 @@ def enable_forwarding(proc_sys: str) -> list[str]:
     return changed
 
 
+def remove_other_confs(etc_dir: str, conf_name: str) -> list[str]:
+    """Remove every CNI configuration file but ours from ``etc_dir`` (v1 did,
+    so that a lower-sorting file of another network cannot win). Called after
+    ours is in place, so the directory never lacks a configuration.
+    Directories and files libcni does not load are left alone."""
+    removed = []
+    for name in sorted(os.listdir(etc_dir)):
+        path = os.path.join(etc_dir, name)
+        if name == conf_name or not name.endswith(CNI_CONF_SUFFIXES) or \
+                (os.path.isdir(path) and not os.path.islink(path)):
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CoilError(f"cannot remove the other CNI configuration {path}: "
+                            f"{exc.strerror}") from None
+        removed.append(name)
+    return removed
+
+
 # -- the taint -------------------------------------------------------------------------
 def remove_taints(core, node: str, keys: list[str], timeout: float,
-                  sleep=time.sleep) -> list[str]:
+                  sleep=time.sleep, before_patch=None) -> list[str]:
     """Remove taints with ``keys`` from ``node``; retried with backoff on API
-    errors and conflicts until ``timeout``. Returns the keys removed."""
+    errors and conflicts until ``timeout``. ``before_patch`` is called once,
+    before the first patch (only when there is a taint to remove). Returns
+    the keys removed."""
     from coil import k8s
     from coil.controller.watcher import Backoff
     backoff = Backoff(0.5, 10.0)
@@ -230,6 +267,10 @@ def remove_taints(core, node: str, keys: list[str], timeout: float,
             removed = [t.get("key") for t in taints if t.get("key") in keys]
             if not removed:
                 return []
+            if before_patch is not None:
+                before_patch()
+                before_patch = None
+                continue                # read the Node again after the wait
             patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
                      "spec": {"taints": keep or None}}
             resp = core.patch_node(node, patch, _content_type="application/merge-patch+json",
@@ -257,7 +298,7 @@ def remove_taints(core, node: str, keys: list[str], timeout: float,
 
 
 # -- main ------------------------------------------------------------------------------
-def run(environ=None, core=None) -> dict:
+def run(environ=None, core=None, sleep=time.sleep) -> dict:
     """Do the installation; returns what was done. Raises CoilError."""
     from coil import config as cfg
     from coil.store.model import validate_node_name
@@ -269,6 +310,8 @@ def run(environ=None, core=None) -> dict:
     taint_keys = [k.strip() for k in env("COIL_BOOT_TAINT", environ).split(",") if k.strip()]
     api_timeout = cfg.parse_duration(env("COIL_INSTALLER_API_TIMEOUT", environ),
                                      "COIL_INSTALLER_API_TIMEOUT")
+    rescan_wait = cfg.parse_duration(env("COIL_INSTALLER_RESCAN_WAIT", environ),
+                                     "COIL_INSTALLER_RESCAN_WAIT")
     node = environ.get("COIL_NODE_NAME", "")
     if taint_keys:
         if not node:
@@ -287,18 +330,27 @@ def run(environ=None, core=None) -> dict:
 
     done = {"binary_installed": install_binary(src, bin_dir),
             "conflist_written": atomic_write(os.path.join(etc_dir, conf_name), netconf, 0o644),
+            "other_confs_removed": remove_other_confs(etc_dir, conf_name),
             "forwarding_enabled": enable_forwarding(proc_sys),
             "taints_removed": []}
     log.info("coil installed", extra={"bin": os.path.join(bin_dir, "coil"), "from": src,
                                       "conflist": os.path.join(etc_dir, conf_name),
                                       "changed_binary": done["binary_installed"],
                                       "changed_conflist": done["conflist_written"],
+                                      "other_confs_removed": done["other_confs_removed"],
                                       "forwarding_enabled": done["forwarding_enabled"]})
     if taint_keys:
         if core is None:
             from coil import k8s
             core = k8s.core_api(k8s.api_client())
-        done["taints_removed"] = remove_taints(core, node, taint_keys, api_timeout)
+
+        def wait_for_rescan():
+            log.info("waiting for the kubelet to rescan the CNI configuration",
+                     extra={"wait_s": rescan_wait, "dir": etc_dir})
+            sleep(rescan_wait)
+
+        done["taints_removed"] = remove_taints(core, node, taint_keys, api_timeout,
+                                               sleep=sleep, before_patch=wait_for_rescan)
         log.info("bootstrap taints", extra={"node": node, "removed": done["taints_removed"],
                                             "keys": taint_keys})
     return done

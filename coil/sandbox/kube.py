@@ -612,7 +612,7 @@ def node_rm(sb, name: str, progress=None, timeout: float = 120.0) -> dict:
         progress(f"coil-controller freed the {len(cidrs)} block(s) of {name} in etcd "
                  f"{freed_after:.1f}s after the Node was deleted"
                  + (f" ({', '.join(cidrs)}, {addresses} address(es))" if cidrs else "")
-                 + f"; coilctl node blocks {name}: \"node '{name}' holds no address block\"")
+                 + f"; coilctl node blocks {name}: nothing")
 
         # 4. the other nodes' BGP routes
         others = sb.node_names()

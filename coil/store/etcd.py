@@ -166,6 +166,37 @@ class Etcd:
         resp = self._range(req)
         return [self._kv(kv) for kv in resp.kvs], resp.header.revision
 
+    def iter_prefix_pages(self, prefix: str, page_size: int = 5000, keys_only: bool = False,
+                          start_after: str | None = None):
+        """Yield ``(kvs, revision)`` pages of the keys under ``prefix``, in key
+        order, all read at the revision of the first page (one consistent
+        snapshot). ``start_after``: begin after that key. Each page is one
+        range request of at most ``page_size`` keys, so no response grows with
+        the installation."""
+        k = self._key(prefix)
+        end = prefix_end(k)
+        start = self._key(start_after) + b"\0" if start_after is not None else k
+        revision = 0
+        while True:
+            req = self._rpc.RangeRequest(key=start, range_end=end, limit=page_size,
+                                         revision=revision, keys_only=keys_only)
+            resp = self._range(req)
+            if not revision:
+                revision = resp.header.revision
+            yield [self._kv(kv) for kv in resp.kvs], revision
+            if not resp.more or not resp.kvs:
+                return
+            start = resp.kvs[-1].key + b"\0"
+
+    def get_prefix_paged(self, prefix: str, page_size: int = 5000,
+                         keys_only: bool = False) -> tuple[list[KV], int]:
+        """Like ``get_prefix`` for any number of keys: paged, one snapshot."""
+        out: list[KV] = []
+        revision = 0
+        for kvs, revision in self.iter_prefix_pages(prefix, page_size, keys_only):
+            out.extend(kvs)
+        return out, revision
+
     def count_prefix(self, prefix: str) -> int:
         k = self._key(prefix)
         req = self._rpc.RangeRequest(key=k, range_end=prefix_end(k), count_only=True)

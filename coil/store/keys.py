@@ -17,6 +17,10 @@ read as origin unknown, network unknown, ifname ``eth0`` (see docs/schema.md).
 A free block has no key: taking one is a create guarded by
 ``version(block/...) == 0``, so nodes taking blocks never rewrite a shared
 document.
+
+Coil v1's layout under the same prefix (``subnet/<address>``, one
+``block/<pool>/<subnet-address>`` document per subnet, ``ip/<address>/<offset>``)
+is recognised and converted only by ``coil.store.v1``.
 """
 
 POOL = "pool/"

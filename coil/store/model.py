@@ -24,6 +24,11 @@ from coil.store.etcd import Etcd
 
 MAX_RETRIES = 64
 MAX_BLOCK_SIZE = 16  # 65,536 addresses per block
+SMALL_POOL_BLOCKS = 256   # pools this small are read whole (one request) and filled lowest first
+RANDOM_TRIES = 8          # random guarded creates before a paged scan of a large pool
+RANDOM_PROBES = 16        # blocks a failed random create also reads, to aim the next one
+SCAN_PAGE = 2000          # keys per range request of a paged read
+PER_BLOCK_COUNT_LIMIT = 32  # pool usage: up to this many blocks, one count request per block
 DEFAULT_POOL = "default"
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -274,11 +279,13 @@ class IPAMStore:
                      data.get("subnet", ""), data.get("acquired_at", ""))
 
     def pool_blocks(self, pool_name: str) -> list[Block]:
-        kvs, _ = self.etcd.get_prefix(keys.pool_blocks(pool_name))
+        """Every held block of the pool (paged, one snapshot)."""
+        kvs, _ = self.etcd.get_prefix_paged(keys.pool_blocks(pool_name), SCAN_PAGE)
         return [self._decode_block(kv) for kv in kvs]
 
     def all_blocks(self) -> list[Block]:
-        kvs, _ = self.etcd.get_prefix(keys.BLOCK)
+        """Every held block (paged, one snapshot)."""
+        kvs, _ = self.etcd.get_prefix_paged(keys.BLOCK, SCAN_PAGE)
         return [self._decode_block(kv) for kv in kvs]
 
     def node_blocks(self, node: str) -> list[Block]:
@@ -325,36 +332,91 @@ class IPAMStore:
                 break
         return out
 
+    @staticmethod
+    def _random_block(pool: Pool, nets: list):
+        """A block of ``nets`` chosen uniformly at random: (block, subnet)."""
+        total = sum(net.num_addresses >> pool.block_size for net in nets)
+        pick = random.randrange(total)
+        for net in nets:
+            count = net.num_addresses >> pool.block_size
+            if pick < count:
+                addr = ipaddress.ip_address(int(net.network_address) + (pick << pool.block_size))
+                return ipaddress.ip_network(f"{addr}/{net.max_prefixlen - pool.block_size}"), net
+            pick -= count
+        raise AssertionError("unreachable")
+
+    def _used_blocks(self, pool: Pool) -> set:
+        """CIDRs of the pool's held blocks: keys only, in pages of ``SCAN_PAGE``."""
+        used = set()
+        for kvs, _ in self.etcd.iter_prefix_pages(keys.pool_blocks(pool.name), SCAN_PAGE,
+                                                  keys_only=True):
+            used.update(keys.parse_block_key(kv.key)[1] for kv in kvs)
+        return used
+
     def acquire_block(self, pool_name: str, node: str, version: int = 4) -> Block:
         """Take a free block of ``pool_name`` for ``node``.
+
+        A pool of at most ``SMALL_POOL_BLOCKS`` blocks is read (keys only, one
+        request) and its lowest free block taken. In a larger pool the cost
+        does not depend on how many blocks are held: a block chosen at random
+        is created with no prior read, guarded by ``version == 0`` (Calico's
+        random search). When it is held already, the same transaction's
+        failure branch reads ``RANDOM_PROBES`` other random block keys, and
+        the next create aims at one of those found free, so a collision
+        costs one more transaction even in a pool that is 90 % full. Only
+        when ``RANDOM_TRIES`` creates failed (a nearly full pool) does it
+        read the pool's block keys in pages to find the remaining free ones,
+        so the very last free block is still found, and a full pool raises
+        PoolExhausted after ``1 + RANDOM_TRIES + ceil(blocks / SCAN_PAGE)``
+        requests.
 
         Raises NotFound (pool), InvalidArgument (no subnet of that IP
         version), PoolExhausted, Conflict (retry bound). Not idempotent: each
         call takes one more block.
         """
         validate_node_name(node)
+        pool = self.get_pool(pool_name)
+        random_left = RANDOM_TRIES
+        probed: list = []        # blocks seen free by the last failed create
         for attempt in range(MAX_RETRIES):
-            pool = self.get_pool(pool_name)
-            if not any(s.version == version for s in pool.subnets):
+            nets = [s for s in pool.subnets if s.version == version]
+            if not nets:
                 raise InvalidArgument(f"pool {pool_name!r} has no IPv{version} subnet",
                                       hint=f"add one with 'coilctl pool add-subnet {pool_name} SUBNET'")
-            kvs, _ = self.etcd.get_prefix(keys.pool_blocks(pool_name), keys_only=True)
-            used = {keys.parse_block_key(kv.key)[1] for kv in kvs}
-            candidates = self._free_candidates(pool, used, version, attempt + 1)
-            if not candidates:
-                raise PoolExhausted(pool_name, f"address pool {pool_name!r} has no free "
-                                               f"IPv{version} block left")
-            block_net, subnet = random.choice(candidates)
+            blocks_total = sum(s.num_addresses >> pool.block_size for s in pool.subnets)
+            probes: list = []
+            if blocks_total <= SMALL_POOL_BLOCKS or random_left <= 0:
+                candidates = self._free_candidates(pool, self._used_blocks(pool), version,
+                                                   attempt + 1)
+                if not candidates:
+                    raise PoolExhausted(pool_name, f"address pool {pool_name!r} has no free "
+                                                   f"IPv{version} block left")
+                block_net, subnet = random.choice(candidates)
+            else:
+                random_left -= 1
+                block_net, subnet = probed[0] if probed else self._random_block(pool, nets)
+                probes = [self._random_block(pool, nets) for _ in range(RANDOM_PROBES)]
             cidr = str(block_net)
             acquired_at = now_iso()
-            ok, rev, _ = self.etcd.txn(
+            ok, rev, responses = self.etcd.txn(
                 [("version", keys.block(pool_name, cidr), "==", 0),
                  ("mod", keys.pool(pool_name), "==", pool.revision)],
                 [("put", keys.block(pool_name, cidr),
                   _dumps({"node": node, "subnet": str(subnet), "acquired_at": acquired_at})),
-                 ("put", keys.node_block(node, cidr), pool_name.encode())])
+                 ("put", keys.node_block(node, cidr), pool_name.encode())],
+                [("get", keys.pool(pool_name))] +
+                [("get", keys.block(pool_name, str(b))) for b, _ in probes])
             if ok:
                 return Block(pool_name, cidr, node, rev, str(subnet), acquired_at)
+            kvs = responses[0].response_range.kvs if responses else []
+            if not kvs:
+                raise NotFound(f"pool {pool_name!r} does not exist",
+                               hint="list pools with 'coilctl pool list'")
+            if kvs[0].mod_revision != pool.revision:    # subnets changed: use the new list
+                pool = self._decode_pool(pool_name, self.etcd._kv(kvs[0]))
+                probed = []
+            else:
+                probed = [p for p, r in zip(probes, responses[1:]) if not r.response_range.kvs]
         raise Conflict(f"taking a block of pool {pool_name!r}: lost the race "
                        f"{MAX_RETRIES} times, try again")
 
@@ -437,34 +499,47 @@ class IPAMStore:
         ok, _, _ = self.etcd.txn([guard], [("delete", ip_key)])
         return ok
 
+    def get_address(self, cidr: str, offset: int) -> Address | None:
+        """The record at ``offset`` of block ``cidr``, or None. One read
+        (used to resolve a transaction whose outcome is unknown)."""
+        kv = self.etcd.get(keys.ip(cidr, offset))
+        return self._decode_address(kv) if kv is not None else None
+
+    def get_block(self, pool_name: str, cidr: str) -> Block | None:
+        """The block key as etcd holds it now, or None when the block is free."""
+        kv = self.etcd.get(keys.block(pool_name, cidr))
+        return self._decode_block(kv) if kv is not None else None
+
     def block_addresses(self, cidr: str) -> list[Address]:
         kvs, _ = self.etcd.get_prefix(keys.block_ips(cidr))
         return [self._decode_address(kv) for kv in kvs]
 
     def all_addresses(self) -> tuple[list[Address], int]:
-        kvs, rev = self.etcd.get_prefix(keys.IP)
-        return [self._decode_address(kv) for kv in kvs], rev
+        """Every address record and the snapshot's revision (paged)."""
+        return self.all_addresses_paged(SCAN_PAGE)
 
     def all_addresses_paged(self, page_size: int = 5000) -> tuple[list[Address], int]:
-        """Like ``all_addresses()`` for any number of records: one consistent
-        snapshot (the first page's revision) read in pages of ``page_size``
-        keys. A single range of more than ~30,000 records exceeds gRPC's
-        4 MiB message limit. (Added for coil-controller's leak scan.)"""
-        from coil.store.etcd import prefix_end
-        rpc = self.etcd._rpc
-        start = self.etcd._key(keys.IP)
-        end = prefix_end(start)
-        revision = 0
-        out = []
-        while True:
-            req = rpc.RangeRequest(key=start, range_end=end, limit=page_size, revision=revision)
-            resp = self.etcd._range(req)
-            if not revision:
-                revision = resp.header.revision
-            out.extend(self._decode_address(self.etcd._kv(kv)) for kv in resp.kvs)
-            if not resp.more or not resp.kvs:
-                return out, revision
-            start = resp.kvs[-1].key + b"\0"
+        """Every address record, read as one consistent snapshot (the first
+        page's revision) in pages of ``page_size`` keys. A single range of
+        more than ~30,000 records would exceed gRPC's 4 MiB message limit."""
+        kvs, revision = self.etcd.get_prefix_paged(keys.IP, page_size)
+        return [self._decode_address(kv) for kv in kvs], revision
+
+    def address_counts(self, cidrs) -> dict[str, int]:
+        """Number of addresses held in each block of ``cidrs``. Few blocks: one
+        count request each; many: one keys-only read of all address keys in
+        pages of ``SCAN_PAGE``, so the number of requests never grows with the
+        number of blocks."""
+        cidrs = list(cidrs)
+        if len(cidrs) <= PER_BLOCK_COUNT_LIMIT:
+            return {c: self.count_addresses(c) for c in cidrs}
+        counts = dict.fromkeys(cidrs, 0)
+        for kvs, _ in self.etcd.iter_prefix_pages(keys.IP, SCAN_PAGE, keys_only=True):
+            for kv in kvs:
+                cidr = keys.parse_ip_key(kv.key)[0]
+                if cidr in counts:
+                    counts[cidr] += 1
+        return counts
 
     def count_addresses(self, cidr: str) -> int:
         return self.etcd.count_prefix(keys.block_ips(cidr))
@@ -532,8 +607,9 @@ class IPAMStore:
         per_block = 1 << pool.block_size
         total_blocks = sum(n.num_addresses >> pool.block_size for n in nets)
         rows = []
+        counts = self.address_counts(b.cidr for b in blocks)
         for b in sorted(blocks, key=lambda b: (b.network.version, b.network)):
-            used = self.count_addresses(b.cidr)
+            used = counts[b.cidr]
             rows.append({"block": b.cidr, "node": b.node, "used": used,
                          "free": per_block - used, "acquired_at": b.acquired_at})
         return {"pool": name, "subnets": [str(n) for n in nets], "block_size": pool.block_size,

@@ -3,6 +3,7 @@
 //
 //	cnitool add|del|check|status|version CONFLIST [NETNS CONTAINER_ID IFNAME K8S_NAMESPACE K8S_POD]
 //	cnitool bench CONFLIST NETNS_LIST_FILE PARALLEL
+//	cnitool churn CONFLIST NETNS_LIST_FILE PARALLEL
 //
 // CNI_PATH (colon separated) is where plugins are looked up; CNI_CACHE_DIR is
 // libcni's result cache (default: $TMPDIR/cnitool-cache).
@@ -35,6 +36,7 @@ import (
 const usage = `usage:
   cnitool add|del|check|status|version CONFLIST [NETNS CONTAINER_ID IFNAME K8S_NAMESPACE K8S_POD]
   cnitool bench CONFLIST NETNS_LIST_FILE PARALLEL
+  cnitool churn CONFLIST NETNS_LIST_FILE PARALLEL
 environment: CNI_PATH (plugin directories, colon separated), CNI_CACHE_DIR
 `
 
@@ -265,6 +267,61 @@ func bench(ctx context.Context, cni *libcni.CNIConfig, list *libcni.NetworkConfi
 	return 0
 }
 
+// churn is pod churn: PARALLEL workers, worker w takes the pods of lines
+// w, w+PARALLEL, w+2*PARALLEL, ... in order and does ADD then DEL for each
+// before it starts the next (so a pod listed with worker w's namespace is
+// never used by two calls at once). Reports per-call times and the wall
+// time of the whole run.
+func churn(ctx context.Context, cni *libcni.CNIConfig, list *libcni.NetworkConfigList, args []string) int {
+	pods, err := readPods(args[0])
+	if err != nil {
+		fail(err)
+	}
+	parallel, err := strconv.Atoi(args[1])
+	if err != nil || parallel < 1 {
+		fail(fmt.Errorf("PARALLEL must be a positive integer, not %q", args[1]))
+	}
+	addMs := make([]float64, len(pods))
+	delMs := make([]float64, len(pods))
+	errs := make([][]benchError, parallel)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < parallel; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := w; i < len(pods); i += parallel {
+				p := pods[i]
+				t0 := time.Now()
+				_, err := cni.AddNetworkList(ctx, list, p.runtimeConf())
+				addMs[i] = float64(time.Since(t0).Microseconds()) / 1000
+				if err != nil {
+					errs[w] = append(errs[w], benchError{Op: "add", ContainerID: p.containerID, Error: toErrorJSON(err)})
+				}
+				t0 = time.Now()
+				err = cni.DelNetworkList(ctx, list, p.runtimeConf())
+				delMs[i] = float64(time.Since(t0).Microseconds()) / 1000
+				if err != nil {
+					errs[w] = append(errs[w], benchError{Op: "del", ContainerID: p.containerID, Error: toErrorJSON(err)})
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	wall := time.Since(start).Seconds()
+	all := []benchError{}
+	for _, e := range errs {
+		all = append(all, e...)
+	}
+	printJSON(map[string]interface{}{
+		"add_ms": addMs, "del_ms": delMs, "wall_s": wall, "errors": all,
+	})
+	if len(all) > 0 {
+		return 1
+	}
+	return 0
+}
+
 func main() {
 	if len(os.Args) < 3 {
 		fmt.Fprint(os.Stderr, usage)
@@ -312,6 +369,12 @@ func main() {
 			os.Exit(2)
 		}
 		os.Exit(bench(ctx, cni, list, rest))
+	case "churn":
+		if len(rest) != 2 {
+			fmt.Fprint(os.Stderr, usage)
+			os.Exit(2)
+		}
+		os.Exit(churn(ctx, cni, list, rest))
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)

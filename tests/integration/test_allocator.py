@@ -37,8 +37,11 @@ def test_threads_get_unique_addresses_and_blocks_grow(store):
     assert len(added) == 10 and {b.cidr for b in added} == {b.cidr for b in alloc.blocks()}
     etcd_addrs, _ = store.all_addresses()
     assert sorted(a.address for a in etcd_addrs) == sorted(addrs)
+    # a repeated allocation is answered with the held address; another pod
+    # under the same container ID is refused
+    assert alloc.allocate("default", 4, "ns", "p0-0", "c0-0") in results
     with pytest.raises(AlreadyExists):
-        alloc.allocate("default", 4, "ns", "p0-0", "c0-0")
+        alloc.allocate("default", 4, "ns", "other", "c0-0")
 
 
 def test_exhaustion_and_empty_block_return(store):

@@ -77,7 +77,7 @@ def populated(store):
     """Two pools, a block of node-1 with one address, a v6 block of node-2."""
     store.create_pool("default", "10.0.0.0/24", 3)
     store.create_pool("global", "192.168.10.0/24", 2)
-    store.add_subnet("global", "fd00:10::/112")
+    store.add_subnet("global", "fd00:10::/120")     # 128 blocks in all: filled lowest first
     b = store.acquire_block("default", "node-1")
     store.assign_address(b, 2, "team-a", "web-0", "c0ffee")
     b6 = store.acquire_block("global", "node-2", version=6)
@@ -119,11 +119,11 @@ def test_pool_list(ctl, populated):
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["POOL", "BLOCK", "SUBNETS"]
     assert lines[1].split() == ["default", "8", "10.0.0.0/24"]
-    assert lines[2].split() == ["global", "4", "192.168.10.0/24,", "fd00:10::/112"]
+    assert lines[2].split() == ["global", "4", "192.168.10.0/24,", "fd00:10::/120"]
     r = ctl("-o", "json", "pool", "list")
     assert json.loads(r.stdout) == [
         {"name": "default", "subnets": ["10.0.0.0/24"], "block_size": 3},
-        {"name": "global", "subnets": ["192.168.10.0/24", "fd00:10::/112"], "block_size": 2},
+        {"name": "global", "subnets": ["192.168.10.0/24", "fd00:10::/120"], "block_size": 2},
     ]
 
 
@@ -148,8 +148,8 @@ def test_pool_show(ctl, populated):
     r = ctl("-o", "json", "pool", "show", "global")
     u = json.loads(r.stdout)
     assert u["pool"] == "global" and u["block_size"] == 2
-    assert u["subnets"] == ["192.168.10.0/24", "fd00:10::/112"]
-    assert (u["blocks_total"], u["blocks_used"], u["blocks_free"]) == (64 + 16384, 1, 64 + 16383)
+    assert u["subnets"] == ["192.168.10.0/24", "fd00:10::/120"]
+    assert (u["blocks_total"], u["blocks_used"], u["blocks_free"]) == (64 + 64, 1, 64 + 63)
     assert [(b["block"], b["node"], b["used"], b["free"]) for b in u["blocks"]] == [
         ("fd00:10::/126", "node-2", 1, 3)]
 
@@ -158,6 +158,22 @@ def test_pool_show(ctl, populated):
     assert u["subnets"] == ["192.168.10.0/24"] and u["blocks"] == []
     r = ctl("pool", "show", "global", "192.168.10.0/24")
     assert "no blocks in use" in r.stdout
+
+
+def test_pool_show_json_flag_is_v1s_alias_of_output_json(ctl, populated):
+    r = ctl("pool", "show", "global", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads(ctl("-o", "json", "pool", "show", "global").stdout)
+    # v1's "nodes" key: node -> its blocks
+    assert json.loads(r.stdout)["nodes"] == {"node-2": ["fd00:10::/126"]}
+
+
+def test_node_blocks_of_an_idle_node_prints_nothing(ctl, populated):
+    """v1 printed nothing and exited 0 for a node without blocks."""
+    r = ctl("node", "blocks", "node-9")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    r = ctl("-o", "json", "node", "blocks", "node-9")
+    assert r.returncode == 0 and json.loads(r.stdout) == []
 
 
 def test_node_blocks(ctl, populated):
@@ -192,15 +208,53 @@ def test_address_info(ctl, populated):
 
 
 def test_address_free(ctl, populated):
-    r = ctl("address", "free", "10.0.0.2")
+    r = ctl("address", "free", "--yes", "10.0.0.2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "freed 10.0.0.2 (was team-a/web-0, container c0ffee)"
     assert populated.count_addresses("10.0.0.0/29") == 0
     # the block stays with its node
     assert [b.cidr for b in populated.node_blocks("node-1")] == ["10.0.0.0/29"]
-    r = ctl("-o", "json", "address", "free", "fd00:10::1")
+    r = ctl("-o", "json", "address", "free", "-y", "fd00:10::1")
     assert json.loads(r.stdout)["container_id"] == "beef"
     assert populated.all_addresses()[0] == []
+
+
+def test_address_free_without_yes_and_without_a_terminal_refuses(ctl, populated):
+    before = dump(populated)
+    r = ctl("address", "free", "10.0.0.2")
+    assert_one_line_error(r, "10.0.0.2", "--yes")
+    assert dump(populated) == before
+
+
+def _free_on_a_terminal(etcd_server, etcd_prefix, answer: str):
+    """Run 'coilctl address free 10.0.0.2' with a pseudo-terminal as stdin."""
+    import pty
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "coil", "coilctl", "--etcd-endpoints", etcd_server.endpoint,
+             "--etcd-prefix", etcd_prefix, "address", "free", "10.0.0.2"],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.close(slave)
+        slave = None
+        os.write(master, answer.encode())
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, out, err
+    finally:
+        os.close(master)
+        if slave is not None:
+            os.close(slave)
+
+
+def test_address_free_asks_for_confirmation_as_v1_did(etcd_server, etcd_prefix, populated):
+    before = dump(populated)
+    rc, out, err = _free_on_a_terminal(etcd_server, etcd_prefix, "n\n")
+    assert rc == 1 and "free 10.0.0.2?" in err and "pod: web-0" in err
+    assert dump(populated) == before
+    rc, out, err = _free_on_a_terminal(etcd_server, etcd_prefix, "y\n")
+    assert rc == 0, err
+    assert out.strip() == "freed 10.0.0.2 (was team-a/web-0, container c0ffee)"
+    assert populated.count_addresses("10.0.0.0/29") == 0
 
 
 def test_completion_bash(ctl):
@@ -304,7 +358,6 @@ BAD = [
     ("unknown-pool-show", ["pool", "show", "nope"], ["nope"]),
     ("unknown-pool-add", ["pool", "add-subnet", "nope", "10.1.0.0/24"], ["nope"]),
     ("subnet-not-in-pool", ["pool", "show", "default", "10.9.0.0/24"], ["10.9.0.0/24"]),
-    ("unknown-node", ["node", "blocks", "node-9"], ["node-9"]),
     ("invalid-node", ["node", "blocks", "Node_9"], ["Node_9"]),
     ("unassigned-info", ["address", "info", "10.0.0.5"], ["10.0.0.5"]),
     ("unassigned-free", ["address", "free", "10.0.0.5"], ["10.0.0.5"]),
@@ -356,7 +409,7 @@ def test_etcd_unreachable(ctl, populated):
     dead = f"http://127.0.0.1:{free_port()}"
     before = dump(populated)
     for args in (["pool", "list"], ["pool", "create", "p2", "10.1.0.0/24", "3"],
-                 ["address", "free", "10.0.0.2"]):
+                 ["address", "free", "--yes", "10.0.0.2"]):
         r = hypercoil("coilctl", "--etcd-endpoints", dead, "--etcd-timeout", "2s", *args)
         line = assert_one_line_error(r, dead)
         assert "etcd" in line
@@ -428,3 +481,19 @@ def test_right_credentials(auth_etcd, auth_store, etcd_prefix):
     assert r.returncode == 0, r.stderr
     assert [p["name"] for p in json.loads(r.stdout)] == ["default"]
     assert [p.name for p in auth_store.list_pools()] == ["default"]
+
+
+# -- v1's settings -------------------------------------------------------------------------
+
+def test_v1_environment_names_reach_etcd(etcd_server, etcd_prefix, populated, tmp_path):
+    """A v1 operator's environment (COILCTL_ENDPOINTS, COILCTL_PREFIX) works as it is."""
+    r = hypercoil("coilctl", "pool", "list",
+                  env={"COILCTL_ENDPOINTS": etcd_server.endpoint, "COILCTL_PREFIX": etcd_prefix})
+    assert r.returncode == 0, r.stderr
+    assert "default" in r.stdout and "global" in r.stdout
+    # and v1's config-file keys next to it
+    conf = tmp_path / "v1.yml"
+    conf.write_text(f"endpoints:\n  - {etcd_server.endpoint}\nprefix: {etcd_prefix}\n")
+    r = hypercoil("coilctl", "--config", str(conf), "-o", "json", "pool", "list")
+    assert r.returncode == 0, r.stderr
+    assert [p["name"] for p in json.loads(r.stdout)] == ["default", "global"]

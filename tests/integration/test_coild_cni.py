@@ -223,6 +223,9 @@ def test_rest_api(cluster):
     assert rest("GET", "/ip/default/a/x1") == (200, {"address": ip, "addresses": [ip], "status": 200})
     status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a",
                                         "container-id": "x1"})
+    assert (status, body["address"]) == (200, ip)          # a retry gets the same address
+    status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "b",
+                                        "container-id": "x1"})
     assert status == 409 and body["status"] == 409 and "x1" in body["error"]
     status, body = rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "a"})
     assert status == 400 and "container-id" in body["error"]
@@ -230,7 +233,9 @@ def test_rest_api(cluster):
                                         "container-id": "x2", "address-type": "ipv5"})
     assert status == 400 and "ipv5" in body["error"]
     status, body = rest("GET", "/status")
-    assert status == 200 and body["pods"] == {"default/a": [ip]}
+    # v1's shape: container ID -> address; the per-pod lists are a new key
+    assert status == 200 and body["pods"] == {"x1": ip}
+    assert body["pod-addresses"] == {"default/a": [ip]}
     assert body["address-blocks"] == {"default": ["10.30.0.0/28"]}
     for i in range(2):
         assert rest("POST", "/ip", {"pod-namespace": "tiny", "pod-name": f"t{i}",
@@ -282,7 +287,9 @@ def test_dual_stack(cluster):
 # -- bad input and faults ------------------------------------------------------
 
 def leftovers(cluster):
-    """(links on the node besides lo, addresses held in etcd)."""
+    """(links on the node besides lo, addresses held in etcd), once coild's
+    deletion queue has deleted what DEL retired."""
+    cluster.node.wait_retired_gone()
     return [l for l in cluster.node.links() if l != "lo"], etcd_ips(cluster.store)
 
 
@@ -422,24 +429,38 @@ def test_failed_add_leaves_nothing_then_retry_works(cluster):
     assert pod_ip(res) in etcd_ips(cluster.store)
 
 
-def test_sigkill_in_the_middle_of_add(cluster):
-    cluster.store.create_pool("default", "10.37.0.0/24", 4)
-    cluster.coild.start_env = None
-    os.environ["COIL_FAULT_ADD_PAUSE"] = "30"
-    try:
-        cluster.start()
-    finally:
-        del os.environ["COIL_FAULT_ADD_PAUSE"]
-    pod = cluster.new_pod()
-    proc = subprocess.Popen(
+def hooked(cluster, tmp_path, *points):
+    """Run the cluster's coild through tests/coild_hooked.py, pausing at ``points``."""
+    hook_dir = tmp_path / "hooks"
+    hook_dir.mkdir()
+    (hook_dir / "pause").write_text("".join(p + "\n" for p in points))
+    cluster.coild.hook_dir = str(hook_dir)
+    return hook_dir
+
+
+def wait_file(path, proc=None, bound=30.0):
+    """Wait until a pause point announces itself (bounded; fails the test)."""
+    end = time.monotonic() + bound
+    while not path.exists():
+        assert proc is None or proc.poll() is None, "the client ended before the pause point"
+        assert time.monotonic() < end, f"{path.name} never reached"
+        time.sleep(0.01)
+
+
+def start_add(cluster, pod, cid):
+    return subprocess.Popen(
         ["ip", "netns", "exec", cluster.node.name, "tests/cniclient/cnitool", "add",
-         cluster.cni.conf_path, pod.path, "c1", "eth0", "default", "c1"],
+         cluster.cni.conf_path, pod.path, cid, "eth0", "default", cid],
         env=cluster.cni.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 20
-    while not etcd_ips(cluster.store) and time.time() < deadline:   # address recorded
-        time.sleep(0.05)
-    while "eth0" not in pod.links() and time.time() < deadline:      # veth made
-        time.sleep(0.05)
+
+
+def test_sigkill_in_the_middle_of_add(cluster, tmp_path):
+    cluster.store.create_pool("default", "10.37.0.0/24", 4)
+    hooks = hooked(cluster, tmp_path, "add:wired c1")
+    cluster.start()
+    pod = cluster.new_pod()
+    proc = start_add(cluster, pod, "c1")
+    wait_file(hooks / "add:wired.c1.reached", proc)      # address recorded, veth made
     assert etcd_ips(cluster.store) and "eth0" in pod.links()
     cluster.coild.stop(signal.SIGKILL)
     out, _ = proc.communicate(timeout=30)
@@ -447,12 +468,44 @@ def test_sigkill_in_the_middle_of_add(cluster):
     # the runtime calls DEL: coild is down, so it must fail (and be retried)
     rc, err = cluster.cni.call("del", pod, "c1")
     assert rc != 0 and err["code"] == 11
+    cluster.coild.hook_dir = None
     cluster.coild.start()
     assert cluster.cni.call("del", pod, "c1")[0] == 0
     assert leftovers(cluster) == ([], {})
     assert pod.links() == ["lo"]
     # and the retried ADD works
     assert pod_ip(add(cluster, pod, "c1"))
+
+
+def test_sigterm_drains_the_add_in_flight(cluster, tmp_path):
+    """SIGTERM while an ADD is paused after wiring: coild stops accepting at
+    once, lets the ADD finish, then closes its etcd client and exits 0."""
+    cluster.store.create_pool("default", "10.38.0.0/24", 4)
+    hooks = hooked(cluster, tmp_path, "add:wired c1")
+    cluster.start()
+    pod, late = cluster.new_pod(), cluster.new_pod()
+    proc = start_add(cluster, pod, "c1")
+    wait_file(hooks / "add:wired.c1.reached", proc)
+    cluster.coild.proc.send_signal(signal.SIGTERM)
+    wait_file(hooks / "shutdown:closed.reached")
+    rc, err = cluster.cni.call("add", late, "c2")        # no longer accepted
+    assert rc != 0 and err["code"] == 11 and "not reachable" in err["msg"]
+    assert cluster.coild.proc.poll() is None              # still draining c1
+    (hooks / "add:wired.c1.resume").touch()
+    out, errout = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, errout, cluster.coild.log())
+    assert cluster.coild.proc.wait(timeout=60) == 0       # no second signal
+    cluster.coild.stop()
+    log = cluster.coild.log()
+    assert log.index("draining requests in flight") < log.index("cni add") < \
+        log.index("coild stopped")
+    ip = pod_ip(json.loads(out))
+    assert list(etcd_ips(cluster.store)) == [ip] and "eth0" in pod.links()
+    assert late.links() == ["lo"]
+    cluster.coild.hook_dir = None                          # the runtime's DEL: clean
+    cluster.coild.start()
+    assert cluster.cni.call("del", pod, "c1")[0] == 0
+    assert leftovers(cluster) == ([], {})
 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0"])

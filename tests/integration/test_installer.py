@@ -18,6 +18,8 @@ import yaml
 
 from helpers import REPO, free_port
 
+from coil.errors import InvalidArgument
+
 TAINT = "coil.cybozu.com/bootstrap"
 
 
@@ -38,7 +40,8 @@ def base_env(dirs, **extra):
            if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "CNI_NETCONF",
                         "CNI_NETCONF_FILE", "COIL_PATH", "COIL_NODE_NAME")}
     env.update(CNI_BIN_DIR=str(dirs["bin"]), CNI_ETC_DIR=str(dirs["etc"]),
-               COIL_PROC_SYS=str(dirs["proc"]), COIL_BOOT_TAINT="")
+               COIL_PROC_SYS=str(dirs["proc"]), COIL_BOOT_TAINT="",
+               COIL_INSTALLER_RESCAN_WAIT="0s")   # the wait itself: test_waits_for_the_rescan...
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -166,12 +169,50 @@ def test_netconf_from_file_and_other_conf_name(dirs, tmp_path):
            "socket": "/run/coild/coild.sock"}
     f = tmp_path / "netconf.json"
     f.write_text(json.dumps(doc))
+    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conf"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((dirs["etc"] / "05-coil.conf").read_text()) == doc
+    # v1's precedence: CNI_NETCONF, when not empty, wins over CNI_NETCONF_FILE
+    inline = dict(doc, name="from-env")
     r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conf",
-                         CNI_NETCONF="ignored: the file wins"))
+                         CNI_NETCONF=json.dumps(inline)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((dirs["etc"] / "05-coil.conf").read_text()) == inline
+    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conf", CNI_NETCONF=" "))
     assert r.returncode == 0, r.stderr
     assert json.loads((dirs["etc"] / "05-coil.conf").read_text()) == doc
     r = install(base_env(dirs, CNI_NETCONF_FILE=tmp_path / "missing.json"))
     assert r.returncode == 1 and "cannot read CNI_NETCONF_FILE" in r.stderr
+
+
+def test_removes_the_other_cni_configurations_as_v1_did(dirs):
+    """A lower-sorting file of another network must not win: v1 removed the
+    other files of CNI_ETC_DIR. Files libcni never loads and directories stay."""
+    etc = dirs["etc"]
+    for name in ("00-flannel.conflist", "05-bridge.conf", "99-loopback.json"):
+        (etc / name).write_text('{"cniVersion": "0.4.0", "name": "x", "type": "bridge"}')
+    (etc / "01-dangling.conf").symlink_to(etc / "nowhere")
+    (etc / "multus.d").mkdir()
+    (etc / "multus.d" / "00-x.conf").write_text("{}")
+    (etc / "calico-kubeconfig").write_text("kept")
+    r = install(base_env(dirs))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in etc.iterdir()) == ["10-coil.conflist", "calico-kubeconfig",
+                                                     "multus.d"]
+    assert (etc / "multus.d" / "00-x.conf").exists()
+    record = json.loads(r.stderr.strip().splitlines()[-1])
+    assert record["other_confs_removed"] == ["00-flannel.conflist", "01-dangling.conf",
+                                             "05-bridge.conf", "99-loopback.json"]
+    # coil's own file is what the kubelet picks now: the first by name
+    loaded = sorted(p.name for p in etc.iterdir() if p.name.endswith((".conf", ".conflist", ".json")))
+    assert loaded == ["10-coil.conflist"]
+
+
+def test_bad_netconf_removes_nothing(dirs):
+    (dirs["etc"] / "00-other.conflist").write_text("{}")
+    r = install(base_env(dirs, CNI_NETCONF="{not json"))
+    assert r.returncode == 1
+    assert [p.name for p in dirs["etc"].iterdir()] == ["00-other.conflist"]
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -288,6 +329,33 @@ def test_removes_the_bootstrap_taint_with_coilds_rbac(dirs, kube_apiserver, coil
     assert taint_keys(kube_apiserver, node)[0] == []
     others = kube_apiserver.core().read_node(node).spec.taints or []
     assert {t.key for t in others} <= {"node.kubernetes.io/not-ready"}
+
+
+def test_waits_for_the_kubelets_rescan_before_removing_the_taint(dirs, kube_apiserver,
+                                                                  coild_token, node, tmp_path):
+    """v1 slept 6 s (the kubelet rescans CNI_ETC_DIR every 5 s) between writing
+    the conflist and removing the taint. A fake clock records the wait: it
+    happens after the conflist is in place and while the taint is still on."""
+    from coil.installer.main import run
+    core = kube_apiserver.core(coild_token)
+    env = base_env(dirs, COIL_NODE_NAME=node, COIL_BOOT_TAINT=TAINT)
+    del env["COIL_INSTALLER_RESCAN_WAIT"]                 # v1's default: 6 s
+    waits = []
+
+    def fake_sleep(seconds):
+        waits.append((seconds, conflist(dirs).exists(),
+                      (TAINT, "NoSchedule") in taint_keys(kube_apiserver, node)[0]))
+
+    done = run(env, core=core, sleep=fake_sleep)
+    assert waits == [(6.0, True, True)]
+    assert done["taints_removed"] == [TAINT, TAINT]
+    assert taint_keys(kube_apiserver, node)[0] == [("example.com/other", "NoSchedule")]
+    # nothing left to remove: no wait at all
+    waits.clear()
+    assert run(env, core=core, sleep=fake_sleep)["taints_removed"] == []
+    assert waits == []
+    with pytest.raises(InvalidArgument, match="COIL_INSTALLER_RESCAN_WAIT"):
+        run(dict(env, COIL_INSTALLER_RESCAN_WAIT="soon"), core=core, sleep=fake_sleep)
 
 
 def test_taint_errors_are_clear(dirs, kube_apiserver, coild_token, node, tmp_path):

@@ -107,6 +107,7 @@ def test_open_by_path_sees_only_that_namespace(nlmod, netns_factory):
     lo = links[0]
     assert isinstance(lo, nlmod.Link)
     assert lo.index == 1 and lo.mtu == 65536 and lo.up is False and lo.kind is None
+    assert lo.group == 0
     assert lo.mac == "00:00:00:00:00:00"
 
 
@@ -378,6 +379,78 @@ def test_link_del(nlmod, two):
         assert nl.link_get("vethdel") is None
     # deleting one end removes the peer in the other namespace
     assert _link_names(pod) == {"lo"}
+
+
+
+# -- renaming, link groups, batched deletion (coild's deferred teardown) -----
+
+
+def test_link_set_name_and_group(nlmod, two):
+    node, pod = two
+    with nlmod.open_netlink(node.path) as nl:
+        index = nl.veth_add("vethren", "eth0", peer_netns=pod.path)
+        nl.link_set(index, up=True)
+        assert nl.link_get("vethren").group == 0
+        # rename + group in one request, while the link is up
+        nl.link_set(index, name="vdoomed", group=7)
+        link = nl.link_get_index(index)
+        assert (link.name, link.group, link.up) == ("vdoomed", 7, True)
+        assert nl.link_get("vethren") is None
+        assert "group 7" in node.run("ip", "link", "show", "vdoomed").stdout
+        assert [l.name for l in nl.link_list() if l.group == 7] == ["vdoomed"]
+        # the name is free again: a new pair of the old name can be made
+        nl.veth_add("vethren", "eth1", peer_netns=pod.path)
+        # rename and down in one request
+        nl.link_set(index, name="vdoomed2", up=False)
+        link = nl.link_get_index(index)
+        assert (link.name, link.up, link.group) == ("vdoomed2", False, 7)
+        with pytest.raises(NetlinkError) as info:       # the name is taken
+            nl.link_set(index, name="vethren")
+        assert info.value.errno == errno.EEXIST and "renaming link index" in str(info.value)
+        for bad in ("", "x" * 16, 7):
+            with pytest.raises(NetlinkError) as info:
+                nl.link_set(index, name=bad)
+            assert info.value.errno == errno.EINVAL
+        for bad in (0, -1, 2 ** 32, True, "7"):
+            with pytest.raises(NetlinkError) as info:
+                nl.link_set(index, group=bad)
+            assert info.value.errno == errno.EINVAL
+        for kwargs in ({"name": "x"}, {"group": 3}):
+            with pytest.raises(NetlinkError) as info:
+                nl.link_set(index, netns=pod.path, **kwargs)
+            assert info.value.errno == errno.EINVAL
+        assert nl.link_get_index(index).name == "vdoomed2"
+        # the largest group number works
+        nl.link_set(index, group=2 ** 32 - 1)
+        assert nl.link_get_index(index).group == 2 ** 32 - 1
+
+
+def test_link_del_group_deletes_the_batch_and_peers(nlmod, netns_factory):
+    node = netns_factory()
+    pods = [netns_factory() for _ in range(6)]
+    with nlmod.open_netlink(node.path) as nl:
+        for i, pod in enumerate(pods):
+            index = nl.veth_add(f"vbatch{i}", "eth0", peer_netns=pod.path)
+            nl.link_set(index, up=True, group=42 if i < 4 else None)
+        assert sorted(l.name for l in nl.link_list() if l.group == 42) == \
+            [f"vbatch{i}" for i in range(4)]
+        assert nl.link_del_group(42) is True
+        assert _link_names(node) == {"lo", "vbatch4", "vbatch5"}
+        # each veth took its peer, in its own namespace, with it
+        assert [_link_names(p) for p in pods] == [{"lo"}] * 4 + [{"lo", "eth0"}] * 2
+        assert nl.link_del_group(42) is False       # empty group
+        for bad in (0, -1, 2 ** 32, False, None, "42"):
+            with pytest.raises(NetlinkError) as info:
+                nl.link_del_group(bad)
+            assert info.value.errno == errno.EINVAL
+            assert "deleting link group" in str(info.value)
+        # lo cannot be deleted: the kernel refuses the whole batch
+        nl.link_set(1, group=43)
+        nl.link_set(nl.link_get("vbatch4").index, group=43)
+        with pytest.raises(NetlinkError) as info:
+            nl.link_del_group(43)
+        assert info.value.errno == errno.EOPNOTSUPP
+        assert _link_names(node) == {"lo", "vbatch4", "vbatch5"}
 
 
 # -- addresses --------------------------------------------------------------

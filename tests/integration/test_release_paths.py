@@ -154,7 +154,8 @@ def test_coild_adopts_blocks_recorded_for_its_node(node):
     node.start()
     status, body = node.coild.rest("GET", "/status")
     assert status == 200 and body["address-blocks"] == {"default": [block.cidr]}
-    assert body["pods"] == {"default/old0": [kept[0].address], "default/old1": [kept[1].address]}
+    assert body["pod-addresses"] == {"default/old0": [kept[0].address],
+                                     "default/old1": [kept[1].address]}
     assert f"{block.cidr} dev lo proto 30" in node.ns.exec("ip", "route", "show", "table",
                                                           "119").stdout
     ip = add(node, node.new_pod(), "new1")
@@ -255,41 +256,33 @@ def test_gc_keeps_records_newer_than_the_request(node):
     assert old not in held(store)
 
 
-def test_gc_keeps_a_container_with_a_request_in_flight(etcd_server, store, etcd_prefix,
-                                                       tmp_path):
-    """An ADD paused after recording its address (coild's crash-test pause):
-    a GC that arrives meanwhile leaves that container alone."""
-    os.environ["COIL_FAULT_ADD_PAUSE"] = "8"
-    n = Netns("node")
-    pods = [Netns("pod")]
-    coild = Coild(n, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix)
-    try:
-        store.create_pool("default", "10.155.0.0/24", 4)
-        coild.start()
-        cni = CNI(n, str(tmp_path), coil_conflist(coild.socket), plugin_binary())
-        result = {}
-        t = threading.Thread(target=lambda: result.update(
-            out=cni.call("add", pods[0], "slow1", "default", "slow1")), daemon=True)
-        t.start()
-        wait_for(lambda: held(store), what="address recorded by the paused ADD")
-        conf = {"cniVersion": "1.1.0", "name": NET, "type": "coil", "socket": coild.socket,
-                "cni.dev/valid-attachments": []}
-        r = subprocess.run(["ip", "netns", "exec", n.name, os.path.join(cni.bin, "coil")],
-                           input=json.dumps(conf), capture_output=True, text=True, timeout=30,
-                           env={"PATH": os.environ["PATH"], "CNI_COMMAND": "GC"})
-        assert r.returncode == 0, r.stdout
-        assert t.is_alive()                      # the ADD was still in flight during GC
-        assert [a.container_id for a in held(store).values()] == ["slow1"]
-        t.join(60)
-        assert result["out"][0] == 0, result
-        assert [a.container_id for a in held(store).values()] == ["slow1"]
-        assert "gc: request in flight, attachment kept" in coild.log()
-    finally:
-        del os.environ["COIL_FAULT_ADD_PAUSE"]
-        coild.stop()
-        for p in pods:
-            p.delete()
-        n.delete()
+def test_gc_keeps_a_container_with_a_request_in_flight(node, tmp_path):
+    """An ADD paused (coild's pause point, through tests/coild_hooked.py)
+    after recording its address and wiring the pod: a GC that arrives
+    meanwhile leaves that container alone; the ADD then finishes."""
+    store = node.store
+    store.create_pool("default", "10.155.0.0/24", 4)
+    hook_dir = tmp_path / "hooks"
+    hook_dir.mkdir()
+    (hook_dir / "pause").write_text("add:wired slow1\n")
+    node.coild.hook_dir = str(hook_dir)
+    node.start()
+    old = add(node, node.new_pod(), "old1")
+    pod = node.new_pod()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(
+        out=node.cni.call("add", pod, "slow1", "default", "slow1")), daemon=True)
+    t.start()
+    wait_for(lambda: (hook_dir / "add:wired.slow1.reached").exists(), what="ADD paused")
+    assert {a.container_id for a in held(store).values()} == {"old1", "slow1"}
+    assert gc(node, **{"cni.dev/valid-attachments": []}) == (0, None)
+    assert [a.container_id for a in held(store).values()] == ["slow1"]   # old1 freed
+    assert "gc: request in flight, attachment kept" in node.coild.log()
+    (hook_dir / "add:wired.slow1.resume").touch()
+    t.join(60)
+    assert result["out"][0] == 0, result
+    assert [a.container_id for a in held(store).values()] == ["slow1"]
+    assert old not in held(store)
 
 
 def test_gc_goes_on_past_errors(node, tmp_path):
@@ -316,7 +309,7 @@ def test_gc_goes_on_past_errors(node, tmp_path):
         assert node.coild.log().count("gc: freeing an attachment failed") == 3
         s.close()
         status, body = node.coild.rest("GET", "/status")      # coild still holds all three
-        assert status == 200 and {ip for v in body["pods"].values() for ip in v} == ips
+        assert status == 200 and set(body["pods"].values()) == ips
     finally:
         private.stop()
 

@@ -18,7 +18,8 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(REPO, "deploy")
-MANIFESTS = sorted(glob.glob(os.path.join(DEPLOY, "*.yaml")))
+MANIFESTS = sorted(p for p in glob.glob(os.path.join(DEPLOY, "*.yaml"))
+                   if os.path.basename(p) != "kustomization.yaml")   # kustomize, not an object
 
 
 def load(path):
@@ -117,7 +118,10 @@ def test_coild_daemonset_is_consistent():
     # privileges only where needed
     assert installer["securityContext"]["privileged"] is True
     assert coild["securityContext"].get("privileged") is False
-    assert set(coild["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN"}
+    assert set(coild["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN",
+                                                                    "SYS_PTRACE"}
+    # as v1: the host's PID namespace, so /proc/<pid>/ns/net paths can be opened
+    assert spec["hostPID"] is True
     # probes on coild's REST endpoint
     http = _arg(coild, "--http")
     host, port = http.rsplit(":", 1)
@@ -185,3 +189,122 @@ def test_dockerfile_builds_from_this_repo():
                         + o["spec"]["template"]["spec"].get("initContainers", []))}
     assert len(images) == 1
     assert images.pop() in text      # the build command in the header names the tag
+
+
+# -- kustomize: the base and the etcd Endpoints name parameter ------------------------------
+
+KUSTOMIZATION = os.path.join(DEPLOY, "kustomization.yaml")
+COMPONENT = os.path.join(DEPLOY, "components", "etcd-endpoints-name", "kustomization.yaml")
+RENAME = """apiVersion: kustomize.config.k8s.io/v1alpha1
+kind: Component
+patches:
+  - target:
+      kind: Endpoints
+      name: coil-etcd
+    patch: |-
+      - op: replace
+        path: /metadata/name
+        value: my-etcd
+"""
+
+
+def _key(obj):
+    return (obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+
+
+def test_kustomization_lists_every_manifest():
+    with open(KUSTOMIZATION) as f:
+        k = yaml.safe_load(f)
+    assert sorted(k["resources"]) == sorted(os.path.basename(p) for p in MANIFESTS)
+    assert k["components"] == ["components/etcd-endpoints-name"]
+
+
+def _build(directory):
+    """``kubectl kustomize`` (kustomize v5) when kubectl is installed, else
+    our reading of the same kustomization (resources, JSON6902 name patch,
+    the component's replacements)."""
+    import shutil
+    import subprocess
+    if shutil.which("kubectl"):
+        r = subprocess.run(["kubectl", "kustomize", directory], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [d for d in yaml.safe_load_all(r.stdout) if d]
+    return _build_by_hand(directory)
+
+
+def _build_by_hand(directory):
+    import copy
+    with open(os.path.join(directory, "kustomization.yaml")) as f:
+        k = yaml.safe_load(f)
+    objs = []
+    for res in k.get("resources", []):
+        path = os.path.normpath(os.path.join(directory, res))
+        objs += _build_by_hand(path) if os.path.isdir(path) else copy.deepcopy(load(path))
+    for comp in k.get("components", []):
+        with open(os.path.join(directory, comp, "kustomization.yaml")) as f:
+            c = yaml.safe_load(f)
+        for patch in c.get("patches", []):
+            for o in objs:
+                if (o["kind"], o["metadata"]["name"]) == (patch["target"]["kind"],
+                                                          patch["target"]["name"]):
+                    for op in yaml.safe_load(patch["patch"]):
+                        assert (op["op"], op["path"]) == ("replace", "/metadata/name")
+                        o["metadata"]["name"] = op["value"]
+        for rep in c.get("replacements", []):
+            (src,) = [o for o in objs if o["kind"] == rep["source"]["kind"]]
+            value = src["metadata"]["name"]
+            for t in rep["targets"]:
+                (obj,) = [o for o in objs if (o["kind"], o["metadata"]["name"]) ==
+                          (t["select"]["kind"], t["select"]["name"])]
+                for fp in t["fieldPaths"]:
+                    if fp == "rules.0.resourceNames.0":
+                        obj["rules"][0]["resourceNames"][0] = value
+                        continue
+                    cname = re.search(r"\[name=([^]]+)\]", fp).group(1)
+                    old = re.search(r"command\.\[=([^]]+)\]", fp).group(1)
+                    (cont,) = [x for x in obj["spec"]["template"]["spec"]["containers"]
+                               if x["name"] == cname]
+                    i = cont["command"].index(old)
+                    parts = cont["command"][i].split(t["options"]["delimiter"])
+                    parts[t["options"]["index"]] = value
+                    cont["command"][i] = t["options"]["delimiter"].join(parts)
+    return objs
+
+
+def _endpoints_name_everywhere(objs):
+    (ep,) = [o for o in objs if o["kind"] == "Endpoints"]
+    (role,) = [o for o in objs if o["kind"] == "Role"]
+    flags = [_arg(c, "--etcd-endpoints") for o in objs if o["kind"] in ("DaemonSet", "Deployment")
+             for c in o["spec"]["template"]["spec"]["containers"]]
+    return ep["metadata"]["name"], role["rules"][0]["resourceNames"], flags
+
+
+def test_kustomize_base_is_the_plain_manifests():
+    built = _build(DEPLOY)
+    assert {_key(o): o for o in built} == {_key(o): o for o in all_objects()}
+
+
+def test_etcd_endpoints_name_is_a_kustomize_parameter(tmp_path):
+    """The overlay of docs/deploy.md: rename the Endpoints, and the RBAC
+    resourceNames and both --etcd-endpoints=@NAME flags follow."""
+    overlay = tmp_path / "overlay"
+    (overlay / "rename").mkdir(parents=True)
+    rel = os.path.relpath(DEPLOY, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel}\ncomponents:\n  - rename\n"
+        f"  - {rel}/components/etcd-endpoints-name\n")
+    (overlay / "rename" / "kustomization.yaml").write_text(RENAME)
+    built = _build(str(overlay))
+    assert _endpoints_name_everywhere(built) == ("my-etcd", ["my-etcd"],
+                                                 ["@my-etcd", "@my-etcd"])
+    assert _endpoints_name_everywhere(all_objects()) == ("coil-etcd", ["coil-etcd"],
+                                                         ["@coil-etcd", "@coil-etcd"])
+    # the overlay example in docs/deploy.md is this one
+    with open(os.path.join(REPO, "docs", "deploy.md")) as f:
+        doc = f.read()
+    assert "components/etcd-endpoints-name" in doc and "value: my-etcd" in doc
+    # the hand evaluator agrees with kustomize where both exist
+    assert _endpoints_name_everywhere(_build_by_hand(str(overlay))) == \
+        _endpoints_name_everywhere(built)

@@ -1,0 +1,421 @@
+"""coild's request safety, in process against the real etcd and real
+network namespaces: one request per container at a time, request deadlines,
+writes whose outcome is unknown, and reloads racing requests.
+
+Races are injected deterministically: the no-op pause points
+(``CNIService._reached``, ``NodeAllocator._reached``) are monkeypatched to
+stop a thread on a ``threading.Event``; unknown outcomes are injected by
+wrapping a store call so that it commits and then raises
+``OutcomeUnknown`` (or raises before it commits). No wall-clock asserts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import threading
+
+import pytest
+
+from harness import Netns
+
+from coil.coild.allocator import NodeAllocator
+from coil.coild.cniservice import MAGIC, CNIService
+from coil.coild.podnet import PodNetwork
+from coil.coild.pools import PoolResolver
+from coil.coild.routes import RouteExporter
+from coil.errors import AlreadyExists, OutcomeUnknown, StoreUnavailable
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+WAIT = 30          # bound on every Event wait: a hang fails the test instead of blocking
+
+
+class Node:
+    """A node namespace with the real allocator, routes, pod network and CNI service."""
+
+    def __init__(self, store):
+        self.store = store
+        self.ns = Netns("node")
+        self.pods = []
+        self.routes = RouteExporter(119, 30, netns=self.ns.path)
+        self.removed = []
+        self.alloc = NodeAllocator(store, "n1", on_block_added=lambda b: self.routes.add(b.cidr),
+                                   on_block_removed=self._removed)
+        self.svc = CNIService(self.alloc, PodNetwork(host_netns=self.ns.path), PoolResolver(store))
+
+    def _removed(self, block):
+        self.removed.append(block.cidr)
+        self.routes.remove(block.cidr)
+
+    def pod(self):
+        p = Netns("pod")
+        self.pods.append(p)
+        return p
+
+    def close(self):
+        for p in self.pods:
+            p.delete()
+        self.ns.delete()
+
+    def host_links(self):
+        return [link for link in self.ns.links() if link != "lo"]
+
+    def call(self, command, pod, cid, name=None):
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid,
+               "CNI_NETNS": pod.path if pod else "", "CNI_IFNAME": "eth0",
+               "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={name or cid}",
+               "CNI_PATH": "/opt/cni/bin"}
+        data = MAGIC + b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()) + b"\0"
+        data += json.dumps({"cniVersion": "1.0.0", "name": "t", "type": "coil"}).encode()
+        code, body = self.svc.handle(data)
+        return code, json.loads(body) if body else None
+
+
+@pytest.fixture
+def node(store):
+    n = Node(store)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def etcd_ips(store) -> dict:
+    addrs, _ = store.all_addresses()
+    return {a.address: a.container_id for a in addrs}
+
+
+def ip_of(result) -> str:
+    return str(ipaddress.ip_interface(result["ips"][0]["address"]).ip)
+
+
+def run(fn, *args, events=None, tag=None):
+    """Run fn in a thread; returns (thread, result list). Appends
+    ("done", tag) to ``events`` when fn returned."""
+    out = []
+
+    def body():
+        out.append(fn(*args))
+        if events is not None:
+            events.append(("done", tag))
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, out
+
+
+# -- one request per container ---------------------------------------------------------
+
+def test_two_adds_for_one_container_get_one_address(node):
+    node.store.create_pool("default", "10.60.0.0/24", 4)
+    node.alloc.load()
+    pod = node.pod()
+    first_paused, second_waiting, go = threading.Event(), threading.Event(), threading.Event()
+    events = []
+
+    def hook(point, req):
+        if point == "add:allocated" and not first_paused.is_set():
+            first_paused.set()
+            assert go.wait(WAIT)
+        elif point == "lock:wait" and first_paused.is_set():
+            second_waiting.set()
+        elif point == "lock:held" and first_paused.is_set():
+            events.append(("held", "second"))
+
+    node.svc._reached = hook
+    t1, r1 = run(node.call, "ADD", pod, "c1", events=events, tag="first")
+    assert first_paused.wait(WAIT)            # the first ADD holds an address, not wired yet
+    t2, r2 = run(node.call, "ADD", pod, "c1")
+    assert second_waiting.wait(WAIT)
+    go.set()
+    t1.join(WAIT)
+    t2.join(WAIT)
+    assert events == [("done", "first"), ("held", "second")]   # one after the other
+    (c1, res1), (c2, res2) = r1[0], r2[0]
+    assert c1 == 0 and c2 == 0, (res1, res2)
+    assert ip_of(res1) == ip_of(res2)
+    assert res1["interfaces"] == res2["interfaces"]
+    assert etcd_ips(node.store) == {ip_of(res1): "c1"}
+    assert len(node.host_links()) == 1
+    assert node.call("DEL", pod, "c1")[0] == 0
+    assert etcd_ips(node.store) == {} and node.host_links() == [] and pod.links() == ["lo"]
+    assert len(node.svc.containers) == 0      # the lock registry does not grow
+
+
+@pytest.mark.parametrize("first", ["ADD", "DEL"])
+def test_add_racing_del_for_one_container_stays_consistent(node, first):
+    node.store.create_pool("default", "10.61.0.0/24", 4)
+    node.alloc.load()
+    pod = node.pod()
+    paused, other_waiting, go = threading.Event(), threading.Event(), threading.Event()
+    pause_at = "add:wired" if first == "ADD" else "lock:held"
+    events = []
+
+    def hook(point, req):
+        if point == pause_at and req.command == first and not paused.is_set():
+            paused.set()
+            assert go.wait(WAIT)
+        elif point == "lock:wait" and req.command != first:
+            other_waiting.set()
+        elif point == "lock:held" and req.command != first:
+            events.append(("held", "second"))
+
+    node.svc._reached = hook
+    second = "DEL" if first == "ADD" else "ADD"
+    t1, r1 = run(node.call, first, pod, "c1", events=events, tag="first")
+    assert paused.wait(WAIT)
+    t2, r2 = run(node.call, second, pod, "c1")
+    assert other_waiting.wait(WAIT)
+    go.set()
+    t1.join(WAIT)
+    t2.join(WAIT)
+    assert events == [("done", "first"), ("held", "second")]   # one after the other
+    assert r1[0][0] == 0 and r2[0][0] == 0, (r1, r2)
+    held = etcd_ips(node.store)
+    if first == "ADD":          # ADD then DEL: nothing left
+        assert held == {} and node.host_links() == [] and pod.links() == ["lo"]
+        assert node.alloc.lookup("c1") == []
+    else:                       # DEL (of nothing) then ADD: record and interface both there
+        add_result = r2[0][1]
+        assert held == {ip_of(add_result): "c1"}
+        assert "eth0" in pod.links() and len(node.host_links()) == 1
+        assert [a.address for a in node.alloc.lookup("c1")] == [ip_of(add_result)]
+        assert node.call("DEL", pod, "c1")[0] == 0
+    assert len(node.svc.containers) == 0
+
+
+def test_retried_add_returns_the_same_address(node):
+    node.store.create_pool("default", "10.62.0.0/24", 4)
+    node.alloc.load()
+    pod = node.pod()
+    code, first = node.call("ADD", pod, "c1")
+    assert code == 0
+    code, again = node.call("ADD", pod, "c1")
+    assert code == 0 and again == first
+    assert etcd_ips(node.store) == {ip_of(first): "c1"}
+    # the allocator itself is idempotent too (REST POST /ip retried) ...
+    rec = node.alloc.allocate("default", 4, "default", "c1", "c1")
+    assert rec.address == ip_of(first)
+    # ... and refuses the same container ID for another pod
+    with pytest.raises(AlreadyExists):
+        node.alloc.allocate("default", 4, "default", "other", "c1")
+    assert node.call("DEL", pod, "c1")[0] == 0
+
+
+# -- deadlines ---------------------------------------------------------------------------
+
+def test_add_past_its_deadline_is_rolled_back(node):
+    node.store.create_pool("default", "10.63.0.0/24", 4)
+    node.alloc.load()
+    pod = node.pod()
+    now = [1000.0]
+    node.svc.clock = lambda: now[0]           # a fake clock: no real waiting
+    node.svc.request_timeout = 5.0
+    seen = {}
+
+    def hook(point, req):
+        if point == "add:wired":              # wired and recorded; then the pause outlasts
+            seen["ip"] = dict(etcd_ips(node.store))
+            seen["links"] = pod.links()
+            now[0] += 6.0
+
+    node.svc._reached = hook
+    code, err = node.call("ADD", pod, "c1")
+    assert len(seen["ip"]) == 1 and "eth0" in seen["links"]   # it had really been done
+    assert code == 1 and err["code"] == 11 and "deadline" in err["msg"], err
+    assert etcd_ips(node.store) == {}
+    assert pod.links() == ["lo"] and node.host_links() == []
+    assert node.alloc.lookup("c1") == [] and node.alloc.count() == 0
+    node.svc._reached = lambda point, req: None
+    code, res = node.call("ADD", pod, "c1")  # the runtime's retry works
+    assert code == 0 and etcd_ips(node.store) == {ip_of(res): "c1"}
+
+
+# -- unknown outcomes --------------------------------------------------------------------
+
+def fail_once(monkeypatch, obj, name, commit: bool):
+    """Make obj.name raise OutcomeUnknown once: after really doing it
+    (commit=True) or without doing it."""
+    real = getattr(obj, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if calls:
+            return real(*args, **kwargs)
+        calls.append(args)
+        if commit:
+            real(*args, **kwargs)
+        raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+def unreachable_once(monkeypatch, obj, name):
+    real = getattr(obj, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if calls:
+            return real(*args, **kwargs)
+        calls.append(args)
+        raise StoreUnavailable("cannot reach etcd (injected)")
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_assign_with_unknown_outcome(store, monkeypatch, commit):
+    store.create_pool("default", "10.64.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "p0", "c0")           # the block is held already
+    calls = fail_once(monkeypatch, store, "assign_address", commit)
+    rec = alloc.allocate("default", 4, "ns", "p1", "c1")
+    assert calls
+    assert {a: c for a, c in etcd_ips(store).items() if c == "c1"} == {rec.address: "c1"}
+    assert alloc.count() == 2 == len(etcd_ips(store))
+    block = alloc._blocks[rec.block]
+    assert block.bitmap.count() == 2 and not block.pending and not block.quarantine
+    if commit:   # the committed record is the one returned (no second address)
+        assert rec.offset == calls[0][1]
+    assert alloc.allocate("default", 4, "ns", "p1", "c1") == rec
+    alloc.release("c1")
+    assert list(etcd_ips(store).values()) == ["c0"] and block.bitmap.count() == 1
+
+
+@pytest.mark.parametrize("commit", [True, False])
+@pytest.mark.parametrize("resolved_by", ["retry", "reload"])
+def test_assign_unknown_and_read_back_failing_is_quarantined(store, monkeypatch, commit,
+                                                             resolved_by):
+    store.create_pool("default", "10.65.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "p0", "c0")
+    fail_once(monkeypatch, store, "assign_address", commit)
+    unreachable_once(monkeypatch, store, "get_address")
+    with pytest.raises(StoreUnavailable):
+        alloc.allocate("default", 4, "ns", "p1", "c1")
+    quarantined = alloc.quarantined()
+    (cidr, slots), = quarantined.items()
+    (offset, cid), = slots.items()
+    assert cid == "c1" and alloc.lookup("c1") == []
+    assert alloc._blocks[cidr].bitmap.test(offset)            # not handed out meanwhile
+    other = alloc.allocate("default", 4, "ns", "p2", "c2")
+    assert other.offset != offset
+    if resolved_by == "reload":
+        alloc.load()
+    rec = alloc.allocate("default", 4, "ns", "p1", "c1")       # the runtime's retry
+    assert alloc.quarantined() == {}
+    in_etcd = etcd_ips(store)
+    assert sorted(in_etcd.values()) == ["c0", "c1", "c2"]      # one address each
+    if commit:
+        assert rec.offset == offset                            # the committed one
+    for c in ("c0", "c1", "c2"):
+        alloc.release(c)
+    assert etcd_ips(store) == {} and alloc._blocks[cidr].bitmap.count() == 0
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_release_with_unknown_outcome(store, monkeypatch, commit):
+    store.create_pool("default", "10.66.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    rec = alloc.allocate("default", 4, "ns", "p1", "c1")
+    fail_once(monkeypatch, store, "release_address", commit)
+    if commit:
+        alloc.release("c1")
+    else:
+        with pytest.raises(OutcomeUnknown):       # not freed: the DEL fails, is retried
+            alloc.release("c1")
+        assert alloc.lookup("c1") == [rec] and etcd_ips(store) == {rec.address: "c1"}
+        alloc.release("c1")
+    assert alloc.lookup("c1") == [] and etcd_ips(store) == {}
+    assert alloc._blocks[rec.block].bitmap.count() == 0
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_acquire_block_with_unknown_outcome(node, monkeypatch, commit):
+    node.store.create_pool("default", "10.67.0.0/24", 4)
+    node.alloc.load()
+    fail_once(monkeypatch, node.store, "acquire_block", commit)
+    rec = node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    blocks = node.store.node_blocks("n1")
+    assert [b.cidr for b in blocks] == [rec.block]             # no block leaked
+    assert [b.cidr for b in node.alloc.blocks()] == [rec.block]
+    assert node.routes.current() == {rec.block}
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_release_block_with_unknown_outcome(node, monkeypatch, commit):
+    node.store.create_pool("default", "10.68.0.0/24", 4)
+    node.alloc.load()
+    rec = node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    node.alloc.release("c1")
+    fail_once(monkeypatch, node.store, "release_block", commit)
+    returned = node.alloc.return_empty_blocks()
+    if commit:     # it left the node: route removed
+        assert [b.cidr for b in returned] == [rec.block]
+        assert node.store.node_blocks("n1") == [] and node.alloc.blocks() == []
+        assert node.routes.current() == set()
+    else:          # still ours: kept, route kept
+        assert returned == []
+        assert [b.cidr for b in node.store.node_blocks("n1")] == [rec.block]
+        assert [b.cidr for b in node.alloc.blocks()] == [rec.block]
+        assert node.routes.current() == {rec.block}
+
+
+def test_release_block_unknown_and_read_back_failing_waits_for_reload(node, monkeypatch):
+    node.store.create_pool("default", "10.69.0.0/24", 4)
+    node.alloc.load()
+    rec = node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    node.alloc.release("c1")
+    fail_once(monkeypatch, node.store, "release_block", True)
+    unreachable_once(monkeypatch, node.store, "get_block")
+    with pytest.raises(OutcomeUnknown):
+        node.alloc.return_empty_blocks()
+    assert node.routes.current() == {rec.block}               # not known to be gone yet
+    node.alloc.load()                                          # it is gone: now the route goes
+    assert node.routes.current() == set() and node.removed == [rec.block]
+
+
+# -- reloads -----------------------------------------------------------------------------
+
+def test_reload_keeps_changes_made_while_it_reads(node):
+    node.store.create_pool("default", "10.70.0.0/24", 2)       # blocks of 4
+    node.alloc.load()
+    first = node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    read_done, go = threading.Event(), threading.Event()
+
+    def hook(point):
+        if point == "load:read":
+            read_done.set()
+            assert go.wait(WAIT)
+
+    node.alloc._reached = hook
+    t, out = run(node.alloc.load)
+    assert read_done.wait(WAIT)            # etcd read, cache not swapped yet
+    node.alloc._reached = lambda point: None
+    added = [node.alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(2, 6)]
+    node.alloc.release("c1")               # a DEL in the window
+    blocks = {a.block for a in added}
+    assert len(blocks) == 2                # the block filled: a second one taken in the window
+    new_block = (blocks - {first.block}).pop()
+    assert node.routes.current() == blocks
+    go.set()
+    t.join(WAIT)
+    assert not t.is_alive()
+    # nothing lost: the cache equals etcd, and the route of the new block stayed
+    assert {b.cidr for b in node.alloc.blocks()} == blocks
+    assert node.routes.current() == blocks and node.removed == []
+    cached = {r.address: r.container_id for r in node.alloc.records()}
+    assert cached == etcd_ips(node.store) == {a.address: a.container_id for a in added}
+    assert node.alloc.lookup("c1") == []
+    assert node.alloc._blocks[new_block].bitmap.count() == 1
+    assert node.alloc._blocks[first.block].bitmap.count() == 3
+    for i in range(2, 6):                  # and every DEL frees its address
+        node.alloc.release(f"c{i}")
+    assert etcd_ips(node.store) == {}

@@ -1,0 +1,200 @@
+"""coild's deletion queue (coil/coild/teardown.py) and PodNetwork.retire,
+in-process, on real network namespaces: what a DEL leaves behind at once,
+and when the batch is deleted (size, delay, shutdown, start, reconcile).
+
+A fake clock drives the delay trigger; the size and shutdown triggers use
+a delay of an hour, so nothing here depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from coil.coild.podnet import PodNetwork, host_veth_name
+from coil.coild.teardown import RETIRED_GROUP, TeardownQueue
+
+pytestmark = pytest.mark.root
+
+HOUR = 3600.0
+
+
+def _links(ns) -> dict[str, str]:
+    """name -> 'ip -o link' line of every link in ``ns``."""
+    out = ns.run("ip", "-o", "link", check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0]: line for line in out.splitlines()}
+
+
+def _routes(ns, *args) -> str:
+    return ns.run("ip", *args, "route", check=True).stdout
+
+
+def _ping(src, address) -> bool:
+    return src.run("ping", "-c1", "-W2", address).returncode == 0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def node(netns_factory):
+    """A node namespace with pods wired by PodNetwork; pod(i) -> (netns, ip)."""
+    n = netns_factory(lo_up=True)
+    podnet = PodNetwork(host_netns=n.path)
+    pods = {}
+
+    def pod(i, ns=None, ip=None):
+        ns = ns or netns_factory(lo_up=True)
+        ip = ip or f"10.77.0.{i}"
+        podnet.setup(ns.path, "eth0", host_veth_name("default", f"p{i}"), [ip])
+        pods[i] = (ns, ip)
+        return ns, ip
+
+    n.podnet = podnet
+    n.pod = pod
+    return n
+
+
+def _retire(queue, i, ns, ip):
+    return queue.delete(ns.path, "eth0", host_veth_name("default", f"p{i}"), [ip])
+
+
+def test_retire_frees_names_and_routes_at_once(node):
+    pod, ip = node.pod(1)
+    host = host_veth_name("default", "p1")
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    assert _retire(q, 1, pod, ip) is True
+    assert q.pending() == 1 and q.flushes_total == 0
+    links = _links(node)
+    # the host end waits in the retired group under another name, routing nothing
+    assert host not in links
+    retired = [name for name, line in links.items() if f"group {RETIRED_GROUP}" in line]
+    assert len(retired) == 1 and retired[0].startswith("cdel")
+    assert ip not in _routes(node)
+    # the pod's end: renamed, down, its routes flushed; eth0 is free
+    pod_links = _links(pod)
+    assert "eth0" not in pod_links
+    (old,) = [name for name in pod_links if name.startswith("cdel")]
+    assert "state DOWN" in pod_links[old]
+    assert _routes(pod) == ""
+    # the runtime kept the namespace: the same ifname comes back at once, and works
+    node.podnet.setup(pod.path, "eth0", host, [ip])
+    assert _ping(node, ip)
+    # the batch deletes the old pair only
+    assert q.flush() is True
+    assert set(_links(node)) == {"lo", host}
+    assert set(_links(pod)) == {"lo", "eth0"}
+    assert _ping(node, ip)
+    assert q.flush() is False                      # nothing left
+    # repeating the DEL after the deletion finds nothing to do
+    assert q.delete(pod.path, "eth9", host_veth_name("default", "gone"), [ip]) is False
+
+
+def test_size_trigger_deletes_one_batch(node):
+    q = TeardownQueue(node.podnet, batch=3, delay=HOUR)
+    q.start()
+    try:
+        pods = [node.pod(i) for i in (1, 2, 3, 4)]
+        _retire(q, 1, *pods[0])
+        _retire(q, 2, *pods[1])
+        assert q.pending() == 2 and len(node.run("ip", "-o", "link", "show", "group",
+                                                 str(RETIRED_GROUP)).stdout.splitlines()) == 2
+        flushes = q.flushes_total
+        _retire(q, 3, *pods[2])                     # the third one: batch is full
+        assert q.wait_flushed(flushes + 1, 30)
+        assert set(_links(node)) == {"lo", host_veth_name("default", "p4")}
+        assert [set(_links(ns)) for ns, _ in pods] == [{"lo"}] * 3 + [{"lo", "eth0"}]
+        assert q.pending() == 0
+    finally:
+        q.close()
+
+
+def test_delay_trigger_with_fake_clock(node):
+    clock = FakeClock()
+    q = TeardownQueue(node.podnet, batch=100, delay=5.0, clock=clock)
+    q.start()
+    try:
+        flushes = q.flushes_total
+        pod, ip = node.pod(1)
+        _retire(q, 1, pod, ip)
+        clock.now += 4.9
+        with q._cond:
+            q._cond.notify_all()                    # the flusher looks at the clock again
+        assert not q.wait_flushed(flushes + 1, 0.5)
+        assert q.pending() == 1
+        clock.now += 0.1                            # 5 s after the DEL
+        with q._cond:
+            q._cond.notify_all()
+        assert q.wait_flushed(flushes + 1, 30)
+        assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
+    finally:
+        q.close()
+
+
+def test_shutdown_flushes_what_is_left(node):
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    q.start()
+    pods = [node.pod(i) for i in (1, 2)]
+    for i, (ns, ip) in zip((1, 2), pods):
+        _retire(q, i, ns, ip)
+    assert len(_links(node)) == 3
+    q.close()
+    assert set(_links(node)) == {"lo"}
+    q.close()                                       # safe to repeat
+
+
+def test_start_deletes_what_a_crashed_coild_left(node):
+    pods = [node.pod(i) for i in (1, 2)]
+    # a coild that retired these and died before its flush
+    for i, (ns, ip) in zip((1, 2), pods):
+        assert node.podnet.retire(ns.path, "eth0", host_veth_name("default", f"p{i}"),
+                                  [ip], RETIRED_GROUP) == "retired"
+    assert len(_links(node)) == 3
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    q.start()
+    try:
+        assert set(_links(node)) == {"lo"}
+        assert [set(_links(ns)) for ns, _ in pods] == [{"lo"}, {"lo"}]
+    finally:
+        q.close()
+
+
+def test_reconcile_removes_veths_no_record_accounts_for(node):
+    kept_ns, kept_ip = node.pod(1)
+    stray_ns, _ = node.pod(2)
+    v6_ns = node.pod(3, ip="fd00:77::3")[0]           # recognised by fe80::1
+    # a coil-named veth without coil's gateway address, and a foreign veth: not ours
+    node.run("ip", "link", "add", "veth0123456789a", "type", "veth", "peer", "name", "x0",
+             check=True)
+    node.run("ip", "link", "add", "vethforeign", "type", "veth", "peer", "name", "x1",
+             check=True)
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    keep = {host_veth_name("default", "p1")}
+    removed = q.reconcile(keep)
+    assert sorted(removed) == sorted([host_veth_name("default", "p2"),
+                                      host_veth_name("default", "p3")])
+    assert set(_links(node)) == {"lo", host_veth_name("default", "p1"), "veth0123456789a",
+                                 "x0", "vethforeign", "x1"}
+    assert set(_links(stray_ns)) == {"lo"} and set(_links(v6_ns)) == {"lo"}
+    assert set(_links(kept_ns)) == {"lo", "eth0"}
+    assert _ping(node, kept_ip)
+    assert q.reconcile(keep) == []
+
+
+def test_pod_namespace_already_gone(node):
+    """DEL after the runtime deleted the namespace: the host end (if the
+    kernel has not removed it yet) is retired, its route goes at once."""
+    pod, ip = node.pod(1)
+    subprocess.run(["ip", "netns", "del", pod.name], check=True, capture_output=True)
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    q.delete(pod.path, "eth0", host_veth_name("default", "p1"), [ip])
+    assert ip not in _routes(node)
+    assert host_veth_name("default", "p1") not in _links(node)
+    q.close()
+    assert set(_links(node)) == {"lo"}
