@@ -321,7 +321,7 @@ class NodeAllocator:
             held_addr = self._held(container_id, version, namespace, pod)
             if held_addr is not None:
                 return held_addr
-            return self._allocate(pool, version, namespace, pod, container_id)
+            return self._allocate(pool, version, namespace, pod, container_id, extra)
 
     def _held(self, container_id, version, namespace, pod) -> Address | None:
         with self._lock:
@@ -333,7 +333,7 @@ class NodeAllocator:
                                 f"for pod {rec.namespace}/{rec.pod}")
         return rec
 
-    def _allocate(self, pool, version, namespace, pod, container_id) -> Address:
+    def _allocate(self, pool, version, namespace, pod, container_id, extra=None) -> Address:
         for _ in range(64):
             with self._lock:
                 got = self._reserve(pool, version)
