@@ -200,8 +200,13 @@ def test_churn_throughput_vs_ptp(benchmark, node):
 def test_coild_memory_with_5000_addresses(benchmark, node):
     coild = node["coild"]
     script = r"""
-import http.client, json, sys
-c = http.client.HTTPConnection('127.0.0.1', %d, timeout=30)
+import http.client, json, socket, sys
+class UnixConnection(http.client.HTTPConnection):   # POST /ip: the root-only API socket
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(%r)
+c = UnixConnection('localhost', timeout=30)
 for i in range(5000):
     body = json.dumps({"pod-namespace": "mem", "pod-name": "p%%d" %% i, "container-id": "m%%d" %% i})
     c.request("POST", "/ip", body=body, headers={"Content-Type": "application/json"})
@@ -209,7 +214,7 @@ for i in range(5000):
     if r.status != 200:
         sys.exit("POST failed: %%s %%s" %% (r.status, data))
 print("ok")
-""" % coild.http_port
+""" % coild.api_socket
 
     def fill():
         return node["netns"].exec(sys.executable, "-c", script, timeout=600)

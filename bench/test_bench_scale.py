@@ -16,7 +16,10 @@ against node count, ``scale-<nodes>-p99.png``, into ``$COIL_BENCH_OUT`` or
 the test's temporary directory):
 
 - total time; p50/p99 of block acquisition and address assignment per band
-  of node count (the node's index when it did the operation);
+  of node count (the node's index when it did the operation), next to a
+  reference whose cost does not depend on the cluster (one GET of the pool
+  key per node, in the same threads) and the machine's load average after
+  each band: on a shared machine, what moves all three is the machine;
 - etcd's own request counters (``grpc_server_handled_total`` from its
   ``/metrics``) per operation, measured in phases that do only that
   operation: ADD, DEL, coild's periodic scan (``NodeAllocator.load`` +
@@ -150,6 +153,9 @@ def run_node(store, index: int, samples: dict):
     alloc = NodeAllocator(TimedStore(store, index, samples), f"node-{index:05d}",
                           on_block_added=lambda b: None)
     alloc.load()
+    t0 = time.perf_counter()            # the reference: a read whose cost is constant
+    store.etcd.get(f"pool/{POOL}")
+    samples["reference"].append((index, time.perf_counter() - t0))
     for k in range(ADDRESSES):
         alloc.allocate(POOL, 4, "bench", f"pod-{k}", f"n{index}-c{k}")
     for k in range(RELEASED):
@@ -166,7 +172,7 @@ def bands(samples, band: int, nodes: int) -> list[dict]:
     rows = []
     for lo in range(0, nodes, band):
         row = {"nodes": f"{lo}-{min(lo + band, nodes)}", "upper": min(lo + band, nodes)}
-        for kind in ("acquire", "assign"):
+        for kind in ("acquire", "assign", "reference"):
             vals = [s for i, s in samples[kind] if lo <= i < lo + band]
             row[kind] = {"n": len(vals), "p50_ms": round(percentile(vals, 0.5) * 1e3, 3),
                          "p99_ms": round(percentile(vals, 0.99) * 1e3, 3)}
@@ -258,13 +264,21 @@ def plot(report: dict, path: str) -> bool:
         ax.plot(xs, [r[kind]["p99_ms"] for r in report["bands"]], marker="o", label=f"{label} p99")
         ax.plot(xs, [r[kind]["p50_ms"] for r in report["bands"]], marker=".", linestyle="--",
                 label=f"{label} p50")
+    ax.plot(xs, [r["reference"]["p99_ms"] for r in report["bands"]], marker="s", color="grey",
+            label="reference: GET pool key p99")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["loadavg"] for r in report["bands"]], color="black", linestyle=":",
+             label="machine load average (right)")
+    ax2.set_ylabel("load average (2 cores)")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(loc="upper right")
     ax.set_xlabel("nodes in the cluster")
     ax.set_ylabel("ms")
     ax.set_ylim(bottom=0)
     ax.set_title(f"coil on one etcd: {report['nodes']} simulated nodes, "
                  f"{THREADS} threads, 2 cores")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -274,7 +288,7 @@ def plot(report: dict, path: str) -> bool:
 def simulate(store, server, size: dict, out_dir: str) -> dict:
     nodes, band = size["nodes"], size["band"]
     store.create_pool(POOL, POOL_SUBNET, BLOCK_SIZE)
-    samples = {"acquire": [], "assign": []}
+    samples = {"acquire": [], "assign": [], "reference": []}
     lock = threading.Lock()
     allocs = {}
 
@@ -283,6 +297,7 @@ def simulate(store, server, size: dict, out_dir: str) -> dict:
         with lock:
             allocs[i] = a
 
+    loads = []                           # 1-minute load average after each band
     before = etcd_metrics(server)
     t0 = time.perf_counter()
     try:
@@ -295,6 +310,7 @@ def simulate(store, server, size: dict, out_dir: str) -> dict:
                 # the growing heap: that cost would be the simulation's.
                 gc.collect()
                 gc.freeze()
+                loads.append(os.getloadavg()[0])
     finally:
         gc.unfreeze()
     total = time.perf_counter() - t0
@@ -334,7 +350,7 @@ def simulate(store, server, size: dict, out_dir: str) -> dict:
         "loadavg_after_run": [round(x, 2) for x in load],
         "operations": {"acquire": len(samples["acquire"]), "assign": len(samples["assign"]),
                        "release": nodes * RELEASED},
-        "bands": bands(samples, band, nodes),
+        "bands": [dict(b, loadavg=round(l, 1)) for b, l in zip(bands(samples, band, nodes), loads)],
         "etcd_requests_total": requests_total,
         "etcd_requests_per": {"ADD": add_requests, "DEL": del_requests,
                               "coild scan (1 block)": scan_requests},
@@ -356,10 +372,13 @@ def print_report(r: dict):
           f"load average after {r['loadavg_after_run']} "
           f"({r['operations']['acquire']} block acquisitions, {r['operations']['assign']} "
           f"assigns, {r['operations']['release']} releases)")
-    print(f"{'nodes':>12} | {'acquire p50':>11} {'p99':>8} | {'assign p50':>10} {'p99':>8}  (ms)")
+    print(f"{'nodes':>12} | {'acquire p50':>11} {'p99':>8} | {'assign p50':>10} {'p99':>8} | "
+          f"{'ref GET p50':>11} {'p99':>8}  (ms) | load")
     for b in r["bands"]:
         print(f"{b['nodes']:>12} | {b['acquire']['p50_ms']:>11.2f} {b['acquire']['p99_ms']:>8.2f} | "
-              f"{b['assign']['p50_ms']:>10.2f} {b['assign']['p99_ms']:>8.2f}")
+              f"{b['assign']['p50_ms']:>10.2f} {b['assign']['p99_ms']:>8.2f} | "
+              f"{b['reference']['p50_ms']:>11.2f} {b['reference']['p99_ms']:>8.2f}       | "
+              f"{b['loadavg']}")
     print(f"etcd requests, whole run: {r['etcd_requests_total']}")
     for what, v in r["etcd_requests_per"].items():
         print(f"etcd requests per {what}: {v}")

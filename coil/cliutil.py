@@ -19,7 +19,11 @@ def etcd_options(func):
         click.option("--etcd-prefix", default=None, help="key prefix [default: /coil/]"),
         click.option("--etcd-timeout", default=None, help="request timeout, e.g. 5s [default: 5s]"),
         click.option("--etcd-username", default=None, help="etcd user name"),
-        click.option("--etcd-password", default=None, help="etcd password"),
+        click.option("--etcd-password", default=None,
+                     help="etcd password (visible in the process list: prefer "
+                          "--etcd-password-file or the environment)"),
+        click.option("--etcd-password-file", default=None,
+                     help="file holding the etcd password (e.g. a mounted Secret)"),
         click.option("--etcd-tls-ca", default=None, help="CA certificate file for https endpoints"),
         click.option("--etcd-tls-cert", default=None, help="client certificate file"),
         click.option("--etcd-tls-key", default=None, help="client key file"),
@@ -32,7 +36,7 @@ def etcd_options(func):
 def etcd_flags(kwargs: dict) -> dict:
     """Pop the etcd flags from click kwargs into config.resolve's shape."""
     out = {}
-    for field in ("endpoints", "prefix", "timeout", "username", "password",
+    for field in ("endpoints", "prefix", "timeout", "username", "password", "password_file",
                   "tls_ca", "tls_cert", "tls_key"):
         out[field] = kwargs.pop(f"etcd_{field}", None)
     return out
@@ -49,10 +53,12 @@ def open_store(config):
 
 
 def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
-    """Run a click command; CoilError -> one line on stderr and exit 1."""
+    """Run a click command; CoilError -> one line on stderr and exit 1. A
+    command's own exit code (``raise click.exceptions.Exit(N)``) is kept."""
     try:
-        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-        return 0
+        rv = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        # non-standalone click returns an Exit's code instead of raising it
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except CoilError as exc:
         sys.stderr.write(f"{prog_name}: error: {exc.one_line()}\n")
         return 1

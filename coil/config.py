@@ -26,6 +26,7 @@ FIELDS = {
     "timeout": ("--etcd-timeout", "timeout"),
     "username": ("--etcd-username", "username"),
     "password": ("--etcd-password", "password"),
+    "password_file": ("--etcd-password-file", "password-file"),
     "tls_ca": ("--etcd-tls-ca", "tls-ca"),
     "tls_cert": ("--etcd-tls-cert", "tls-cert"),
     "tls_key": ("--etcd-tls-key", "tls-key"),
@@ -184,6 +185,29 @@ def load_file(path: str | None) -> dict:
     return data
 
 
+def read_secret(path: str, what: str) -> str:
+    """The content of a secret file (a Kubernetes Secret mounted as a file,
+    say), without one trailing newline. Raises InvalidArgument."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read(65537)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > 65536:
+        raise InvalidArgument(f"{what} {path} is larger than 64 KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what} {path} is not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise InvalidArgument(f"{what} {path} is empty")
+    return text
+
+
 def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
             environ=None, v1_env_prefix: str | None = None) -> EtcdConfig:
     """Merge flags (values None when not given) > environment > file.
@@ -192,26 +216,54 @@ def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
     and ``COILCTL_ETCD_TLS_CA`` are read. ``v1_env_prefix`` (``COILCTL_`` for
     coilctl) also reads Coil v1's names (``COILCTL_ENDPOINTS``,
     ``COILCTL_TLS_CA_FILE``, ``COILCTL_TLS_CA`` with inline PEM, ...). Within
-    one layer the current name wins over the v1 one. Raises InvalidArgument.
+    one layer the current name wins over the v1 one. The password may come
+    from a file (``--etcd-password-file``, ``<PREFIX>PASSWORD_FILE``,
+    ``password-file``). Raises InvalidArgument.
     """
     environ = os.environ if environ is None else environ
     file_values = load_file(config_file)
-    merged = {}
-    for field, (_flag, file_key) in FIELDS.items():
-        value = flags.get(field)
-        if value is None:
-            value = environ.get(env_prefix + field.upper())
+
+    def from_env(field):
+        value = environ.get(env_prefix + field.upper())
+        if field == "password" and environ.get(env_prefix + "PASSWORD_FILE") is not None:
+            return value                # the current names win over v1's in one layer
         if value is None and v1_env_prefix:
-            for name in V1_ENV_NAMES[field]:
+            for name in V1_ENV_NAMES.get(field, ()):
                 value = environ.get(v1_env_prefix + name)
                 if value is not None:
                     break
-        if value is None:
-            value = file_values.get(file_key)
+        return value
+
+    def from_file(field):
+        value = file_values.get(FIELDS[field][1])
         if value is None and field in V1_FILE_KEYS:
             value = file_values.get(V1_FILE_KEYS[field])
+        return value
+
+    layers = (("flags", lambda f: flags.get(f)), ("environment", from_env),
+              ("config file", from_file))
+    merged = {}
+    for field in FIELDS:
+        if field in ("password", "password_file"):
+            continue
+        for _, get in layers:
+            value = get(field)
+            if value is not None:
+                merged[field] = value
+                break
+    # the password and the file holding it are one setting: the first source
+    # that gives either wins, and one source must not give both
+    for where, get in layers:
+        value, path = get("password"), get("password_file")
+        if value is not None and path is not None:
+            raise InvalidArgument(f"both --etcd-password and --etcd-password-file are given "
+                                  f"({where}): give one")
+        if path is not None:
+            merged["password"] = read_secret(str(path), "--etcd-password-file")
+            break
         if value is not None:
-            merged[field] = value
+            merged["password"] = value
+            break
     for field in V1_FILE_KEYS:
         if field in merged and str(merged[field]).lstrip().startswith(PEM_MARK):
             merged[field] = _pem_file(field, str(merged[field]).strip())
@@ -238,7 +290,8 @@ def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
         if key in merged and not os.path.exists(str(merged[key])):
             raise InvalidArgument(f"{FIELDS[key][0]} file {merged[key]} does not exist")
     if ("username" in merged) != ("password" in merged):
-        raise InvalidArgument("--etcd-username and --etcd-password must be given together")
+        raise InvalidArgument("--etcd-username and --etcd-password (or --etcd-password-file) "
+                              "must be given together")
     if ("tls_cert" in merged) != ("tls_key" in merged):
         raise InvalidArgument("--etcd-tls-cert and --etcd-tls-key must be given together")
     return EtcdConfig(**merged)

@@ -84,6 +84,7 @@ class Coild:
         self.node = node
         self.workdir = workdir
         self.socket = os.path.join(workdir, "coild.sock")
+        self.api_socket = os.path.join(workdir, "coild-api.sock")
         self.etcd_endpoint = etcd_endpoint
         self.prefix = prefix
         self.node_name = node_name
@@ -98,7 +99,8 @@ class Coild:
                  if self.hook_dir else ["-m", "coil", "coild"])
         cmd = ["ip", "netns", "exec", self.node.name, sys.executable, *entry,
                "--etcd-endpoints", self.etcd_endpoint, "--etcd-prefix", self.prefix,
-               "--socket", self.socket, "--http", f"127.0.0.1:{self.http_port}", *self.extra]
+               "--socket", self.socket, "--api-socket", self.api_socket,
+               "--http", f"127.0.0.1:{self.http_port}", *self.extra]
         env = dict(os.environ, COIL_NODE_NAME=self.node_name)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env)
@@ -141,18 +143,46 @@ class Coild:
         self._log.close()
         return code
 
-    def rest(self, method: str, path: str, body=None):
-        """Call the REST API from inside the node namespace; (status, json)."""
-        script = ("import http.client,json,sys;c=http.client.HTTPConnection('127.0.0.1',%d,timeout=10);"
-                  "b=sys.argv[3] or None;c.request(sys.argv[1],sys.argv[2],body=b,"
-                  "headers={'Content-Type':'application/json'} if b else {});r=c.getresponse();"
-                  "print(r.status);print(r.read().decode())" % self.http_port)
-        out = self.node.exec(sys.executable, "-c", script, method, path,
-                             json.dumps(body) if body is not None else "").stdout
-        status, _, text = out.partition("\n")
+    def rest(self, method: str, path: str, body=None, via: str | None = None):
+        """Call the REST API; (status, json). POST and DELETE go over the
+        root-only API socket (as a local root tool would), the rest over TCP
+        inside the node namespace; ``via`` ("tcp" or "unix") forces one."""
+        via = via or ("unix" if method in ("POST", "DELETE") else "tcp")
+        data = json.dumps(body) if body is not None else ""
+        if via == "unix":
+            status, text = unix_http(self.api_socket, method, path, data or None)
+        else:
+            script = ("import http.client,sys;c=http.client.HTTPConnection('127.0.0.1',%d,timeout=10);"
+                      "b=sys.argv[3] or None;c.request(sys.argv[1],sys.argv[2],body=b,"
+                      "headers={'Content-Type':'application/json'} if b else {});r=c.getresponse();"
+                      "print(r.status);print(r.read().decode())" % self.http_port)
+            out = self.node.exec(sys.executable, "-c", script, method, path, data).stdout
+            status, _, text = out.partition("\n")
+            status = int(status)
         if not path.startswith("/metrics"):
-            return int(status), json.loads(text) if text.strip() else None
-        return int(status), text
+            return status, json.loads(text) if text.strip() else None
+        return status, text
+
+
+def unix_http(path: str, method: str, url: str, body: str | bytes | None = None,
+              timeout: float = 10) -> tuple[int, str]:
+    """One HTTP request over a UNIX socket (what ``curl --unix-socket`` does)."""
+    import http.client
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+
+    c = Conn("localhost", timeout=timeout)
+    try:
+        c.request(method, url, body=body,
+                  headers={"Content-Type": "application/json"} if body else {})
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
 
 
 class CNI:

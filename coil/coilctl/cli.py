@@ -94,6 +94,30 @@ def pool_add_subnet(obj, name, subnet):
     obj.emit(p.to_json(), f"added subnet {net} to pool {p.name}")
 
 
+@pool.command("delete")
+@click.argument("name")
+@click.pass_obj
+def pool_delete(obj, name):
+    """Delete pool NAME and its subnets. Refuses while any block of it is
+    held, naming the nodes that hold one."""
+    p = obj.store.delete_pool(name)
+    obj.emit(p.to_json(), f"deleted pool {p.name} ({', '.join(map(str, p.subnets))})")
+
+
+@pool.command("remove-subnet")
+@click.argument("name")
+@click.argument("subnet")
+@click.pass_obj
+def pool_remove_subnet(obj, name, subnet):
+    """Remove SUBNET from pool NAME. Refuses while any block of SUBNET is
+    held, naming the nodes that hold one, and for the pool's last subnet."""
+    from coil.store.model import parse_subnet, validate_pool_name
+    validate_pool_name(name)
+    net = parse_subnet(subnet)
+    p = obj.store.remove_subnet(name, subnet)
+    obj.emit(p.to_json(), f"removed subnet {net} from pool {p.name}")
+
+
 @pool.command("list")
 @click.pass_obj
 def pool_list(obj):
@@ -166,6 +190,30 @@ def node_blocks(obj, node_name):
     obj.emit(data, render.table(["POOL", "BLOCK", "USED", "FREE"], rows))
 
 
+@node.command("release")
+@click.argument("node_name", metavar="NODE")
+@click.option("-y", "--yes", is_flag=True, help="required: this frees blocks by hand")
+@click.option("--force", is_flag=True, help="also free blocks that still hold addresses "
+                                            "(and those addresses)")
+@click.pass_obj
+def node_release(obj, node_name, yes, force):
+    """Free the blocks of NODE, a dead node, by hand. Refuses while NODE's
+    coild holds its liveness lease, and while a block still holds an address
+    unless --force."""
+    from coil.errors import InvalidArgument
+    from coil.store.model import validate_node_name
+    validate_node_name(node_name)
+    if not yes:
+        raise InvalidArgument(f"refusing to release the blocks of node {node_name} "
+                              f"without --yes")
+    freed = obj.store.release_node(node_name, force=force)
+    data = [{"pool": b.pool, "block": b.cidr, "addresses_freed": n} for b, n in freed]
+    human = (render.table(["POOL", "BLOCK", "ADDRESSES FREED"],
+                          [[d["pool"], d["block"], d["addresses_freed"]] for d in data])
+             if data else f"node {node_name} holds no block")
+    obj.emit(data, human)
+
+
 @cli.group()
 def address():
     """Addresses."""
@@ -185,16 +233,25 @@ def address_info(obj, addr):
 @address.command("free")
 @click.argument("addr", metavar="ADDRESS")
 @click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--force", is_flag=True,
+              help="free it even if its Pod still exists or Kubernetes cannot be asked")
+@click.option("--kubeconfig", default=None, metavar="PATH",
+              help="kubeconfig used to check that the address's Pod is gone "
+                   "[default: $KUBECONFIG, in-cluster, ~/.kube/config]")
 @click.pass_obj
-def address_free(obj, addr, yes):
-    """Free ADDRESS by hand (e.g. leaked by a crashed node). Asks first, as
-    v1 did, unless --yes; without a terminal, --yes is required."""
+def address_free(obj, addr, yes, force, kubeconfig):
+    """Free ADDRESS by hand (e.g. leaked by a crashed node). Refuses while the
+    Pod of its record still exists, or when Kubernetes cannot be asked, unless
+    --force. Asks first, as v1 did, unless --yes; without a terminal, --yes is
+    required."""
     from coil.errors import InvalidArgument
+    info = obj.store.address_info(addr)
+    if not yes and not sys.stdin.isatty():
+        raise InvalidArgument(f"refusing to free {info['address']} without confirmation: "
+                              f"stdin is not a terminal, add --yes")
+    if not force:
+        _refuse_if_pod_exists(info, kubeconfig)
     if not yes:
-        info = obj.store.address_info(addr)
-        if not sys.stdin.isatty():
-            raise InvalidArgument(f"refusing to free {info['address']} without confirmation: "
-                                  f"stdin is not a terminal, add --yes")
         click.echo("\n".join(f"{k}: {info[k]}" for k in
                               ("address", "pool", "block", "node", "namespace", "pod",
                                "container_id", "created_at")), err=True)
@@ -203,6 +260,91 @@ def address_free(obj, addr, yes):
     rec = obj.store.free_address(addr)
     obj.emit(rec.to_json(), f"freed {rec.address} (was {rec.namespace}/{rec.pod}, "
                             f"container {rec.container_id})")
+
+
+def _core(kubeconfig):
+    from coil import k8s
+    return k8s.core_api(k8s.api_client(kubeconfig))
+
+
+def _refuse_if_pod_exists(info: dict, kubeconfig):
+    """Conflict when the record's Pod exists; KubernetesError when nobody can
+    tell (both name --force)."""
+    from coil import k8s
+    from coil.errors import Conflict, KubernetesError
+    ns, pod = info["namespace"], info["pod"]
+    try:
+        core = _core(kubeconfig)
+        core.read_namespaced_pod(pod, ns, _request_timeout=k8s.REQUEST_TIMEOUT,
+                                 _preload_content=False).release_conn()
+    except KubernetesError as exc:
+        raise KubernetesError(f"cannot check whether Pod {ns}/{pod} of {info['address']} "
+                              f"is gone: {exc}",
+                              hint="give --kubeconfig, or --force if you know it is gone") from None
+    except k8s.transient_errors() as exc:
+        if k8s.is_api_exception(exc) and k8s.api_status(exc) == 404:
+            return
+        raise KubernetesError(f"cannot check whether Pod {ns}/{pod} of {info['address']} "
+                              f"is gone: {k8s.describe(exc)}",
+                              hint="add --force if you know it is gone") from None
+    raise Conflict(f"address {info['address']} is in use: Pod {ns}/{pod} still exists",
+                   hint="delete the Pod first, or add --force")
+
+
+@cli.group()
+def ipam():
+    """Audit etcd against Kubernetes and the nodes; repair from a report."""
+
+
+_KUBECONFIG_HELP = "kubeconfig [default: $KUBECONFIG, in-cluster, ~/.kube/config]"
+
+
+@ipam.command("check")
+@click.option("--kubeconfig", default=None, metavar="PATH", help=_KUBECONFIG_HELP)
+@click.option("--coild", "coild_urls", multiple=True, metavar="URL",
+              help="a coild's REST API (http://NODE:9383) whose /status is compared with "
+                   "etcd; repeat for each node")
+@click.option("--min-age", default="60s", show_default=True, metavar="DURATION",
+              help="report a record as leaked only when assigned longer ago than this")
+@click.pass_obj
+def ipam_check(obj, kubeconfig, coild_urls, min_age):
+    """Compare etcd's address and block records with Kubernetes' Pods and
+    Nodes (and each --coild's table routes). '-o json' writes the report that
+    'ipam release --from-report' reads. Exit 0: no problem; 3: problems
+    found."""
+    from coil.controller import audit
+    age = cfg.parse_duration(min_age, "--min-age")
+    report = audit.check(obj.store, _core(kubeconfig), coild_urls, min_age=age)
+    obj.emit(report, render.ipam_report(report))
+    if audit.problems(report):
+        raise click.exceptions.Exit(3)
+
+
+@ipam.command("release")
+@click.option("--from-report", "report_path", required=True, metavar="FILE",
+              help="a report of 'coilctl -o json ipam check'")
+@click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--kubeconfig", default=None, metavar="PATH", help=_KUBECONFIG_HELP)
+@click.pass_obj
+def ipam_release(obj, report_path, yes, kubeconfig):
+    """Free the leaked addresses listed in a report, each only if it is still
+    leaked: unchanged since the report (guarded by its mod revision) and
+    still used by no Pod (a fresh Pod list)."""
+    from coil.controller import audit
+    from coil.errors import InvalidArgument
+    entries = audit.load_report(report_path, obj.store.etcd.prefix)
+    if entries and not yes:
+        if not sys.stdin.isatty():
+            raise InvalidArgument(f"refusing to free the {len(entries)} addresses of "
+                                  f"{report_path} without confirmation: stdin is not a "
+                                  f"terminal, add --yes")
+        if not click.confirm(f"free up to {len(entries)} leaked addresses?", default=False,
+                             err=True):
+            raise click.exceptions.Abort()
+    result = audit.release_from_report(obj.store, _core(kubeconfig), entries)
+    lines = [f"released {len(result['released'])} of {len(entries)} addresses"]
+    lines += [f"kept {k['address']}: {k['reason']}" for k in result["kept"]]
+    obj.emit(result, "\n".join(lines))
 
 
 @cli.group()

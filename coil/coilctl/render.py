@@ -46,3 +46,33 @@ def migration(r: dict, prefix: str) -> str:
                   f"{steps['applied']} applied now, {steps['pending']} pending"
                   + (" (dry run: nothing changed)" if r["dry_run"] else "")]
     return "\n".join(lines)
+
+
+def ipam_report(r: dict) -> str:
+    """The human report of ``coilctl ipam check``."""
+    s = r["summary"]
+    lines = [f"checked {s['addresses']} addresses, {s['blocks']} blocks, {s['pods']} Pods, "
+             f"{s['nodes']} Nodes, {s['coilds']} coilds in {s['seconds']:g}s"]
+    sections = [
+        ("leaked addresses (held in etcd, no Pod)", r["leaked_addresses"],
+         ["ADDRESS", "BLOCK", "POD", "CONTAINER", "CREATED"],
+         lambda e: [e["address"], e["block"], f"{e['namespace']}/{e['pod']}",
+                    e["container_id"], e["created_at"]]),
+        ("addresses used by two Pods", r["duplicate_addresses"], ["ADDRESS", "PODS"],
+         lambda e: [e["address"], ", ".join(e["pods"])]),
+        ("Pods without a record", r["pods_without_record"], ["ADDRESS", "POD", "NODE"],
+         lambda e: [e["address"], f"{e['namespace']}/{e['pod']}", e["node"]]),
+        ("blocks of missing nodes", r["blocks_of_missing_nodes"], ["POOL", "BLOCK", "NODE"],
+         lambda e: [e["pool"], e["block"], e["node"]]),
+        ("blocks whose route is missing", r["blocks_without_route"],
+         ["POOL", "BLOCK", "NODE", "COILD"],
+         lambda e: [e["pool"], e["block"], e["node"], e["coild"]]),
+        ("coilds not checked", r["coild_errors"], ["COILD", "ERROR"],
+         lambda e: [e["url"], e["error"]]),
+    ]
+    for title, items, headers, row in sections:
+        if items:
+            lines += ["", f"{title}: {len(items)}", table(headers, [row(e) for e in items])]
+    if len(lines) == 1:
+        lines.append("no problem found")
+    return "\n".join(lines)

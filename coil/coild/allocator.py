@@ -77,6 +77,7 @@ class NodeAllocator:
         self._journal: list | None = None                 # cache changes during a load()
         self._limbo: dict[str, Block] = {}                # release_block outcome unknown
         self._route_lock = threading.Lock()
+        self._needs_reload = False     # an unknown block acquisition not yet read back
         self._on_added = on_block_added or (lambda b: None)
         self._on_removed = on_block_removed or (lambda b: None)
 
@@ -174,6 +175,7 @@ class NodeAllocator:
                 added = [h.block for c, h in fresh.items() if c not in old]
                 self._blocks = fresh
                 self._reindex()
+                self._needs_reload = False
         for b in removed:
             self._remove_route(b)
         for b in added:
@@ -252,6 +254,14 @@ class NodeAllocator:
     def count(self) -> int:
         with self._lock:
             return sum(len(h.records) for h in self._blocks.values())
+
+    def unresolved(self) -> bool:
+        """True while a write with an unknown outcome waits for a read
+        (quarantined slot, block in limbo, block acquisition): coild then
+        reloads soon instead of at the next scan."""
+        with self._lock:
+            return (self._needs_reload or bool(self._limbo)
+                    or any(h.quarantine for h in self._blocks.values()))
 
     def quarantined(self) -> dict:
         """Slots whose write has an unknown outcome: {cidr: {offset: container id}}."""
@@ -404,6 +414,8 @@ class NodeAllocator:
                 # know: a reload adopts it (and adds its route). If the reload
                 # fails, the next successful one does.
                 log.warning("block acquisition outcome unknown, reloading", extra={"pool": pool})
+                with self._lock:
+                    self._needs_reload = True
                 self.load()
                 return
             log.info("acquired block", extra={"pool": pool, "block": block.cidr})

@@ -388,7 +388,10 @@ class CNIService:
             try:
                 # the container's request lock, not waited for: a container
                 # with an ADD/DEL/CHECK in flight is left alone
+                self._reached("lock:wait", req)
                 with self.containers.hold(rec.container_id, timeout=0):
+                    if rec not in self.allocator.lookup(rec.container_id):
+                        continue          # released meanwhile
                     error = self._gc_free(rec, network)
             except TimeoutError:
                 log.info("gc: request in flight, attachment kept", extra={

@@ -15,6 +15,7 @@ from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
 from coil.errors import CoilError, InvalidArgument
 
 log = logging.getLogger("coild")
+UNRESOLVED_RESCAN = 5.0     # seconds: the next scan while an unknown outcome waits
 
 
 class Coild:
@@ -51,9 +52,14 @@ class Coild:
         self._servers = []
         self.ready = False
 
-    def start(self, http: str | None, socket_path: str):
-        """Load state, reconcile table 119, then open the servers."""
-        from coil.coild.server import PluginServer, RestServer, serve_in_thread
+    def start(self, http: str | None, socket_path: str, api_socket: str | None = None,
+              limits=None):
+        """Load state, reconcile table 119, then open the servers.
+
+        Raises AlreadyExists (an address or socket in use), InvalidArgument."""
+        from coil.coild.connections import Limits
+        from coil.coild.server import ApiSocketServer, PluginServer, RestServer, serve_in_thread
+        limits = limits or Limits()
         from coil.errors import StoreUnavailable
         delay = 0.5
         from coil.store.v1 import refuse_if_v1
@@ -81,24 +87,33 @@ class Coild:
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),
                                         "routes_removed": sorted(removed)})
-        plugin = PluginServer(socket_path, self)
-        self._servers.append(plugin)
-        serve_in_thread(plugin, "plugin")
+        if api_socket:
+            api = ApiSocketServer(api_socket, self, limits)
+            self._servers.append(api)
+            serve_in_thread(api, "api")
         if http:
             host, _, port = http.rpartition(":")
-            rest = RestServer((host or "127.0.0.1", int(port)), self)
+            rest = RestServer((host.strip("[]") or "127.0.0.1", int(port)), self, limits,
+                              api_socket=api_socket)
             self._servers.append(rest)
             serve_in_thread(rest, "rest")
+        # the plugin socket last: once it answers, every listener does
+        plugin = PluginServer(socket_path, self, max_connections=limits.max_connections)
+        self._servers.append(plugin)
+        serve_in_thread(plugin, "plugin")
         self.pools.start()
         threading.Thread(target=self.liveness.run, name="liveness", daemon=True).start()
         self.ready = True
-        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http})
+        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
+                                         "api_socket": api_socket})
 
     def status(self) -> dict:
         """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
         blocks), ``pods`` (container ID -> its address; the IPv4 one when a
         container holds two), ``status``. Additions are new keys: ``version``,
-        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address)."""
+        ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address),
+        ``table-routes`` (the block routes now in the export table, read from
+        the kernel: ``coilctl ipam check --coild`` compares them with etcd)."""
         import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
@@ -108,12 +123,18 @@ class Coild:
             # v1.0.2 and older keyed an address by "<namespace>/<pod>" (no container ID)
             pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
         return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
-                "version": __version__, "node": self.node, "pod-addresses": snap["pods"]}
+                "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
+                "table-routes": sorted(self.routes.current())}
+
+    READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
 
     def check_ready(self):
+        """Raise unless coild serves: state loaded and some etcd member
+        answers a linearizable read (any member will do: the store fails
+        over). Raises CoilError (starting) or StoreUnavailable."""
         if not self.ready:
             raise CoilError("coild is starting")
-        self.store.etcd.count_prefix("pool/")
+        self.store.etcd.ping(budget=min(self.store.etcd.timeout, self.READY_BUDGET))
 
     def too_large(self) -> bytes:
         import json
@@ -128,8 +149,15 @@ class Coild:
         if returned:
             log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
 
+    def _next_scan_in(self) -> float:
+        # a write whose outcome stayed unknown is resolved by the next reload:
+        # run it soon rather than a whole scan interval later
+        if self.allocator.unresolved():
+            return min(self.scan_interval, UNRESOLVED_RESCAN)
+        return self.scan_interval
+
     def run(self):
-        while not self._stop.wait(self.scan_interval):
+        while not self._stop.wait(self._next_scan_in()):
             try:
                 self.scan()
             except CoilError as exc:
@@ -171,12 +199,30 @@ def _validate_http(value: str) -> str:
     return value
 
 
+def _positive(value: str, flag: str) -> float:
+    seconds = cfg.parse_duration(value, flag)
+    if seconds <= 0:
+        raise InvalidArgument(f"invalid {flag} {value!r}: must be positive")
+    return seconds
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @etcd_options
 @click.option("--http", default="127.0.0.1:9383", show_default=True,
               help="REST endpoint HOST:PORT (empty to disable)")
 @click.option("--socket", "socket_path", default="/run/coild.sock", show_default=True,
               help="UNIX socket the coil plugin talks to (root-only)")
+@click.option("--api-socket", default="/run/coild-api.sock", show_default=True,
+              help="root-only UNIX socket serving the whole REST API, including POST and "
+                   "DELETE /ip (empty to disable)")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536),
+              help="open connections per REST listener, and plugin connections at once")
+@click.option("--api-workers", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="threads answering REST requests, per listener")
+@click.option("--read-timeout", default="10s", show_default=True,
+              help="a REST request (line, headers, body) must arrive within this")
+@click.option("--idle-timeout", default="60s", show_default=True,
+              help="REST keep-alive connections idle for longer are closed")
 @click.option("--table-id", default=119, show_default=True, type=click.IntRange(1, 2**31 - 1),
               help="routing table where address blocks are published")
 @click.option("--protocol-id", default=30, show_default=True, type=click.IntRange(5, 255),
@@ -191,8 +237,9 @@ def _validate_http(value: str) -> str:
 @click.option("--liveness-ttl", default="30s", show_default=True,
               help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def cli(http, socket_path, table_id, protocol_id, scan_interval, teardown_batch, teardown_delay,
-        liveness_ttl, log_level, **kwargs):
+def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeout, idle_timeout,
+        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, liveness_ttl,
+        log_level, **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -212,13 +259,22 @@ def cli(http, socket_path, table_id, protocol_id, scan_interval, teardown_batch,
     ttl = cfg.parse_duration(liveness_ttl, "--liveness-ttl")
     if not MIN_TTL <= ttl <= MAX_TTL:
         raise InvalidArgument(f"invalid --liveness-ttl {liveness_ttl!r}: must be 3s..1h")
+    from coil.coild.connections import Limits
+    limits = Limits(max_connections=max_connections, workers=api_workers,
+                    read_timeout=_positive(read_timeout, "--read-timeout"),
+                    idle_timeout=_positive(idle_timeout, "--idle-timeout"))
+    if api_socket and not os.path.isabs(api_socket):
+        raise InvalidArgument(f"invalid --api-socket {api_socket!r}: must be an absolute path")
+    if api_socket and os.path.abspath(api_socket) == os.path.abspath(socket_path):
+        raise InvalidArgument(f"--api-socket and --socket are both {socket_path}: "
+                              f"they must differ")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
     daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay, ttl)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:
-        daemon.start(http, socket_path)
+        daemon.start(http, socket_path, api_socket or None, limits)
     except BaseException:
         daemon.shutdown()
         raise

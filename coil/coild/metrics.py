@@ -37,6 +37,32 @@ class CoildMetrics:
                                           value=keeper.errors)
         self.registry.register(_State())
 
+        class _Etcd:
+            def collect(inner):
+                from prometheus_client.core import CounterMetricFamily
+                counters = getattr(getattr(daemon.store, "etcd", None), "counters", {})
+                for name, key, text in (
+                        ("coild_etcd_requests", "calls", "etcd calls made"),
+                        ("coild_etcd_retries", "retries", "etcd attempts after a call's first"),
+                        ("coild_etcd_member_errors", "member_errors",
+                         "etcd members that failed an attempt (then the next one was tried)"),
+                        ("coild_etcd_failovers", "failovers",
+                         "calls answered by another etcd member than the previous call"),
+                        ("coild_etcd_outcome_unknown", "outcome_unknown",
+                         "transactions whose commit was not known"),
+                        ("coild_etcd_token_renewals", "renewals", "etcd auth tokens renewed")):
+                    yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+                yield CounterMetricFamily("coild_pool_list_reads", "pool list reads from etcd",
+                                          value=daemon.pools.reads)
+                etcd = getattr(daemon.store, "etcd", None)
+                if etcd is not None:
+                    in_use = GaugeMetricFamily("coild_etcd_member_in_use",
+                                               "1 for the etcd member the next call starts with",
+                                               labels=["endpoint"])
+                    in_use.add_metric([etcd.member_in_use], 1)
+                    yield in_use
+        self.registry.register(_Etcd())
+
     def observe_cni(self, command: str, code: int, seconds: float):
         self.cni_requests.labels(command, "ok" if code == 0 else "error").inc()
         self.cni_seconds.labels(command).observe(seconds)

@@ -31,9 +31,11 @@ class PoolResolver:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.reads = 0          # pool list reads started (one etcd Range each)
 
     def refresh(self) -> frozenset[str]:
         """Read the pool names from etcd. Raises StoreUnavailable."""
+        self.reads += 1
         names = frozenset(p.name for p in self.store.list_pools())
         with self._lock:
             self._names = names

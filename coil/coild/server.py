@@ -1,12 +1,16 @@
-"""coild's two front doors: the v1-compatible REST API and the plugin socket.
+"""coild's front doors: the REST API (TCP and the API socket) and the plugin socket.
 
 REST (JSON; errors are ``{"status": CODE, "error": "..."}``):
   GET    /status                          blocks per pool, pods -> addresses
+  GET    /ip/<ns>/<pod>/<container-id>    404 when none
+  GET    /healthz, /readyz, /metrics
   POST   /ip                              {pod-namespace, pod-name, container-id, address-type,
                                            release-if-leaked}
-  GET    /ip/<ns>/<pod>/<container-id>    404 when none
   DELETE /ip/<ns>/<pod>/<container-id>
-  GET    /healthz, /readyz, /metrics
+POST and DELETE change state: they are served only on the API socket
+(``--api-socket``, mode 0600, peers checked to be uid 0 with SO_PEERCRED);
+the TCP listener (``--http``) answers them 403. Connections, timeouts and
+body size are bounded by coil.coild.connections.
 The plugin socket speaks the relay protocol of coil.coild.cniservice.
 """
 
@@ -16,12 +20,17 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
+import stat
+import struct
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from urllib.parse import unquote_to_bytes
 
 from coil import __version__
+from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler, error_response
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
                          StoreUnavailable)
 from coil.store.model import ORIGIN_REST
@@ -29,31 +38,44 @@ from coil.store.model import ORIGIN_REST
 log = logging.getLogger("coild.server")
 MAX_REQUEST = 16 << 20
 
-
-class RestServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address, daemon):
-        self.coild = daemon
-        super().__init__(address, RestHandler)
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "release-if-leaked")
 
 
-class RestHandler(BaseHTTPRequestHandler):
+class HTTPError(Exception):
+    """A request the REST layer refuses: status and one line for the client."""
+
+    def __init__(self, status: int, message: str, close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.close = close
+
+
+def validate_owner(ns, pod, cid):
+    """The (namespace, pod, container-id) of a REST call. Raises InvalidArgument."""
+    if not isinstance(ns, str) or len(ns) > 63 or not _LABEL.fullmatch(ns):
+        raise InvalidArgument(f"invalid pod-namespace {ns!r}: expected a DNS label "
+                              f"(lower-case letters, digits, '-', at most 63)")
+    if not isinstance(pod, str) or len(pod) > 253 or not _SUBDOMAIN.fullmatch(pod):
+        raise InvalidArgument(f"invalid pod-name {pod!r}: expected a DNS subdomain "
+                              f"(lower-case letters, digits, '-', '.', at most 253)")
+    if not isinstance(cid, str) or len(cid) > 256 or not _CONTAINER_ID.fullmatch(cid):
+        raise InvalidArgument(f"invalid container-id {cid!r}: expected letters, digits, "
+                              f"'_', '.', '-' (at most 256)")
+
+
+class RestHandler(RequestHandler):
     server_version = f"coild/{__version__}"
-    protocol_version = "HTTP/1.1"
-    # headers and body are two writes: without TCP_NODELAY a keep-alive client
-    # waits ~40 ms for the delayed ACK on every request
-    disable_nagle_algorithm = True
-
-    def log_message(self, fmt, *args):
-        log.debug("http " + fmt, *args)
 
     def _send(self, status: int, body: dict | bytes, content_type="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -63,6 +85,10 @@ class RestHandler(BaseHTTPRequestHandler):
     def _run(self, fn):
         try:
             fn()
+        except HTTPError as exc:
+            if exc.close:
+                self.close_connection = True
+            self._error(exc.status, str(exc))
         except InvalidArgument as exc:
             self._error(400, exc.one_line())
         except NotFound as exc:
@@ -79,73 +105,134 @@ class RestHandler(BaseHTTPRequestHandler):
             log.exception("REST handler crashed")
             self._error(500, f"internal error: {exc}")
 
-    def _split(self):
+    def _split(self) -> list[str]:
+        """Path segments, percent-decoded as UTF-8. Raises HTTPError 400."""
         path = self.path.split("?", 1)[0]
-        return [p for p in path.split("/") if p]
+        parts = []
+        for raw in path.split("/"):
+            if not raw:
+                continue
+            if re.search(r"%(?![0-9A-Fa-f]{2})", raw):
+                raise HTTPError(400, f"bad percent-encoding in path {path[:200]!r}")
+            try:
+                parts.append(unquote_to_bytes(raw.encode("latin-1")).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise HTTPError(400, f"path {path[:200]!r} is not UTF-8") from None
+        return parts
 
-    def do_GET(self):
+    def _content_length(self) -> int:
+        """The declared body length (0 when none). Raises HTTPError: 400 bad
+        Content-Length, 411 Transfer-Encoding, 413 too large."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise HTTPError(411, "Transfer-Encoding is not accepted: send Content-Length",
+                            close=True)
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return 0
+        text = values[0].strip()
+        if len(set(v.strip() for v in values)) != 1 or not text.isascii() or not text.isdigit():
+            raise HTTPError(400, f"invalid Content-Length {values[0][:40]!r}", close=True)
+        length = int(text)
+        limit = self.server.limits.max_body
+        if length > limit:
+            raise HTTPError(413, f"request body of {length} bytes is larger than {limit}",
+                            close=True)
+        return length
+
+    def _body(self, length: int) -> bytes:
+        """Read the body. Raises HTTPError 408 when it does not arrive within
+        the request's deadline (--read-timeout), 400 when the client closes."""
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise HTTPError(408, "request body not received in time", close=True) from None
+        if len(data) != length:
+            raise HTTPError(400, "request body shorter than its Content-Length", close=True)
+        return data
+
+    def _dispatch(self):
+        method = self.command
+        if method in ("POST", "DELETE") and not self.server.may_change:
+            sock = self.server.api_socket or "/run/coild-api.sock"
+            raise HTTPError(403, f"{method} is served only on coild's root-only API socket "
+                                 f"(--api-socket), e.g. as root: curl --unix-socket {sock} "
+                                 f"-X {method} http://localhost/ip...", close=True)
+        length = self._content_length()
+        if length and method != "POST":     # never wait for a body nobody needs
+            raise HTTPError(400, f"{method} takes no request body", close=True)
         parts = self._split()
+        body = self._body(length) if length else b""
         d = self.server.coild
-        if parts == ["status"]:
-            self._run(lambda: self._send(200, d.status()))
-        elif parts == ["healthz"]:
-            self._send(200, {"status": 200})
-        elif parts == ["readyz"]:
-            self._run(lambda: (d.check_ready(), self._send(200, {"status": 200})))
-        elif parts == ["metrics"]:
-            body, ctype = d.metrics.render()
-            self._send(200, body, ctype)
-        elif len(parts) == 4 and parts[0] == "ip":
-            self._run(lambda: self._get_ip(*parts[1:]))
-        else:
-            self._error(404, f"no such endpoint: {self.command} {self.path}")
+        if method == "GET":
+            if parts == ["status"]:
+                return self._send(200, d.status())
+            if parts == ["healthz"]:
+                return self._send(200, {"status": 200})
+            if parts == ["readyz"]:
+                return self._readyz(d)
+            if parts == ["metrics"]:
+                data, ctype = d.metrics.render()
+                return self._send(200, data, ctype)
+            if len(parts) == 4 and parts[0] == "ip":
+                return self._get_ip(*parts[1:])
+        elif method == "POST" and parts == ["ip"]:
+            return self._post_ip(body)
+        elif method == "DELETE" and len(parts) == 4 and parts[0] == "ip":
+            return self._delete_ip(*parts[1:])
+        raise HTTPError(404, f"no such endpoint: {method} {self.path[:200]}")
+
+    do_GET = do_POST = do_DELETE = lambda self: self._run(self._dispatch)
+
+    def _readyz(self, d):
+        try:
+            d.check_ready()
+        except StoreUnavailable as exc:
+            return self._send(503, {"status": 503, "reason": "etcd-unreachable",
+                                    "error": exc.one_line()})
+        except CoilError as exc:
+            return self._send(503, {"status": 503, "reason": "starting", "error": exc.one_line()})
+        self._send(200, {"status": 200})
 
     def _get_ip(self, ns, pod, cid):
+        validate_owner(ns, pod, cid)
         addrs = self.server.coild.allocator.lookup_pod(ns, pod, cid)
         if not addrs:
             raise NotFound(f"no address for {ns}/{pod} container {cid}")
         self._send(200, {"address": addrs[0].address, "addresses": [a.address for a in addrs],
                          "status": 200})
 
-    def do_POST(self):
-        if self._split() != ["ip"]:
-            return self._error(404, f"no such endpoint: POST {self.path}")
-        self._run(self._post_ip)
-
-    def _post_ip(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0 or length > 1 << 20:
+    def _post_ip(self, raw: bytes):
+        if not raw:
             raise InvalidArgument("request body must be a JSON object")
         try:
-            body = json.loads(self.rfile.read(length))
-        except ValueError:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
             raise InvalidArgument("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise InvalidArgument("request body must be a JSON object")
+        unknown = sorted(set(body) - set(POST_IP_KEYS))
+        if unknown:
+            raise InvalidArgument(f"unknown key {unknown[0][:100]!r} in request body; "
+                                  f"known: {', '.join(POST_IP_KEYS)}")
         for key in ("pod-namespace", "pod-name", "container-id"):
             if not isinstance(body.get(key), str) or not body[key]:
-                raise InvalidArgument(f"{key} is required")
+                raise InvalidArgument(f"{key} is required (a string)")
+        ns, pod, cid = body["pod-namespace"], body["pod-name"], body["container-id"]
+        validate_owner(ns, pod, cid)
         kind = body.get("address-type", "ipv4")
         if kind not in ("ipv4", "ipv6"):
-            raise InvalidArgument(f"invalid address-type {kind!r}: ipv4 or ipv6")
+            raise InvalidArgument(f"invalid address-type {str(kind)[:40]!r}: ipv4 or ipv6")
         opt_in = body.get("release-if-leaked", False)
         if not isinstance(opt_in, bool):
             raise InvalidArgument(f"invalid release-if-leaked {str(opt_in)[:40]!r}: true or false")
         extra = {"origin": ORIGIN_REST, **({"release_if_leaked": True} if opt_in else {})}
         d = self.server.coild
-        ns = body["pod-namespace"]
         pool = d.pools.for_namespace(ns)
-        rec = d.allocator.allocate(pool, 4 if kind == "ipv4" else 6, ns, body["pod-name"],
-                                   body["container-id"], extra)
+        rec = d.allocator.allocate(pool, 4 if kind == "ipv4" else 6, ns, pod, cid, extra)
         self._send(200, {"address": rec.address, "status": 200})
 
-    def do_DELETE(self):
-        parts = self._split()
-        if len(parts) != 4 or parts[0] != "ip":
-            return self._error(404, f"no such endpoint: DELETE {self.path}")
-        self._run(lambda: self._delete_ip(*parts[1:]))
-
     def _delete_ip(self, ns, pod, cid):
+        validate_owner(ns, pod, cid)
         d = self.server.coild
         addrs = d.allocator.lookup_pod(ns, pod, cid)
         if not addrs:
@@ -155,15 +242,107 @@ class RestHandler(BaseHTTPRequestHandler):
         self._send(200, {"address": addrs[0].address, "status": 200})
 
 
+class RestServer(BoundedHTTPServer):
+    """The read-only TCP listener (``--http``): POST and DELETE get 403."""
+
+    may_change = False
+
+    def __init__(self, address: tuple[str, int], daemon, limits: Limits | None = None,
+                 api_socket: str | None = None):
+        self.coild = daemon
+        self.api_socket = api_socket       # named in the 403 answer
+        host, port = address
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except (OSError, IndexError) as exc:
+            raise InvalidArgument(f"cannot listen on --http {host}:{port}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise _listen_error("--http", f"{host}:{port}", exc) from None
+        super().__init__(sock, RestHandler, limits or Limits(), "rest")
+
+    @property
+    def server_address(self):
+        return self.listener.getsockname()
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of a UNIX socket's peer (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _root_only(sock: socket.socket) -> bytes | None:
+    try:
+        uid = peer_uid(sock)
+    except OSError:
+        uid = -1
+    if uid == 0:
+        return None
+    log.warning("API socket: refused a caller that is not root", extra={"uid": uid})
+    return error_response(403, f"coild's API socket serves root only (caller uid {uid})",
+                          "Forbidden")
+
+
+class ApiSocketServer(BoundedHTTPServer):
+    """The full REST API on a root-only UNIX socket (``--api-socket``)."""
+
+    may_change = True
+
+    def __init__(self, path: str, daemon, limits: Limits | None = None):
+        self.coild = daemon
+        self.path = path
+        _claim_socket(path, "--api-socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)          # root-only: the socket is created 0600
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise _listen_error("--api-socket", path, exc) from None
+        finally:
+            os.umask(old)
+        super().__init__(sock, RestHandler, limits or Limits(), "api", authorize=_root_only)
+
+    def server_close(self):
+        super().server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _listen_error(flag: str, where: str, exc: OSError) -> CoilError:
+    if exc.errno == errno.EADDRINUSE:
+        return AlreadyExists(f"cannot listen on {flag} {where}: address already in use",
+                             hint=f"stop whatever holds it (another coild?) or choose "
+                                  f"another {flag}")
+    return InvalidArgument(f"cannot listen on {flag} {where}: {exc.strerror or exc}",
+                           hint=f"check {flag}")
+
+
 class PluginHandler(socketserver.BaseRequestHandler):
     def handle(self):
         conn: socket.socket = self.request
         cni = self.server.coild.cni
         arrived = cni.clock()          # the request's deadline counts from here
         chunks, size = [], 0
+        deadline = time.monotonic() + self.server.read_timeout
         try:
-            conn.settimeout(30)
             while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("request not received in time")
+                conn.settimeout(left)
                 chunk = conn.recv(65536)
                 if not chunk:
                     break
@@ -175,24 +354,75 @@ class PluginHandler(socketserver.BaseRequestHandler):
             if not chunks:         # a liveness probe: connected and closed
                 return
             code, body = cni.handle(b"".join(chunks), arrived)
+            conn.settimeout(self.server.read_timeout)
             conn.sendall(f"{code}\n".encode() + body)
         except OSError as exc:
             log.warning("plugin connection failed", extra={"error": str(exc)})
 
 
-class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class BoundedThreadsMixIn:
+    """A thread per connection, at most ``max_connections`` at once; one more
+    is answered by ``refuse(sock)`` and closed without a thread."""
+
+    max_connections = 256
+
+    def _slots(self) -> threading.BoundedSemaphore:
+        if getattr(self, "_slot_sem", None) is None:
+            self._slot_sem = threading.BoundedSemaphore(self.max_connections)
+        return self._slot_sem
+
+    def process_request(self, request, client_address):
+        if not self._slots().acquire(blocking=False):
+            try:
+                self.refuse(request)
+            finally:
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots().release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots().release()
+
+    def refuse(self, request):
+        pass
+
+
+class PluginServer(BoundedThreadsMixIn, socketserver.ThreadingMixIn,
+                   socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, daemon):
+    def __init__(self, path: str, daemon, max_connections: int = 256,
+                 read_timeout: float = 30.0):
         self.coild = daemon
         self.path = path
-        _claim_socket(path)
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        _claim_socket(path, "--socket")
         old = os.umask(0o077)          # root-only: the socket is created 0600
         try:
             super().__init__(path, PluginHandler)
+        except OSError as exc:
+            raise _listen_error("--socket", path, exc) from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+
+    def refuse(self, request):
+        from coil.cni import spec
+        body = json.dumps(spec.error_object(spec.ERR_TRY_AGAIN, "coild is busy: too many "
+                                            "plugin connections; retry")).encode()
+        try:
+            request.setblocking(False)
+            request.send(b"1\n" + body)
+        except OSError:
+            pass
 
     def server_close(self):
         super().server_close()
@@ -202,22 +432,32 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             pass
 
 
-def _claim_socket(path: str):
-    """Remove a stale socket file; refuse when another coild listens there."""
+def _claim_socket(path: str, flag: str = "--socket"):
+    """Remove a stale socket file (one nothing listens on); refuse when
+    something listens there or the path is not a socket. Raises
+    AlreadyExists, InvalidArgument."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    if not os.path.exists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidArgument(f"{flag} {path} exists and is not a socket",
+                              hint=f"remove it or choose another {flag}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)
+            try:
+                os.unlink(path)     # stale: left by a coild that died
+            except FileNotFoundError:
+                pass
             return
-        raise
+        raise InvalidArgument(f"cannot check {flag} {path}: {exc.strerror or exc}") from None
     else:
-        raise AlreadyExists(f"another coild already listens on {path}",
-                            hint="stop it or choose another --socket")
+        raise AlreadyExists(f"cannot listen on {flag} {path}: another process (another "
+                            f"coild?) listens there", hint=f"stop it or choose another {flag}")
     finally:
         probe.close()
 

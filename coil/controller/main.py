@@ -14,12 +14,13 @@ import logging
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
 
 import click
 
 from coil import config as cfg
 from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
+from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler
 from coil.errors import CoilError, InvalidArgument, KubernetesError
 
 log = logging.getLogger("coil-controller")
@@ -137,7 +138,7 @@ class Controller:
             delay = self.scan_interval
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestHandler):
     controller: Controller = None
 
     def do_GET(self):
@@ -173,14 +174,30 @@ def parse_addr(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# the metrics listener may face the network (host networking): bounded like
+# coild's REST listeners, idle or slow clients cost no thread
+METRICS_LIMITS = Limits(max_connections=64, workers=2, read_timeout=10.0, idle_timeout=60.0,
+                        max_body=0)
+
+
 def _serve(addr: str, controller: Controller):
     host, port = parse_addr(addr)
     handler = type("Handler", (_Handler,), {"controller": controller})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
+        raise InvalidArgument(f"cannot listen on --metrics-addr {addr}: "
+                              f"{exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
         raise InvalidArgument(f"cannot listen on --metrics-addr {addr}: {exc.strerror}") from None
-    server.daemon_threads = True
+    server = BoundedHTTPServer(sock, handler, METRICS_LIMITS, "metrics")
+    server.server_address = sock.getsockname()
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

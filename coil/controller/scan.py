@@ -74,6 +74,7 @@ class PodIPs:
     held: set = field(default_factory=set)          # every IP a Pod object reports
     active: list = field(default_factory=list)      # PodAddress of running/pending Pods
     pods: int = 0
+    names: set = field(default_factory=set)         # (namespace, name) of every Pod
     waiting: set = field(default_factory=set)       # (namespace, name) of Pods without an IP yet
 
 
@@ -82,6 +83,8 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
     out = into or PodIPs()
     for pod in items:
         out.pods += 1
+        meta = pod.get("metadata") or {}
+        out.names.add((meta.get("namespace", ""), meta.get("name", "")))
         spec = pod.get("spec") or {}
         if spec.get("hostNetwork"):
             continue
@@ -89,7 +92,6 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
         ips = [e.get("ip") for e in (status.get("podIPs") or []) if isinstance(e, dict)]
         if not ips and status.get("podIP"):
             ips = [status["podIP"]]
-        meta = pod.get("metadata") or {}
         if not ips:
             if status.get("phase") not in TERMINATED:
                 out.waiting.add((meta.get("namespace", ""), meta.get("name", "")))

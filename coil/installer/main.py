@@ -245,15 +245,16 @@ def remove_other_confs(etc_dir: str, conf_name: str) -> list[str]:
 
 # -- the taint -------------------------------------------------------------------------
 def remove_taints(core, node: str, keys: list[str], timeout: float,
-                  sleep=time.sleep, before_patch=None) -> list[str]:
+                  sleep=time.sleep, before_patch=None, clock=time.monotonic) -> list[str]:
     """Remove taints with ``keys`` from ``node``; retried with backoff on API
-    errors and conflicts until ``timeout``. ``before_patch`` is called once,
-    before the first patch (only when there is a taint to remove). Returns
-    the keys removed."""
+    errors and conflicts until ``timeout`` (measured with ``clock``; a retry
+    whose pause would end past it is not made). ``before_patch`` is called
+    once, before the first patch (only when there is a taint to remove).
+    Returns the keys removed."""
     from coil import k8s
     from coil.controller.watcher import Backoff
     backoff = Backoff(0.5, 10.0)
-    deadline = time.monotonic() + timeout
+    deadline = clock() + timeout
     while True:
         try:
             resp = core.read_node(node, _preload_content=False,
@@ -286,7 +287,7 @@ def remove_taints(core, node: str, keys: list[str], timeout: float,
             if status in (401, 403):
                 raise k8s.to_coil_error(exc, f"removing taints from node {node}") from None
             delay = backoff.next()
-            if time.monotonic() + delay > deadline:
+            if clock() + delay > deadline:
                 raise k8s.to_coil_error(exc, f"removing taints from node {node} "
                                              f"(gave up after {timeout:g}s)") from None
             if status == 409:

@@ -367,6 +367,7 @@ class Sandbox:
                 "address": str(fabric_net.network_address + 10 + i),
                 "prefixlen": fabric_net.prefixlen, "fabric_port": f"n{i}", "dir": ndir,
                 "coild_socket": os.path.join(ndir, "coild.sock"),
+                "api_socket": os.path.join(ndir, "coild-api.sock"),
                 "http": "127.0.0.1:9383",
                 "bird_ctl": os.path.join(ndir, "bird.ctl"),
                 "bird_conf": os.path.join(ndir, "bird.conf"),
@@ -516,6 +517,7 @@ class Sandbox:
         return self.spawn("coild", n["name"], n["netns"], [
             sys.executable, "-m", "coil", "coild", "--etcd-endpoints", self.etcd_endpoint,
             "--etcd-prefix", cfg.etcd_prefix, "--socket", n["coild_socket"],
+            "--api-socket", n.get("api_socket") or os.path.join(n["dir"], "coild-api.sock"),
             "--http", n["http"], "--scan-interval", cfg.coild_scan_interval,
             "--liveness-ttl", cfg.coild_liveness_ttl],
             os.path.join(n["dir"], "coild.log"), env={"COIL_NODE_NAME": n["name"]})

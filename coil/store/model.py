@@ -271,6 +271,129 @@ class IPAMStore:
                 return Pool(name, tuple(subnets), pool.block_size, rev)
         raise Conflict(f"adding subnet {net} to pool {name!r}: too many concurrent changes")
 
+    @staticmethod
+    def _holders(blocks) -> str:
+        nodes = sorted({b.node for b in blocks})
+        shown = ", ".join(nodes[:10]) + (f" and {len(nodes) - 10} more" if len(nodes) > 10 else "")
+        return f"{len(blocks)} block{'s' if len(blocks) != 1 else ''} held by {shown}"
+
+    def delete_pool(self, name: str) -> Pool:
+        """Delete a pool and its subnets. One transaction, guarded by the
+        pool's revision and by a range compare proving no block key exists
+        under ``block/<pool>/``; refuses (Conflict naming the nodes that hold
+        blocks) while any block is held. Raises NotFound, Conflict."""
+        validate_pool_name(name)
+        for _ in range(MAX_RETRIES):
+            pool = self.get_pool(name)
+            guard = self.etcd.get(keys.SUBNETS_GUARD)
+            gen = int(guard.value or b"0") + 1 if guard is not None else 1
+            ok, _, responses = self.etcd.txn(
+                [("mod", keys.pool(name), "==", pool.revision),
+                 ("prefix-empty", keys.pool_blocks(name)),
+                 ("mod", keys.SUBNETS_GUARD, "==", guard.mod_revision) if guard is not None
+                 else ("version", keys.SUBNETS_GUARD, "==", 0)],
+                [("delete", keys.pool(name))] +
+                [("delete", keys.subnet(str(n))) for n in pool.subnets] +
+                [("put", keys.SUBNETS_GUARD, str(gen).encode())])
+            if ok:
+                return pool
+            held = self.pool_blocks(name)
+            if held:
+                raise Conflict(f"pool {name!r} is in use: {self._holders(held)}",
+                               hint="drain those nodes, or free a dead node's blocks "
+                                    "with 'coilctl node release'")
+        raise Conflict(f"deleting pool {name!r}: too many concurrent changes, try again")
+
+    def remove_subnet(self, name: str, subnet: str) -> Pool:
+        """Remove ``subnet`` from pool ``name``. One transaction, guarded by
+        the pool's revision and by a range compare proving that no block key
+        of the pool was written since the read that found no block of the
+        subnet held. Refuses (Conflict naming the nodes) while a block of
+        the subnet is held, and refuses to remove the last subnet. Raises
+        InvalidArgument, NotFound, Conflict."""
+        validate_pool_name(name)
+        net = parse_subnet(subnet)
+        for _ in range(MAX_RETRIES):
+            pool = self.get_pool(name)
+            if net not in pool.subnets:
+                raise NotFound(f"subnet {net} is not a subnet of pool {name!r} "
+                               f"(its subnets: {', '.join(map(str, pool.subnets))})")
+            if len(pool.subnets) == 1:
+                raise InvalidArgument(f"subnet {net} is the last subnet of pool {name!r}",
+                                      hint=f"delete the pool with 'coilctl pool delete {name}'")
+            kvs, rev = self.etcd.get_prefix_paged(keys.pool_blocks(name), SCAN_PAGE)
+            held = [b for b in map(self._decode_block, kvs)
+                    if b.network.version == net.version and b.network.subnet_of(net)]
+            if held:
+                raise Conflict(f"subnet {net} of pool {name!r} is in use: {self._holders(held)}",
+                               hint="drain those nodes, or free a dead node's blocks "
+                                    "with 'coilctl node release'")
+            guard = self.etcd.get(keys.SUBNETS_GUARD)
+            gen = int(guard.value or b"0") + 1 if guard is not None else 1
+            subnets = [s for s in pool.subnets if s != net]
+            ok, rev2, _ = self.etcd.txn(
+                [("mod", keys.pool(name), "==", pool.revision),
+                 ("prefix-mod-below", keys.pool_blocks(name), rev + 1),
+                 ("mod", keys.SUBNETS_GUARD, "==", guard.mod_revision) if guard is not None
+                 else ("version", keys.SUBNETS_GUARD, "==", 0)],
+                [("put", keys.pool(name), _dumps({"subnets": [str(s) for s in subnets],
+                                                  "block_size": pool.block_size})),
+                 ("delete", keys.subnet(str(net))),
+                 ("put", keys.SUBNETS_GUARD, str(gen).encode())])
+            if ok:
+                return Pool(name, tuple(subnets), pool.block_size, rev2)
+        raise Conflict(f"removing subnet {net} from pool {name!r}: too many concurrent "
+                       f"changes, try again")
+
+    def node_alive(self, node: str):
+        """The node's liveness record (``node-alive/<node>``) or None."""
+        return self.etcd.get(keys.node_alive(node))
+
+    def release_node(self, node: str, force: bool = False) -> list[tuple[Block, int]]:
+        """Free the blocks of a dead node by hand.
+
+        Refuses (Conflict) while the node's liveness record exists, and,
+        unless ``force``, while any of its blocks holds an address (naming
+        them). Each block is then freed by one transaction guarded by the
+        block's revision, by the absence of ``node-alive/<node>`` and (without
+        ``force``) by a range compare proving the block holds no address.
+        Returns [(block, addresses freed)] of the blocks freed. Safe to
+        repeat. Raises InvalidArgument, Conflict."""
+        validate_node_name(node)
+        if self.node_alive(node) is not None:
+            raise Conflict(f"node {node!r} is alive: its coild holds the liveness record "
+                           f"{keys.node_alive(node)}",
+                           hint="stop its coild and wait for the lease to expire")
+        blocks = self.node_blocks(node)
+        counts = self.address_counts(b.cidr for b in blocks)
+        busy = [b for b in blocks if counts[b.cidr]]
+        if busy and not force:
+            n = sum(counts[b.cidr] for b in busy)
+            raise Conflict(f"node {node!r} still holds {n} address{'es' if n != 1 else ''} in "
+                           f"block{'s' if len(busy) != 1 else ''} "
+                           f"{', '.join(b.cidr for b in busy[:10])}"
+                           + (f" and {len(busy) - 10} more" if len(busy) > 10 else ""),
+                           hint="check them with 'coilctl ipam check'; add --force to free "
+                                "them with their blocks")
+        freed = []
+        for b in blocks:
+            guards = [("mod", keys.block(b.pool, b.cidr), "==", b.revision),
+                      ("version", keys.node_alive(node), "==", 0)]
+            if not force:
+                guards.append(("prefix-empty", keys.block_ips(b.cidr)))
+            ok, _, responses = self.etcd.txn(
+                guards,
+                [("delete", keys.block(b.pool, b.cidr)),
+                 ("delete", keys.node_block(node, b.cidr)),
+                 ("delete-prefix", keys.block_ips(b.cidr))],
+                [("get", keys.node_alive(node))])
+            if ok:
+                freed.append((b, counts[b.cidr]))
+            elif responses and responses[0].response_range.kvs:
+                raise Conflict(f"node {node!r} came alive while its blocks were being freed "
+                               f"({len(freed)} freed)")
+        return freed
+
     # -- blocks ---------------------------------------------------------------
     def _decode_block(self, kv) -> Block:
         pool_name, cidr = keys.parse_block_key(kv.key)

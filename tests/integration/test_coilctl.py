@@ -208,13 +208,13 @@ def test_address_info(ctl, populated):
 
 
 def test_address_free(ctl, populated):
-    r = ctl("address", "free", "--yes", "10.0.0.2")
+    r = ctl("address", "free", "--yes", "--force", "10.0.0.2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "freed 10.0.0.2 (was team-a/web-0, container c0ffee)"
     assert populated.count_addresses("10.0.0.0/29") == 0
     # the block stays with its node
     assert [b.cidr for b in populated.node_blocks("node-1")] == ["10.0.0.0/29"]
-    r = ctl("-o", "json", "address", "free", "-y", "fd00:10::1")
+    r = ctl("-o", "json", "address", "free", "-y", "--force", "fd00:10::1")
     assert json.loads(r.stdout)["container_id"] == "beef"
     assert populated.all_addresses()[0] == []
 
@@ -227,13 +227,14 @@ def test_address_free_without_yes_and_without_a_terminal_refuses(ctl, populated)
 
 
 def _free_on_a_terminal(etcd_server, etcd_prefix, answer: str):
-    """Run 'coilctl address free 10.0.0.2' with a pseudo-terminal as stdin."""
+    """Run 'coilctl address free --force 10.0.0.2' with a pseudo-terminal as stdin
+    (--force: no Kubernetes here to tell whether the Pod is gone)."""
     import pty
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "coil", "coilctl", "--etcd-endpoints", etcd_server.endpoint,
-             "--etcd-prefix", etcd_prefix, "address", "free", "10.0.0.2"],
+             "--etcd-prefix", etcd_prefix, "address", "free", "--force", "10.0.0.2"],
             stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         os.close(slave)
         slave = None
@@ -366,7 +367,7 @@ BAD = [
     ("invalid-address", ["address", "info", "10.0.0.300"], ["10.0.0.300"]),
     ("invalid-address-free", ["address", "free", "bogus"], ["bogus"]),
     ("missing-argument", ["pool", "create", "p2", "10.1.0.0/24"], ["SIZE"]),
-    ("unknown-command", ["pool", "delete", "default"], ["delete"]),
+    ("unknown-command", ["pool", "rename", "default"], ["rename"]),
     ("bad-output", ["-o", "yaml", "pool", "list"], ["yaml"]),
     ("bad-shell", ["completion", "tcsh"], ["tcsh"]),
 ]
@@ -481,6 +482,41 @@ def test_right_credentials(auth_etcd, auth_store, etcd_prefix):
     assert r.returncode == 0, r.stderr
     assert [p["name"] for p in json.loads(r.stdout)] == ["default"]
     assert [p.name for p in auth_store.list_pools()] == ["default"]
+
+
+def test_password_from_a_file_not_the_command_line(auth_etcd, auth_store, etcd_prefix, tmp_path):
+    secret = tmp_path / "etcd-password"
+    secret.write_text("rootpw\n")
+    secret.chmod(0o600)
+    base = ["coilctl", "--etcd-endpoints", auth_etcd.endpoint, "--etcd-prefix", etcd_prefix]
+    r = hypercoil(*base, "--etcd-username", "root", "--etcd-password-file", str(secret),
+                  "pool", "create", "default", "10.0.0.0/24", "3")
+    assert r.returncode == 0, r.stderr
+    r = hypercoil(*base, "-o", "json", "pool", "list",
+                  env={"COILCTL_ETCD_USERNAME": "root",
+                       "COILCTL_ETCD_PASSWORD_FILE": str(secret)})
+    assert r.returncode == 0, r.stderr
+    assert [p["name"] for p in json.loads(r.stdout)] == ["default"]
+    # a wrong password in the file: refused like a wrong flag, the password not shown
+    secret.write_text("wrong\n")
+    r = hypercoil(*base, "--etcd-username", "root", "--etcd-password-file", str(secret),
+                  "pool", "list")
+    line = assert_one_line_error(r, auth_etcd.endpoint)
+    assert "credentials" in line and "wrong" not in line
+    # coild takes the same flag, and starts against the auth-enabled etcd
+    from harness import Coild, Netns
+    secret.write_text("rootpw")
+    node = Netns("node")
+    c = Coild(node, str(tmp_path), auth_etcd.unix_endpoint, etcd_prefix,
+              extra=["--etcd-username", "root", "--etcd-password-file", str(secret)])
+    try:
+        c.start()
+        assert c.rest("GET", "/readyz")[0] == 200
+        with open(f"/proc/{c.proc.pid}/cmdline", "rb") as f:
+            assert b"rootpw" not in f.read()
+    finally:
+        c.stop()
+        node.delete()
 
 
 # -- v1's settings -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -104,9 +105,9 @@ def take_blocks(store, node, n=1, addresses=2):
 class ControllerProcess:
     """``python -m coil coil-controller`` as a subprocess; stopped by PID."""
 
-    def __init__(self, tmp_path, kubeconfig, etcd_config, *args):
-        self.port = free_port()
-        self.log_path = tmp_path / f"controller-{self.port}.log"
+    def __init__(self, tmp_path, kubeconfig, etcd_config, *args, port=None):
+        self.port = port or free_port()
+        self.log_path = tmp_path / f"controller-{self.port}-{uuid.uuid4().hex[:6]}.log"
         cmd = [sys.executable, "-m", "coil", "coil-controller",
                "--etcd-endpoints", etcd_config.endpoints[0], "--etcd-prefix", etcd_config.prefix,
                "--metrics-addr", f"127.0.0.1:{self.port}", "--kubeconfig", kubeconfig, *args]
@@ -169,9 +170,9 @@ class ControllerProcess:
 def run_controller(tmp_path, kube_apiserver, rbac, etcd_config):
     started = []
 
-    def start(*args, token=None):
+    def start(*args, token=None, port=None):
         kc = kube_apiserver.kubeconfig(token or rbac["controller"], str(tmp_path / "kubeconfig"))
-        p = ControllerProcess(tmp_path, kc, etcd_config, *args)
+        p = ControllerProcess(tmp_path, kc, etcd_config, *args, port=port)
         started.append(p)
         return p
 
@@ -607,10 +608,13 @@ def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, 
     metrics = ControllerMetrics()
     scanner = LeakScanner(store, controller_core, expiration=86400, metrics=metrics,
                           page_size=100)
+    calls_before = store.etcd.counters["calls"]
     t0 = time.monotonic()
     result = scanner.scan()
     scan_s = time.monotonic() - t0
-    print(f"\nplanted {SCAN_N} addresses in {plant_s:.1f}s; scan took {scan_s:.2f}s")
+    etcd_calls = store.etcd.counters["calls"] - calls_before
+    print(f"\nplanted {SCAN_N} addresses in {plant_s:.1f}s; scan took {scan_s:.2f}s "
+          f"and {etcd_calls} etcd requests")
     assert result.addresses == SCAN_N
     assert result.pods >= len(pods)
     assert {lk.address.address for lk in result.leaks} == leaks
@@ -619,7 +623,12 @@ def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, 
     assert all(lk.age is not None and lk.age > 86400 for lk in result.leaks)
     assert result.released == 0
     assert store.etcd.count_prefix("ip/") == SCAN_N
-    assert scan_s < 30, f"scan of {SCAN_N} addresses took {scan_s:.1f}s"
+    # the scan reads etcd in pages of 5,000 keys (one paged read of every
+    # address), rechecks each of the few unknown Pod IPs by itself (at most
+    # two reads each) and lists the blocks: never a request per address
+    # (speed itself is bench/'s job)
+    pages = SCAN_N // 5000 + 1
+    assert etcd_calls <= pages + 2 * len(unknown) + 1, etcd_calls
     assert metrics.leaked._value.get() == 250
     assert metrics.unknown._value.get() == 20
     from prometheus_client import generate_latest
@@ -876,3 +885,26 @@ def test_cli_rejects_bad_options(tmp_path):
         r = hypercoil("coil-controller", *args, timeout=60)
         assert r.returncode != 0
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+
+def test_metrics_listener_is_bounded_and_a_taken_port_is_one_line(run_controller):
+    ctl = run_controller()
+    ctl.wait_ready()
+    pid = ctl.proc.pid
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    idle = [socket.create_connection(("127.0.0.1", ctl.port), timeout=30) for _ in range(100)]
+    try:
+        assert ctl.get("/healthz")[0] == 200        # the longest idle made room
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads
+    finally:
+        for s in idle:
+            s.close()
+    # a second controller on the same address: one line naming it, non-zero exit
+    other = run_controller(port=ctl.port)
+    assert other.proc.wait(60) != 0
+    text = other.logs()
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and f"--metrics-addr 127.0.0.1:{ctl.port}" in lines[0], text
+    assert ctl.get("/healthz")[0] == 200

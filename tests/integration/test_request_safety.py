@@ -186,6 +186,39 @@ def test_add_racing_del_for_one_container_stays_consistent(node, first):
     assert len(node.svc.containers) == 0
 
 
+def test_gc_waits_for_the_add_in_flight(node):
+    """GC (no valid attachment) racing an ADD: it frees the container only
+    after the ADD answered, so nothing is left half-made."""
+    node.store.create_pool("default", "10.59.0.0/24", 4)
+    node.alloc.load()
+    pod = node.pod()
+    paused, gc_waiting, go = threading.Event(), threading.Event(), threading.Event()
+    events = []
+
+    def hook(point, req):
+        if point == "add:wired" and not paused.is_set():
+            paused.set()
+            assert go.wait(WAIT)
+        elif point == "lock:wait" and req.command == "GC":
+            gc_waiting.set()
+
+    node.svc._reached = hook
+    t1, r1 = run(node.call, "ADD", pod, "c1", events=events, tag="add")
+    assert paused.wait(WAIT)
+    gc = {"cniVersion": "1.1.0", "name": "t", "type": "coil", "cni.dev/valid-attachments": []}
+    env = {"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"}
+    frame = MAGIC + b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()) + b"\0"
+    t2, r2 = run(node.svc.handle, frame + json.dumps(gc).encode(), events=events, tag="gc")
+    assert gc_waiting.wait(WAIT)
+    go.set()
+    t1.join(WAIT)
+    t2.join(WAIT)
+    assert r1[0][0] == 0 and r2[0][0] == 0, (r1, r2)
+    assert events == [("done", "add"), ("done", "gc")]
+    assert etcd_ips(node.store) == {} and node.host_links() == []
+    assert node.alloc.lookup("c1") == [] and len(node.svc.containers) == 0
+
+
 def test_retried_add_returns_the_same_address(node):
     node.store.create_pool("default", "10.62.0.0/24", 4)
     node.alloc.load()
@@ -303,13 +336,14 @@ def test_assign_unknown_and_read_back_failing_is_quarantined(store, monkeypatch,
     (cidr, slots), = quarantined.items()
     (offset, cid), = slots.items()
     assert cid == "c1" and alloc.lookup("c1") == []
+    assert alloc.unresolved()                                  # coild rescans soon
     assert alloc._blocks[cidr].bitmap.test(offset)            # not handed out meanwhile
     other = alloc.allocate("default", 4, "ns", "p2", "c2")
     assert other.offset != offset
     if resolved_by == "reload":
         alloc.load()
     rec = alloc.allocate("default", 4, "ns", "p1", "c1")       # the runtime's retry
-    assert alloc.quarantined() == {}
+    assert alloc.quarantined() == {} and not alloc.unresolved()
     in_etcd = etcd_ips(store)
     assert sorted(in_etcd.values()) == ["c0", "c1", "c2"]      # one address each
     if commit:
@@ -349,6 +383,22 @@ def test_acquire_block_with_unknown_outcome(node, monkeypatch, commit):
     assert node.routes.current() == {rec.block}
 
 
+def test_acquire_block_unknown_and_reload_failing_is_adopted_later(node, monkeypatch):
+    node.store.create_pool("default", "10.58.0.0/24", 4)
+    node.alloc.load()
+    fail_once(monkeypatch, node.store, "acquire_block", True)    # committed, answer lost
+    unreachable_once(monkeypatch, node.store, "node_blocks")     # and the reload fails
+    with pytest.raises(StoreUnavailable):
+        node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    (block,) = node.store.node_blocks("n1")                     # etcd gave it to the node
+    assert node.alloc.blocks() == [] and node.alloc.unresolved()
+    node.alloc.load()                                            # the next contact adopts it
+    assert node.alloc.blocks() == [block] and not node.alloc.unresolved()
+    assert node.routes.current() == {block.cidr}
+    rec = node.alloc.allocate("default", 4, "ns", "p1", "c1")
+    assert rec.block == block.cidr and node.store.node_blocks("n1") == [block]
+
+
 @pytest.mark.parametrize("commit", [True, False])
 def test_release_block_with_unknown_outcome(node, monkeypatch, commit):
     node.store.create_pool("default", "10.68.0.0/24", 4)
@@ -378,6 +428,7 @@ def test_release_block_unknown_and_read_back_failing_waits_for_reload(node, monk
     with pytest.raises(OutcomeUnknown):
         node.alloc.return_empty_blocks()
     assert node.routes.current() == {rec.block}               # not known to be gone yet
+    assert node.alloc.unresolved()
     node.alloc.load()                                          # it is gone: now the route goes
     assert node.routes.current() == set() and node.removed == [rec.block]
 

@@ -355,7 +355,63 @@ def test_config_is_immutable():
 
 def test_every_field_has_a_flag_and_a_file_key():
     names = {f.name for f in dataclasses.fields(EtcdConfig)}
-    assert set(cfg.FIELDS) == names
+    assert set(cfg.FIELDS) == names | {"password_file"}   # read into password
     for field, (flag, key) in cfg.FIELDS.items():
         assert flag == "--etcd-" + field.replace("_", "-")
         assert key == field.replace("_", "-")
+
+
+# -- the password from a file ----------------------------------------------------
+
+@pytest.fixture
+def secret_file(tmp_path):
+    p = tmp_path / "etcd-password"
+    p.write_text("s3cret\n")              # `echo s3cret > file`: one newline dropped
+    return str(p)
+
+
+def test_password_file_from_flag_env_and_config_file(tmp_path, secret_file):
+    c = resolve(flags(username="u", password_file=secret_file), ENV, None, environ={})
+    assert (c.username, c.password) == ("u", "s3cret")
+    env = {"COILCTL_ETCD_USERNAME": "u", "COILCTL_ETCD_PASSWORD_FILE": secret_file}
+    assert resolve(NO_FLAGS, ENV, None, environ=env).password == "s3cret"
+    path = write_yaml(tmp_path, f"username: u\npassword-file: {secret_file}\n")
+    assert resolve(NO_FLAGS, ENV, path, environ={}).password == "s3cret"
+    assert "s3cret" not in repr(flags(password_file=secret_file))
+
+
+def test_password_and_its_file_are_one_setting(tmp_path, secret_file):
+    # a higher source wins whichever of the two it gives
+    env = {"COILCTL_ETCD_USERNAME": "u", "COILCTL_ETCD_PASSWORD": "envpw"}
+    assert resolve(flags(password_file=secret_file), ENV, None, environ=env).password == "s3cret"
+    env = {"COILCTL_ETCD_USERNAME": "u", "COILCTL_ETCD_PASSWORD_FILE": secret_file}
+    assert resolve(flags(password="flagpw"), ENV, None, environ=env).password == "flagpw"
+    # one source giving both is ambiguous
+    with pytest.raises(InvalidArgument, match="--etcd-password-file"):
+        resolve(flags(username="u", password="p", password_file=secret_file), ENV, None,
+                environ={})
+
+
+@pytest.mark.parametrize("content,word", [(b"", "empty"), (b"\n", "empty"),
+                                          (b"\xff\xfe", "UTF-8"), (b"x" * 70000, "64 KiB")])
+def test_bad_password_file_rejected(tmp_path, content, word):
+    p = tmp_path / "pw"
+    p.write_bytes(content)
+    with pytest.raises(InvalidArgument, match=word) as info:
+        resolve(flags(username="u", password_file=str(p)), ENV, None, environ={})
+    assert str(p) in str(info.value)
+
+
+def test_missing_password_file_named(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(InvalidArgument, match="cannot read --etcd-password-file .*nope"):
+        resolve(flags(username="u", password_file=missing), ENV, None, environ={})
+
+
+def test_every_role_takes_the_password_file(secret_file):
+    from coil.coilctl.cli import cli as coilctl
+    from coil.coild.main import cli as coild
+    from coil.controller.main import cli as controller
+    for command in (coild, controller, coilctl):
+        params = {p.name for p in command.params}
+        assert "etcd_password_file" in params, command.name

@@ -191,6 +191,61 @@ def test_dockerfile_builds_from_this_repo():
     assert images.pop() in text      # the build command in the header names the tag
 
 
+SECURE = "#etcd-secure "
+
+
+def _secure_variant(name):
+    """The manifest with its "#etcd-secure " lines switched on (what
+    docs/security.md tells operators to do with sed)."""
+    with open(os.path.join(DEPLOY, name)) as f:
+        text = f.read()
+    assert SECURE in text, f"{name} shows no etcd TLS/auth settings"
+    return [d for d in yaml.safe_load_all(text.replace(SECURE, "")) if d]
+
+
+@pytest.mark.parametrize("version", schema_versions())
+def test_etcd_tls_and_auth_can_be_switched_on(version):
+    import kubernetes_validate
+    from coil.controller.main import cli as controller_cli
+    from coil.coild.main import cli as coild_cli
+    secrets = set()
+    for name, kind, container, cli, role in (
+            ("coild.yaml", "DaemonSet", "coild", coild_cli, "coild"),
+            ("coil-controller.yaml", "Deployment", "coil-controller", controller_cli,
+             "coil-controller")):
+        (obj,) = [d for d in _secure_variant(name) if d["kind"] == kind]
+        kubernetes_validate.validate(obj, version, strict=True)
+        c = _container(obj, container)
+        params = cli.make_context(role, c["command"][2:]).params
+        assert params["etcd_username"] and params["etcd_password"] is None
+        files = [params[k] for k in ("etcd_tls_ca", "etcd_tls_cert", "etcd_tls_key",
+                                     "etcd_password_file")]
+        assert all(files)
+        volumes = {v["name"]: v for v in obj["spec"]["template"]["spec"]["volumes"]}
+        for path in files:
+            mount = next(m for m in c["volumeMounts"]
+                         if path.startswith(m["mountPath"].rstrip("/") + "/"))
+            assert mount.get("readOnly") is True
+            secrets.add(volumes[mount["name"]]["secret"]["secretName"])
+        if role == "coil-controller":    # runs as nobody: the files must be group-readable
+            spec = obj["spec"]["template"]["spec"]
+            assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+            assert volumes[mount["name"]]["secret"]["defaultMode"] & 0o040
+    assert len(secrets) == 1
+    # nothing secret is ever on a command line, switched on or not
+    for obj in all_objects():
+        for c in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            assert not any(a.startswith("--etcd-password=") for a in c.get("command", []))
+
+
+def test_coild_serves_changes_only_on_its_api_socket():
+    (ds,) = by_kind("DaemonSet")
+    coild = _container(ds, "coild")
+    api = _arg(coild, "--api-socket")
+    assert api and api.startswith("/run/coild/") and api != _arg(coild, "--socket")
+    assert _arg(coild, "--http").startswith("127.0.0.1:")
+
+
 # -- kustomize: the base and the etcd Endpoints name parameter ------------------------------
 
 KUSTOMIZATION = os.path.join(DEPLOY, "kustomization.yaml")
