@@ -20,7 +20,11 @@ Groups (each has a ``cython`` and a ``python`` (pyroute2) entry):
 * ``open``: open_netlink(netns=path) + close, done once per pod ADD;
 * ``route``: route_add + route_del (table 119, protocol 30);
 * ``link_get``: one small request/reply, the per-call overhead;
-* ``route_list``: dump of ~260 routes.
+* ``route_list``: dump of ~260 routes;
+* ``delete 30 veths``: 30 veth pairs (peers in the other namespace)
+  deleted ``one by one`` (30 link_del) or ``by group`` (link_set into a
+  link group, untimed, then one link_del_group: one kernel batch), what
+  coild's deletion queue does.
 """
 
 from __future__ import annotations
@@ -117,6 +121,31 @@ def test_veth_into_other_netns(benchmark, netns_pair, backend, how):
         assert nl.link_get("eth0") is None
         assert pnl.link_get("eth0") is not None
         assert nl.link_del("veth-bench")
+
+
+@pytest.mark.parametrize("how", ["one by one", "by group"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delete_30_veths(benchmark, netns_pair, backend, how):
+    benchmark.group = "delete 30 veths: one by one vs one request by link group"
+    mod = _module(backend)
+    node, pod = netns_pair
+    names = [f"vb{i}" for i in range(30)]
+    with mod.open_netlink(node) as nl:
+        def setup():
+            for name in names:
+                index = nl.veth_add(name, f"e{name}", peer_netns=pod)
+                if how == "by group":
+                    nl.link_set(index, group=7)
+
+        if how == "by group":
+            def run():
+                assert nl.link_del_group(7)
+        else:
+            def run():
+                for name in names:
+                    nl.link_del(name)
+        benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
+        assert [link.name for link in nl.link_list()] == ["lo"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -164,12 +164,16 @@ class EtcdCluster:
 
     Each member also listens on a UNIX socket (``unix_endpoints``), which a
     coild inside a node's network namespace can reach. Members are started
-    and stopped by PID; ``close()`` stops every one of them.
+    and stopped by PID; ``close()`` stops every one of them. With ``tls``
+    ({"ca", "cert", "key", "client_cert", "client_key"} file paths) clients
+    speak https and must show a certificate signed by the CA.
     """
 
-    def __init__(self, base_dir: str, size: int = 3, host: str = "127.0.0.1"):
+    def __init__(self, base_dir: str, size: int = 3, host: str = "127.0.0.1",
+                 tls: dict | None = None):
         self.base_dir = base_dir
         self.host = host
+        self.tls = tls
         self.names = [f"m{i}" for i in range(size)]
         self.client_ports = [free_port() for _ in self.names]
         self.peer_ports = [free_port() for _ in self.names]
@@ -184,7 +188,20 @@ class EtcdCluster:
         return os.path.join(self.base_dir, self.names[i])
 
     def endpoint(self, i: int) -> str:
-        return f"http://{self.host}:{self.client_ports[i]}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.client_ports[i]}"
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                "--trusted-ca-file", self.tls["ca"], "--client-cert-auth"]
+
+    def _etcdctl_tls(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--cacert", self.tls["ca"], "--cert", self.tls["client_cert"],
+                "--key", self.tls["client_key"]]
 
     @property
     def endpoints(self) -> list[str]:
@@ -209,7 +226,7 @@ class EtcdCluster:
                 "--initial-advertise-peer-urls", f"http://{self.host}:{self.peer_ports[i]}",
                 "--initial-cluster", initial, "--initial-cluster-state", state,
                 "--initial-cluster-token", self.token,
-                "--log-level", "error", "--logger", "zap", *extra]
+                "--log-level", "error", "--logger", "zap", *self._tls_args(), *extra]
 
     def start_member(self, i: int, state: str = "new", extra=()):
         if self.procs[i] is not None and self.procs[i].poll() is None:
@@ -251,9 +268,15 @@ class EtcdCluster:
         return self.procs[i] is not None and self.procs[i].poll() is None
 
     def member_healthy(self, i: int) -> bool:
+        import ssl
         import urllib.request
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.tls["ca"])
+            context.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
         try:
-            with urllib.request.urlopen(f"{self.endpoint(i)}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"{self.endpoint(i)}/health", timeout=1,
+                                        context=context) as r:
                 return b'"true"' in r.read()
         except OSError:
             return False
@@ -279,7 +302,8 @@ class EtcdCluster:
         live = [i for i in range(len(self)) if self.alive(i)]
         if not live:
             return {}
-        r = subprocess.run(["etcdctl", "--endpoints", ",".join(self.endpoint(i) for i in live),
+        r = subprocess.run(["etcdctl", *self._etcdctl_tls(),
+                            "--endpoints", ",".join(self.endpoint(i) for i in live),
                             "endpoint", "status", "-w", "json"], capture_output=True, text=True,
                            env=dict(os.environ, ETCDCTL_API="3"), timeout=30)
         out = {}
@@ -298,8 +322,9 @@ class EtcdCluster:
         return None
 
     def etcdctl(self, *args, user: str | None = None, check=True):
-        cmd = ["etcdctl", "--endpoints", ",".join(self.endpoint(i) for i in range(len(self))
-                                                  if self.alive(i))]
+        cmd = ["etcdctl", *self._etcdctl_tls(),
+               "--endpoints", ",".join(self.endpoint(i) for i in range(len(self))
+                                       if self.alive(i))]
         if user:
             cmd += ["--user", user]
         r = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=30,

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -149,15 +150,18 @@ class Coild:
         if returned:
             log.info("returned empty blocks", extra={"blocks": [b.cidr for b in returned]})
 
-    def _next_scan_in(self) -> float:
+    def _scan_due(self, last: float, now: float) -> bool:
         # a write whose outcome stayed unknown is resolved by the next reload:
-        # run it soon rather than a whole scan interval later
-        if self.allocator.unresolved():
-            return min(self.scan_interval, UNRESOLVED_RESCAN)
-        return self.scan_interval
+        # run it within UNRESOLVED_RESCAN rather than a whole scan interval later
+        return now - last >= self.scan_interval or self.allocator.unresolved()
 
     def run(self):
-        while not self._stop.wait(self._next_scan_in()):
+        last = time.monotonic()
+        while not self._stop.wait(min(self.scan_interval, UNRESOLVED_RESCAN)):
+            now = time.monotonic()
+            if not self._scan_due(last, now):
+                continue
+            last = now
             try:
                 self.scan()
             except CoilError as exc:

@@ -35,6 +35,17 @@ class CoildMetrics:
                 yield CounterMetricFamily("coild_liveness_renewal_errors",
                                           "failed renewals of the node's liveness lease",
                                           value=keeper.errors)
+                teardown = getattr(daemon, "teardown", None)
+                if teardown is not None:
+                    yield GaugeMetricFamily("coild_teardown_pending",
+                                            "veth pairs retired by DEL, waiting for the next batch",
+                                            value=teardown.pending())
+                    yield CounterMetricFamily("coild_teardown_retired",
+                                              "veth pairs retired by DEL for batched deletion",
+                                              value=teardown.retired_total)
+                    yield CounterMetricFamily("coild_teardown_flushes",
+                                              "batched deletions of retired veth pairs",
+                                              value=teardown.flushes_total)
         self.registry.register(_State())
 
         class _Etcd:

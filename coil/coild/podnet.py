@@ -208,8 +208,13 @@ class PodNetwork:
                 if exc.errno == errno.ENODEV:
                     return False
                 if exc.errno == errno.EBUSY:
-                    # kernels that cannot rename a link that is up
-                    nl.link_set(index, up=False)
+                    # kernels that cannot rename a link that is up: down first
+                    try:
+                        nl.link_set(index, up=False)
+                    except NetlinkError as exc2:
+                        if exc2.errno == errno.ENODEV:
+                            return False
+                        raise
                     continue
                 if exc.errno != errno.EEXIST:   # name taken: draw another
                     raise

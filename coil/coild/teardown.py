@@ -81,7 +81,9 @@ class TeardownQueue:
                 self._pending += 1
                 if self._oldest is None:
                     self._oldest = self._clock()
-                self._cond.notify_all()
+                # wake the flusher only when its deadline changes or a batch is full
+                if self._pending == 1 or self._pending == self.batch:
+                    self._cond.notify_all()
         return bool(outcome)
 
     def pending(self) -> int:

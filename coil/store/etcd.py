@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -204,6 +205,9 @@ class Etcd:
         self._endpoint_text = ",".join(config.endpoints)
         self._preferred = 0                     # index of the member that answered last
         self.counters = collections.Counter()
+        # gRPC's C core logs TLS and connection failures on stderr; coil reports
+        # them itself, on one line (GRPC_VERBOSITY=debug still turns them on)
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from pyetcd import etcdrpc  # heavy: imported only by roles that talk to etcd
         self._rpc = etcdrpc
         self._targets = self._parse_endpoints(config)
@@ -437,8 +441,11 @@ class Etcd:
             pause = min(pause * 2, MAX_ROUND_PAUSE)
         budget = f"{self.timeout:g}s"
         reasons = "; ".join(f"{url}: {why}" for url, why in errors.items()) or "no time left"
+        hint = "check --etcd-endpoints and that etcd is running"
+        if self._creds is not None:
+            hint = "check --etcd-endpoints, the --etcd-tls-* files and that etcd is running"
         raise StoreUnavailable(f"no etcd member answered within {budget} ({reasons})",
-                               hint="check --etcd-endpoints and that etcd is running")
+                               hint=hint)
 
     @property
     def member_in_use(self) -> str:

@@ -57,6 +57,8 @@ def test_address_reused_at_once_is_routed_only_to_the_new_pod(cluster):
     new_host = res["interfaces"][0]["name"]
     # ... and only its own veth routes it, while the old one still exists
     assert cluster.node.retired() == [retired]
+    status, metrics = cluster.coild.rest("GET", "/metrics")
+    assert "coild_teardown_pending 1.0" in metrics and "coild_teardown_retired_total 1.0" in metrics
     assert routes_to(cluster.node, ip) == [f"{ip} dev {new_host} proto static scope link"]
     assert f"dev {new_host}" in cluster.node.exec("ip", "route", "get", ip).stdout
     assert ping(cluster.node, ip) and ping(new_pod, "169.254.1.1")

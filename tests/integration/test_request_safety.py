@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +23,7 @@ from harness import Netns
 
 from coil.coild.allocator import NodeAllocator
 from coil.coild.cniservice import MAGIC, CNIService
+from coil.coild.main import Coild
 from coil.coild.podnet import PodNetwork
 from coil.coild.pools import PoolResolver
 from coil.coild.routes import RouteExporter
@@ -339,7 +341,9 @@ def test_assign_unknown_and_read_back_failing_is_quarantined(store, monkeypatch,
     (cidr, slots), = quarantined.items()
     (offset, cid), = slots.items()
     assert cid == "c1" and alloc.lookup("c1") == []
-    assert alloc.unresolved()                                  # coild rescans soon
+    assert alloc.unresolved()                                  # coild rescans soon:
+    coild = SimpleNamespace(scan_interval=600.0, allocator=alloc)
+    assert Coild._scan_due(coild, last=0.0, now=1.0)           # not 600 s later
     assert alloc._blocks[cidr].bitmap.test(offset)            # not handed out meanwhile
     other = alloc.allocate("default", 4, "ns", "p2", "c2")
     assert other.offset != offset
@@ -347,6 +351,8 @@ def test_assign_unknown_and_read_back_failing_is_quarantined(store, monkeypatch,
         alloc.load()
     rec = alloc.allocate("default", 4, "ns", "p1", "c1")       # the runtime's retry
     assert alloc.quarantined() == {} and not alloc.unresolved()
+    assert not Coild._scan_due(coild, last=0.0, now=1.0)
+    assert Coild._scan_due(coild, last=0.0, now=600.0)
     in_etcd = etcd_ips(store)
     assert sorted(in_etcd.values()) == ["c0", "c1", "c2"]      # one address each
     if commit:

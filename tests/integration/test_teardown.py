@@ -198,3 +198,26 @@ def test_pod_namespace_already_gone(node):
     assert host_veth_name("default", "p1") not in _links(node)
     q.close()
     assert set(_links(node)) == {"lo"}
+
+
+def test_retire_dual_stack_and_add_again(node):
+    """Both families' routes go at once; the kept namespace takes the same
+    ifname and addresses again, and the old pair's deletion leaves them be."""
+    host = host_veth_name("default", "p6")
+    addrs = ["10.77.0.6", "fd00:77::6"]
+    pod, _ = node.pod(6, ip="10.77.0.6")
+    # rewire the pod dual-stack
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    q.delete(pod.path, "eth0", host, ["10.77.0.6"])
+    q.flush()
+    node.podnet.setup(pod.path, "eth0", host, addrs)
+    assert _ping(node, "10.77.0.6")
+    assert q.delete(pod.path, "eth0", host, addrs) is True
+    assert "10.77.0.6" not in _routes(node) and "fd00:77::6" not in _routes(node, "-6")
+    assert _routes(pod) == "" and "fd00:77::6" not in _routes(pod, "-6")
+    node.podnet.setup(pod.path, "eth0", host, addrs)
+    q.flush()
+    assert set(_links(node)) == {"lo", host} and set(_links(pod)) == {"lo", "eth0"}
+    assert _ping(node, "10.77.0.6")
+    assert pod.run("ping", "-c1", "-W2", "fe80::1%eth0").returncode == 0
+    node.podnet.check(pod.path, "eth0", host, addrs)
