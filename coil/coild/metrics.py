@@ -28,13 +28,14 @@ class CoildMetrics:
                 yield blocks
                 yield GaugeMetricFamily("coild_addresses_in_use", "addresses assigned on this node",
                                         value=daemon.allocator.count())
-                keeper = daemon.liveness
-                yield GaugeMetricFamily("coild_liveness_ok", "1 while the last renewal of the "
-                                        "node's liveness lease succeeded",
-                                        value=1 if keeper.healthy else 0)
-                yield CounterMetricFamily("coild_liveness_renewal_errors",
-                                          "failed renewals of the node's liveness lease",
-                                          value=keeper.errors)
+                keeper = getattr(daemon, "liveness", None)
+                if keeper is not None:
+                    yield GaugeMetricFamily("coild_liveness_ok", "1 while the last renewal of "
+                                            "the node's liveness lease succeeded",
+                                            value=1 if keeper.healthy else 0)
+                    yield CounterMetricFamily("coild_liveness_renewal_errors",
+                                              "failed renewals of the node's liveness lease",
+                                              value=keeper.errors)
                 teardown = getattr(daemon, "teardown", None)
                 if teardown is not None:
                     yield GaugeMetricFamily("coild_teardown_pending",
