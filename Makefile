@@ -7,12 +7,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client bird2 golang-go golang-github-appc-cni-dev \
+APT_PACKAGES := etcd-server etcd-client bird2 gettext-base golang-go golang-github-appc-cni-dev \
 	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps openssl dpkg-dev
 CNITOOL := tests/cniclient/cnitool
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv core build test demo bench clean kube-apiserver
+.PHONY: all deps venv core build test demo bench chaos clean kube-apiserver docs-images
 
 all: build
 
@@ -56,10 +56,27 @@ bench: build
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-only $(PYTEST_ARGS)
 
+# the chaos hammer for 10 minutes and the bad-input campaign with 10x the examples of
+# make test; the figures go to .cache/chaos-*.json (docs/benchmarks.md, "Chaos")
+CHAOS_SECONDS ?= 600
+chaos: core
+	@mkdir -p .cache
+	COIL_STRICT=1 COIL_REQUIRE_FAST=1 COIL_HAMMER_SECONDS=$(CHAOS_SECONDS) \
+	  COIL_HAMMER_FAULTS=coild-kill,coild-term,etcd-member,etcd-leader,etcd-freeze \
+	  COIL_HAMMER_REPORT=.cache/chaos-hammer.json COIL_FUZZ_PROFILE=chaos \
+	  COIL_FUZZ_REPORT=.cache/chaos-fuzz.json \
+	  $(VENV)/bin/pytest tests/integration/test_hammer.py tests/integration/test_fuzz.py \
+	  -p no:cacheprovider -q -rfEs -s $(PYTEST_ARGS)
+
 demo: core
 	@tools/host-services.sh snapshot .cache/host-services.before
 	$(PY) -m coil.demo
 	@tools/host-services.sh check .cache/host-services.before
+
+# the architecture picture of docs/design.md and the README, from its source (Debian's graphviz)
+docs-images:
+	@tools/apt-install.sh graphviz
+	dot -Tsvg docs/img/architecture.dot -o docs/img/architecture.svg
 
 clean:
 	rm -rf build .cache $(CNITOOL) coil/_fast/hypercoil

@@ -367,7 +367,7 @@ cdef object parse_addr(const char *m, int mlen, int want_index):
 
 cdef object parse_route(const char *m, int mlen, int want_table, int want_proto):
     cdef int off = NLMSG_HDRLEN + 12, alen, atype
-    cdef int family, dst_len, table, protocol, scope
+    cdef int family, dst_len, table, protocol, scope, rtype
     cdef const char *d
     cdef const char *dst = NULL
     cdef const char *gw = NULL
@@ -385,6 +385,7 @@ cdef object parse_route(const char *m, int mlen, int want_table, int want_proto)
     dst_len = <uint8_t>m[NLMSG_HDRLEN + 1]
     table = <uint8_t>m[NLMSG_HDRLEN + 4]
     scope = <uint8_t>m[NLMSG_HDRLEN + 6]
+    rtype = <uint8_t>m[NLMSG_HDRLEN + 7]
     while off + 4 <= mlen:
         alen = rd16(m + off)
         atype = rd16(m + off + 2) & NLA_TYPE_MASK
@@ -412,7 +413,7 @@ cdef object parse_route(const char *m, int mlen, int want_table, int want_proto)
     gw_text = fmt_ip(family, gw, gw_n) if gw != NULL else None
     return tuple_new(Route, (family, dst_text, dst_len,
                              oif if has_oif else None, gw_text,
-                             table, protocol, scope))
+                             table, protocol, scope, rtype))
 
 # ---------------------------------------------------------------------------
 # namespaces and sockets
@@ -1025,14 +1026,19 @@ cdef class Netlink:
 
     def route_add(self, dst, prefixlen, *, oif=None, gateway=None,
                   table=RT_TABLE_MAIN, protocol=RTPROT_STATIC, scope=0,
-                  replace=False):
-        """Add (or with ``replace=True`` replace) a unicast route."""
+                  replace=False, route_type=RTN_UNICAST):
+        """Add (or with ``replace=True`` replace) a route; ``route_type`` is
+        the rtm_type (unicast 1, blackhole 6, unreachable 7)."""
         cdef int rc
+        if not isinstance(route_type, int) or not 1 <= route_type <= 11:
+            verb = "replacing" if replace else "adding"
+            raise NetlinkError(f"{verb} route {dst}/{prefixlen} to table {table}",
+                               _errno.EINVAL)
         if replace:
             rc = self._route_req(RTM_NEWROUTE,
                                  NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
                                  dst, prefixlen, oif, gateway, table, protocol,
-                                 scope, RTN_UNICAST,
+                                 scope, <int>route_type,
                                  f"replacing route {dst}/{prefixlen} to table {table}")
             if rc:
                 raise NetlinkError(f"replacing route {dst}/{prefixlen} to table {table}", rc)
@@ -1040,7 +1046,7 @@ cdef class Netlink:
             rc = self._route_req(RTM_NEWROUTE,
                                  NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
                                  dst, prefixlen, oif, gateway, table, protocol,
-                                 scope, RTN_UNICAST,
+                                 scope, <int>route_type,
                                  f"adding route {dst}/{prefixlen} to table {table}")
             if rc:
                 raise NetlinkError(f"adding route {dst}/{prefixlen} to table {table}", rc)
@@ -1060,9 +1066,9 @@ cdef class Netlink:
             raise NetlinkError(f"deleting route {dst}/{prefixlen} from table {table}", rc)
         return True
 
-    def route_list(self, family=0, table=None, protocol=None):
+    def route_list(self, family=0, table=None, protocol=None, route_type=None):
         """Routes of both families (``family=0``) or one; optionally only
-        those of one table and/or one protocol."""
+        those of one table, one protocol and/or one rtm_type."""
         cdef char req[REQ_SIZE]
         cdef int off = put_hdr(req, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP)
         memset(req + off, 0, 12)
@@ -1074,9 +1080,12 @@ cdef class Netlink:
             return []
         if protocol is not None and (not isinstance(protocol, int) or not 0 <= protocol <= 255):
             return []
-        return self._dump(req, off, P_ROUTE, "listing routes",
-                          -1 if table is None else <int>table,
-                          -1 if protocol is None else <int>protocol)
+        routes = self._dump(req, off, P_ROUTE, "listing routes",
+                            -1 if table is None else <int>table,
+                            -1 if protocol is None else <int>protocol)
+        if route_type is not None:
+            routes = [r for r in routes if r[8] == route_type]
+        return routes
 
 
 def open_netlink(netns=None):

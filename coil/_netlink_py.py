@@ -26,9 +26,11 @@ the link to that namespace, path or fd, not together with another change)
 ``addr_list(index=None, family=0)`` -> list[Addr]
 ``addr_del(index, address, prefixlen)``
 ``route_add(dst, prefixlen, *, oif=None, gateway=None, table=254,
-protocol=4, scope=0, replace=False)``
+protocol=4, scope=0, replace=False, route_type=1)`` (``route_type``: the
+rtm_type, RTN_UNICAST 1, RTN_BLACKHOLE 6, RTN_UNREACHABLE 7; the last two
+need no ``oif``)
 ``route_del(dst, prefixlen, *, table=254, oif=None, protocol=None)`` -> bool
-``route_list(family=0, table=None, protocol=None)`` -> list[Route]
+``route_list(family=0, table=None, protocol=None, route_type=None)`` -> list[Route]
 
 A pyroute2 ``IPRoute`` runs its asyncio loop on the thread that created
 it; use a :class:`Netlink` of this backend from the thread that opened it
@@ -49,7 +51,7 @@ from pyroute2.netlink.exceptions import NetlinkError as _PyrNetlinkError
 from coil._nsutil import (Addr, Link, Route, in_netns, ns_label, open_ns_fd, target_label,
                           RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_NOWHERE,
                           RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTPROT_STATIC,
-                          IFNAMSIZ)
+                          RTN_UNICAST, IFNAMSIZ)
 from coil.errors import NetlinkError
 
 __all__ = ["open_netlink", "Netlink", "Link", "Addr", "Route",
@@ -131,7 +133,7 @@ def _route(msg) -> Route:
         table = msg["table"]
     return Route(family, dst, msg["dst_len"], msg.get_attr("RTA_OIF"),
                  msg.get_attr("RTA_GATEWAY"), table, msg["proto"],
-                 msg["scope"])
+                 msg["scope"], msg["type"])
 
 
 def _socket_in(netns) -> socket.socket:
@@ -411,13 +413,16 @@ class Netlink:
 
     def route_add(self, dst: str, prefixlen: int, *, oif=None, gateway=None,
                   table: int = RT_TABLE_MAIN, protocol: int = RTPROT_STATIC,
-                  scope: int = RT_SCOPE_UNIVERSE, replace: bool = False) -> None:
+                  scope: int = RT_SCOPE_UNIVERSE, replace: bool = False,
+                  route_type: int = RTN_UNICAST) -> None:
         verb = "replacing" if replace else "adding"
         context = f"{verb} route {dst}/{prefixlen} to table {table}"
         family, maxlen = _family_of(dst, context)
         _check_prefix(prefixlen, maxlen, context)
+        if not isinstance(route_type, int) or not 1 <= route_type <= 11:
+            raise NetlinkError(context, _errno.EINVAL)
         spec = {"family": family, "dst_len": prefixlen, "table": table,
-                "proto": protocol, "scope": scope, "type": 1}
+                "proto": protocol, "scope": scope, "type": route_type}
         if prefixlen:
             spec["dst"] = dst
         if oif is not None:
@@ -447,7 +452,7 @@ class Netlink:
             raise
         return True
 
-    def route_list(self, family: int = 0, table=None, protocol=None):
+    def route_list(self, family: int = 0, table=None, protocol=None, route_type=None):
         out = []
         for msg in self._dump("listing routes", "route", "dump", family=family):
             if msg["family"] not in (socket.AF_INET, socket.AF_INET6):
@@ -456,6 +461,8 @@ class Netlink:
             if table is not None and route.table != table:
                 continue
             if protocol is not None and route.protocol != protocol:
+                continue
+            if route_type is not None and route.type != route_type:
                 continue
             out.append(route)
         return out

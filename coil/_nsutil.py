@@ -28,6 +28,7 @@ __all__ = [
     "Link", "Addr", "Route", "NS_LOCK", "in_netns", "open_ns_fd", "ns_label",
     "RT_SCOPE_UNIVERSE", "RT_SCOPE_LINK", "RT_SCOPE_HOST", "RT_SCOPE_NOWHERE",
     "RTPROT_STATIC", "RT_TABLE_MAIN", "CLONE_NEWNET",
+    "RTN_UNICAST", "RTN_BLACKHOLE", "RTN_UNREACHABLE",
 ]
 
 # -- constants --------------------------------------------------------------
@@ -38,6 +39,9 @@ RT_SCOPE_HOST = 254
 RT_SCOPE_NOWHERE = 255
 RTPROT_STATIC = 4
 RT_TABLE_MAIN = 254
+RTN_UNICAST = 1         # rtm_type of a route (route_add's route_type)
+RTN_BLACKHOLE = 6       # drop silently
+RTN_UNREACHABLE = 7     # drop, answer ICMP unreachable (host unreachable)
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
 GROUP_MAX = 0xFFFFFFFF
@@ -75,6 +79,7 @@ class Route(NamedTuple):
     table: int
     protocol: int
     scope: int
+    type: int = 1       # rtm_type: RTN_UNICAST 1, RTN_BLACKHOLE 6, RTN_UNREACHABLE 7
 
 
 # -- network namespaces -----------------------------------------------------

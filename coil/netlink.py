@@ -12,5 +12,7 @@ open_netlink = _mod.open_netlink
 Link = _mod.Link
 Addr = _mod.Addr
 Route = _mod.Route
+from coil._nsutil import RTN_BLACKHOLE, RTN_UNICAST, RTN_UNREACHABLE  # noqa: E402
 
-__all__ = ["open_netlink", "Link", "Addr", "Route", "BACKEND"]
+__all__ = ["open_netlink", "Link", "Addr", "Route", "BACKEND",
+           "RTN_UNICAST", "RTN_BLACKHOLE", "RTN_UNREACHABLE"]

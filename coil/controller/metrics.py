@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import threading
 
+# (name, help) of the capacity gauges, in the order of set_capacity's tuple
+CAPACITY_METRICS = (
+    ("coil_controller_pool_blocks", "blocks a pool's subnets can hold"),
+    ("coil_controller_pool_blocks_free", "blocks of the pool no node holds"),
+    ("coil_controller_pool_addresses", "addresses in a pool's subnets"),
+    ("coil_controller_pool_addresses_free", "addresses of the pool not held in etcd "
+                                            "(in free blocks and in held blocks)"),
+)
+
 
 class ControllerMetrics:
     def __init__(self):
@@ -55,6 +64,8 @@ class ControllerMetrics:
         self._addresses: dict[str, int] = {}
         self._have_blocks = False
         self._have_addresses = False
+        self._capacity: dict[str, tuple] = {}
+        self._have_capacity = False
         metrics = self
 
         class _State:
@@ -75,6 +86,14 @@ class ControllerMetrics:
                     for pool, n in sorted(addresses.items()):
                         fam.add_metric([pool], n)
                     yield fam
+                with metrics._lock:
+                    capacity = dict(metrics._capacity) if metrics._have_capacity else None
+                if capacity is not None:
+                    for i, (name, text) in enumerate(CAPACITY_METRICS):
+                        fam = GaugeMetricFamily(name, text, labels=["pool"])
+                        for pool, values in sorted(capacity.items()):
+                            fam.add_metric([pool], values[i])
+                        yield fam
         r.register(_State())
 
     def set_blocks(self, blocks):
@@ -86,6 +105,24 @@ class ControllerMetrics:
         with self._lock:
             self._blocks = counts
             self._have_blocks = True
+
+    def set_capacity(self, pools, blocks, in_use_by_pool: dict[str, int]):
+        """Capacity per pool from what a scan read anyway (the pools, every
+        held block, the addresses in use per pool): no request of its own,
+        refreshed with each scan."""
+        held: dict[str, int] = {}
+        for b in blocks:
+            held[b.pool] = held.get(b.pool, 0) + 1
+        capacity = {}
+        for p in pools:
+            blocks_total = sum(n.num_addresses >> p.block_size for n in p.subnets)
+            addresses_total = sum(n.num_addresses for n in p.subnets)
+            capacity[p.name] = (blocks_total, blocks_total - held.get(p.name, 0),
+                                addresses_total,
+                                addresses_total - in_use_by_pool.get(p.name, 0))
+        with self._lock:
+            self._capacity = capacity
+            self._have_capacity = True
 
     def set_addresses(self, by_pool: dict[str, int]):
         with self._lock:

@@ -215,6 +215,14 @@ class LeakScanner:
         pools = self.store.list_pools()
         blocks = self.store.all_blocks()
         addresses, _rev = self.store.all_addresses_paged()
+        pool_of_block = {b.cidr: b.pool for b in blocks}
+        in_use: dict[str, int] = {}
+        for a in addresses:
+            pool = pool_of_block.get(a.block, "")
+            in_use[pool] = in_use.get(pool, 0) + 1
+        if self.metrics is not None:
+            # capacity needs etcd only: kept fresh even when the Pod list fails
+            self.metrics.set_capacity(pools, blocks, in_use)
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
         leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting)
@@ -224,6 +232,7 @@ class LeakScanner:
         if unknown:
             # a Pod may have got its address after our etcd read: look again
             unknown = self._still_unknown(unknown)
+<<<<<<< HEAD
         due, exempt = self._second_looks(leaks, now)
         released = self._release(due) if self.release else 0
 
@@ -232,6 +241,9 @@ class LeakScanner:
         for a in addresses:
             pool = pool_of_block.get(a.block, "")
             in_use[pool] = in_use.get(pool, 0) + 1
+=======
+        released = self._release(leaks) if self.release else 0
+>>>>>>> main
         seconds = time.monotonic() - t0
         result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use,
                             len(leaks) - len(due) - exempt, exempt)

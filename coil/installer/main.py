@@ -16,6 +16,7 @@ Configured by the environment (v1 names and defaults):
     COIL_PROC_SYS     /proc/sys              sysctl tree (tests point it elsewhere)
     COIL_INSTALLER_API_TIMEOUT  2m           how long to retry the API server
     COIL_INSTALLER_RESCAN_WAIT  6s           wait before removing the taint (v1's)
+    COIL_LOG_LEVEL    info                   debug, info, warning or error
 
 Steps, in order; everything is validated before anything is written:
 install ``coil`` (copy to a temp file in the same directory, then rename),
@@ -366,7 +367,12 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"coil-installer: error: unexpected argument {argv[0]!r} "
                          f"(it is configured by environment variables; see --help)\n")
         return 2
-    logutil.setup(os.environ.get("COIL_LOG_LEVEL", "info"))
+    level = os.environ.get("COIL_LOG_LEVEL", "info")
+    if level.lower() not in ("debug", "info", "warning", "error"):
+        sys.stderr.write(f"coil-installer: error: invalid COIL_LOG_LEVEL {level!r}: "
+                         f"debug, info, warning or error\n")
+        return 1
+    logutil.setup(level)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         run()

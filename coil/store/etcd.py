@@ -256,7 +256,8 @@ class Etcd:
                        for url, target, secure in self._targets])
 
     def close(self):
-        """Close the client. Calls made afterwards raise StoreUnavailable."""
+        """Close the client: its channels close when the calls in flight have
+        ended. Calls made afterwards raise StoreUnavailable. Safe to repeat."""
         with self._lock:
             client, self._client = self._client, None
             if client is not None:

@@ -599,3 +599,40 @@ def test_add_costs_one_etcd_transaction(cluster):
     # the only reads are coild's background pool refreshes (counted by coild;
     # one that started just before the first count may land inside: + 1)
     assert delta.get("Range", 0) <= reads + 1, (delta, reads)
+
+
+def _tx_packets(ns, dev) -> int:
+    return int(ns.exec("cat", f"/sys/class/net/{dev}/statistics/tx_packets").stdout)
+
+
+def test_unassigned_address_of_a_local_block_is_unreachable(cluster):
+    """A block taken -> 'unreachable <block> proto 30' in the node's main
+    table. A pod pinging an unassigned address of its block gets an ICMP
+    unreachable instead of the packet leaving by the node's default route
+    (here a veth whose far end drops it, as a router sending it back would
+    loop it). Without the route the packet does leave: the check is real."""
+    cluster.store.create_pool("default", "10.20.0.0/24", 3)
+    cluster.start()
+    node = cluster.node
+    node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    node.exec("ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+    node.exec("ip", "link", "set", "up0", "arp", "off", "up")
+    node.exec("ip", "link", "set", "up1", "up")
+    node.exec("ip", "route", "add", "default", "dev", "up0")
+    pod = cluster.new_pod()
+    ip = pod_ip(add(cluster, pod, "c1", "default", "web"))
+    block = ipaddress.ip_network(f"{ip}/29", strict=False)
+    main = node.exec("ip", "route", "show").stdout
+    assert f"unreachable {block} proto 30" in main
+    free = str(next(a for a in block.hosts() if str(a) != ip))
+    sent = _tx_packets(node, "up0")
+    r = pod.exec("ping", "-c1", "-W2", free, check=False)
+    assert r.returncode != 0 and "Unreachable" in r.stdout, r.stdout
+    assert _tx_packets(node, "up0") == sent
+    # the pod's own address still wins over the block's unreachable route
+    assert node.exec("ping", "-c1", "-W2", ip, check=False).returncode == 0
+    # without the unreachable route the packet takes the default route
+    node.exec("ip", "route", "del", "unreachable", str(block))
+    r = pod.exec("ping", "-c1", "-W1", free, check=False)
+    assert "Unreachable" not in r.stdout
+    assert _tx_packets(node, "up0") > sent

@@ -222,6 +222,7 @@ def test_bad_netconf_removes_nothing(dirs):
     ({"COIL_BOOT_TAINT": TAINT}, "COIL_NODE_NAME is not set"),
     ({"COIL_NODE_NAME": "Bad_Node"}, "invalid node name 'Bad_Node'"),
     ({"COIL_NODE_NAME": "../../x", "COIL_BOOT_TAINT": TAINT}, "invalid node name"),
+    ({"COIL_LOG_LEVEL": "verbose"}, "invalid COIL_LOG_LEVEL 'verbose'"),
 ])
 def test_bad_environment_is_rejected_before_writing(dirs, extra, needle):
     r = install(base_env(dirs, **extra))

@@ -444,3 +444,44 @@ def test_address_free_refuses_while_the_pod_exists(ctl, store, kube):
     r = ctl("address", "free", "--yes", "--force", "10.215.0.1")
     assert r.returncode == 0, r.stderr
     assert store.get_address(b.cidr, 1) is None
+
+
+# -- capacity metrics -------------------------------------------------------------------
+
+def _metric(text: str, name: str, pool: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{pool="{pool}"}} '):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{pool={pool}}} not in metrics")
+
+
+def test_capacity_metrics_per_pool(store, kube):
+    from coil.controller.metrics import ControllerMetrics
+    from coil.controller.scan import LeakScanner
+    from helpers import free_port
+    store.create_pool("cap", "10.217.0.0/24", 3)            # 32 blocks, 256 addresses
+    store.add_subnet("cap", "10.218.0.0/25")                # 16 blocks, 128 addresses
+    store.create_pool("idle", "10.219.0.0/28", 2)           # 4 blocks, 16 addresses
+    blocks = [store.acquire_block("cap", f"node-{i}") for i in range(3)]
+    for off in range(5):
+        store.assign_address(blocks[off % 3], off, "ns", f"p{off}", f"c{off}")
+    metrics = ControllerMetrics()
+    text = metrics.render()[0].decode()
+    assert "coil_controller_pool_blocks_free" not in text      # nothing before a scan
+    # the capacity needs etcd only: a scan whose Pod list fails still sets it
+    dead = recipe.api_client(f"https://127.0.0.1:{free_port()}", kube.apiserver.ca_file, "x")
+    from kubernetes import client
+    with pytest.raises(Exception):
+        LeakScanner(store, client.CoreV1Api(dead), metrics=metrics).scan()
+    text = metrics.render()[0].decode()
+    assert _metric(text, "coil_controller_pool_blocks", "cap") == 48
+    assert _metric(text, "coil_controller_pool_blocks_free", "cap") == 45
+    assert _metric(text, "coil_controller_pool_addresses", "cap") == 384
+    assert _metric(text, "coil_controller_pool_addresses_free", "cap") == 379
+    assert _metric(text, "coil_controller_pool_blocks_free", "idle") == 4
+    assert _metric(text, "coil_controller_pool_addresses_free", "idle") == 16
+    # a full scan refreshes them
+    store.acquire_block("idle", "node-9")
+    LeakScanner(store, kube.core, metrics=metrics).scan()
+    text = metrics.render()[0].decode()
+    assert _metric(text, "coil_controller_pool_blocks_free", "idle") == 3

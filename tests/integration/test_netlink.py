@@ -773,3 +773,38 @@ def test_zz_root_namespace_links_unchanged():
         pytest.skip("needs root")
     assert _ROOT_LINKS_BEFORE, "snapshot missing"
     assert _ip_link_root() == _ROOT_LINKS_BEFORE
+
+
+def test_route_types_unreachable_and_blackhole(nlmod, routed):
+    """route_add(route_type=...) and route_list(route_type=...): unreachable
+    and blackhole routes need no device; iproute2 shows them as such."""
+    from coil._nsutil import RTN_BLACKHOLE, RTN_UNICAST, RTN_UNREACHABLE
+    nl, index, node = routed
+    R, V4, V6 = nlmod.Route, socket.AF_INET, socket.AF_INET6
+    nl.route_add("10.70.0.0", 27, protocol=PROTO, route_type=RTN_UNREACHABLE)
+    nl.route_add("fd00:70::", 120, protocol=PROTO, route_type=RTN_UNREACHABLE)
+    nl.route_add("10.71.0.0", 27, protocol=PROTO, route_type=RTN_BLACKHOLE)
+    nl.route_add("10.70.0.5", 32, oif=index, scope=nlmod.RT_SCOPE_LINK, protocol=PROTO)
+    unreachable = nl.route_list(table=254, protocol=PROTO, route_type=RTN_UNREACHABLE)
+    assert [(r.family, r.dst, r.prefixlen, r.type) for r in unreachable] == [
+        (V4, "10.70.0.0", 27, RTN_UNREACHABLE), (V6, "fd00:70::", 120, RTN_UNREACHABLE)]
+    assert R(V4, "10.71.0.0", 27, None, None, 254, PROTO, 0, RTN_BLACKHOLE) in \
+        nl.route_list(table=254, route_type=RTN_BLACKHOLE)
+    unicast = nl.route_list(family=V4, table=254, protocol=PROTO, route_type=RTN_UNICAST)
+    assert [(r.dst, r.type) for r in unicast] == [("10.70.0.5", RTN_UNICAST)]
+    out = node.run("ip", "route", "show", "proto", str(PROTO)).stdout.split("\n")
+    assert "unreachable 10.70.0.0/27" in [line.strip() for line in out]
+    assert "blackhole 10.71.0.0/27" in [line.strip() for line in out]
+    out = node.run("ip", "-6", "route", "show", "proto", str(PROTO)).stdout
+    assert "unreachable fd00:70::/120" in out
+    # deleting needs no type; re-adding keeps the errno
+    with pytest.raises(NetlinkError) as info:
+        nl.route_add("10.70.0.0", 27, protocol=PROTO, route_type=RTN_UNREACHABLE)
+    assert info.value.errno == errno.EEXIST
+    assert nl.route_del("10.70.0.0", 27, protocol=PROTO) is True
+    assert nl.route_del("fd00:70::", 120, protocol=PROTO) is True
+    assert nl.route_list(table=254, protocol=PROTO, route_type=RTN_UNREACHABLE) == []
+    # a bad type is refused before anything is sent
+    with pytest.raises(NetlinkError) as info:
+        nl.route_add("10.72.0.0", 27, protocol=PROTO, route_type=99)
+    assert info.value.errno == errno.EINVAL

@@ -1,0 +1,81 @@
+"""Every flag of every click role and subcommand is documented.
+
+The ``--help`` of each command (coild, coilctl and each of its subcommands,
+coil-controller, the sandbox and its subcommands) is rendered, and every
+``--flag`` in it must appear in that role's page under docs/, so the
+reference cannot drift from the code again. (coil-installer reads only
+environment variables; the CNI plugin reads stdin and CNI_* variables.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+import click
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROLES = {   # role -> (module with the click command ``cli``, its page)
+    "coild": ("coil.coild.main", "coild.md"),
+    "coilctl": ("coil.coilctl.cli", "coilctl.md"),
+    "coil-controller": ("coil.controller.main", "coil-controller.md"),
+    "sandbox": ("coil.sandbox.cli", "sandbox.md"),
+}
+FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
+
+
+def walk(cmd: click.Command, path: list[str]):
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name in sorted(cmd.commands):
+            yield from walk(cmd.commands[name], path + [name])
+
+
+def rendered_help(root: click.Command, path: list[str], cmd: click.Command) -> str:
+    ctx = click.Context(root, info_name=path[0])
+    for name in path[1:]:
+        parent = ctx.command
+        ctx = click.Context(parent.commands[name], info_name=name, parent=ctx)
+    assert ctx.command is cmd
+    return cmd.get_help(ctx)
+
+
+def commands():
+    for role, (module, page) in ROLES.items():
+        root = importlib.import_module(module).cli
+        for path, cmd in walk(root, [role]):
+            yield pytest.param(role, root, path, cmd, page, id=" ".join(path))
+
+
+def page_text(page: str) -> str:
+    with open(os.path.join(REPO, "docs", page), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("role,root,path,cmd,page", list(commands()))
+def test_every_flag_in_help_is_documented(role, root, path, cmd, page):
+    text = rendered_help(root, path, cmd)
+    flags = set(FLAG.findall(text)) - {"--help"}
+    doc = page_text(page)
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", doc))
+    assert not missing, f"'{' '.join(path)} --help' shows {missing}, not in docs/{page}"
+
+
+def test_every_subcommand_is_documented():
+    for role, (module, page) in ROLES.items():
+        root = importlib.import_module(module).cli
+        doc = page_text(page)
+        for path, cmd in walk(root, [role]):
+            if len(path) > 1:
+                words = " ".join(path[1:])
+                assert f"`{words}" in doc or f"{words}" in doc, \
+                    f"command '{' '.join(path)}' is not in docs/{page}"
+
+
+def test_the_check_sees_options_of_a_subcommand():
+    from coil.coilctl.cli import cli
+    path = ["coilctl", "ipam", "release"]
+    text = rendered_help(cli, path, cli.commands["ipam"].commands["release"])
+    assert {"--from-report", "--yes", "--kubeconfig"} <= set(FLAG.findall(text))
