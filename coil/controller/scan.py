@@ -232,18 +232,8 @@ class LeakScanner:
         if unknown:
             # a Pod may have got its address after our etcd read: look again
             unknown = self._still_unknown(unknown)
-<<<<<<< HEAD
         due, exempt = self._second_looks(leaks, now)
         released = self._release(due) if self.release else 0
-
-        pool_of_block = {b.cidr: b.pool for b in blocks}
-        in_use: dict[str, int] = {}
-        for a in addresses:
-            pool = pool_of_block.get(a.block, "")
-            in_use[pool] = in_use.get(pool, 0) + 1
-=======
-        released = self._release(leaks) if self.release else 0
->>>>>>> main
         seconds = time.monotonic() - t0
         result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use,
                             len(leaks) - len(due) - exempt, exempt)
