@@ -71,6 +71,7 @@
 #define ERR_DECODE 6
 #define NOT_AN_OBJECT "network configuration on stdin is not a JSON object"
 #define ERR_TRY_AGAIN 11
+#define ERR_NOT_AVAILABLE 50     /* STATUS: the plugin cannot serve (CNI 1.1) */
 
 static const char *const RELAY_ENV[] = {
     "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
@@ -690,6 +691,11 @@ static int cni_main(void)
     if (!j->is_object)
         return cni_error(ERR_DECODE, NOT_AN_OBJECT, sizeof NOT_AN_OBJECT - 1, "");
 
+    /* coild out of reach: STATUS answers 50 (the plugin cannot serve, the
+       runtime marks the node not ready); every other command 11 (retry) */
+    const int unreachable = command && strcmp(command, "STATUS") == 0
+                            ? ERR_NOT_AVAILABLE : ERR_TRY_AGAIN;
+
     /* connect */
     struct sockaddr_un addr;
     memset(&addr, 0, sizeof addr);
@@ -724,7 +730,7 @@ static int cni_main(void)
     }
     if (err) {
         snprintf(msg, sizeof msg, ": %s", strerror(err));
-        return socket_error(ERR_TRY_AGAIN, "coild is not reachable at ", path,
+        return socket_error(unreachable, "coild is not reachable at ", path,
                             path_len, msg, DETAILS_START);
     }
     long long deadline = now_ms() + COIL_RELAY_TIMEOUT_MS;
@@ -762,7 +768,7 @@ static int cni_main(void)
             goto timeout;
         if (errno != EMSGSIZE) {
             snprintf(msg, sizeof msg, ": %s", strerror(errno));
-            return socket_error(ERR_TRY_AGAIN, "lost the connection to coild at ",
+            return socket_error(unreachable, "lost the connection to coild at ",
                                 path, path_len, msg, "");
         }
         resp.len = 0;                       /* too large: malformed */
@@ -777,7 +783,7 @@ static int cni_main(void)
     }
     if (digits == 0 || digits > 3 || code > 255 || digits >= resp.len ||
         resp.data[digits] != '\n')
-        return socket_error(ERR_TRY_AGAIN, "malformed answer from coild at ",
+        return socket_error(unreachable, "malformed answer from coild at ",
                             path, path_len, "", "the answer must start with "
                             "the exit code and a newline; check the coild log");
     size_t skip = digits + 1;
@@ -786,7 +792,7 @@ static int cni_main(void)
 timeout:
     snprintf(msg, sizeof msg, " did not answer within %d s",
              COIL_RELAY_TIMEOUT_MS / 1000);
-    return socket_error(ERR_TRY_AGAIN, "coild at ", path, path_len, msg,
+    return socket_error(unreachable, "coild at ", path, path_len, msg,
                         "coild may be overloaded or hung; check the coild log");
 }
 

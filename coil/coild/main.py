@@ -47,6 +47,7 @@ class Coild:
                                       delay=teardown_delay)
         self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
                               teardown=self.teardown if teardown_batch > 0 else None)
+        self.cni.ready = self.check_ready          # STATUS: 50 unless coild serves
         self._stop = threading.Event()
         self._servers = []
         self.ready = False
