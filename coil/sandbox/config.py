@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from coil.errors import CoilError
 from coil.sandbox import bird
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
@@ -13,7 +14,7 @@ ETCD_SOCKET = "etcd.sock:0"           # etcd names UNIX listeners HOST:PORT; the
 GATEWAY = "169.254.1.1"               # the pods' gateway: coild's host-side veth address
 
 
-class SandboxError(Exception):
+class SandboxError(CoilError):
     """Something the sandbox could not do; the message says what and where."""
 
 
@@ -36,6 +37,8 @@ class Config:
     coild_scan_interval: str = "10m"
     kubernetes: bool = False             # kube-apiserver, Node objects, coil-controller
     controller_scan_interval: str = "30s"   # coil-controller's leak scan
+    coild_liveness_ttl: str = "5s"          # node-alive/<node> lease: lapses soon after a stop
+    controller_node_grace: str = "1m"       # the shortest grace coil-controller accepts
 
     def validate(self):
         if not 1 <= self.nodes <= 200:
