@@ -47,6 +47,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from coil.errors import CoilError
 from coil.sandbox import bird
 from coil.sandbox.state import DEFAULT_STATE_DIR, Proc, State, stop_processes
 
@@ -56,7 +57,7 @@ ETCD_SOCKET = "etcd.sock:0"
 GATEWAY = "169.254.1.1"               # the pods' gateway: coild's host-side veth address        # etcd names UNIX listeners HOST:PORT; the file is this
 
 
-class SandboxError(Exception):
+class SandboxError(CoilError):
     """Something the sandbox could not do; the message says what and where."""
 
 
