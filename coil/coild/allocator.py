@@ -283,6 +283,12 @@ class NodeAllocator:
         with self._lock:
             return [r for h in self._blocks.values() for r in h.records.values()]
 
+    def has_room(self, pool: str, version: int) -> bool:
+        """Whether a held block of ``pool`` has a free IPv``version`` address."""
+        with self._lock:
+            return any(h.block.pool == pool and h.version == version and not h.full()
+                       for h in self._blocks.values())
+
     # -- allocation -----------------------------------------------------------
     def _reserve(self, pool: str, version: int):
         """Reserve a free offset in a held block of ``pool``; (held, offset) or None."""

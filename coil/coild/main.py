@@ -47,6 +47,7 @@ class Coild:
                                       delay=teardown_delay)
         self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
                               teardown=self.teardown if teardown_batch > 0 else None)
+        self.cni.ready = self.check_ready          # STATUS: 50 unless coild serves
         self._stop = threading.Event()
         self._servers = []
         self.ready = False
@@ -108,7 +109,9 @@ class Coild:
         container holds two), ``status``. Additions are new keys: ``version``,
         ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address),
         ``table-routes`` (the block routes now in the export table, read from
-        the kernel: ``coilctl ipam check --coild`` compares them with etcd)."""
+        the kernel: ``coilctl ipam check --coild`` compares them with etcd),
+        ``unreachable-routes`` (the blocks' unreachable routes in the main
+        table, read from the kernel)."""
         import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
@@ -119,7 +122,8 @@ class Coild:
             pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
         return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
                 "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
-                "table-routes": sorted(self.routes.current())}
+                "table-routes": sorted(self.routes.current()),
+                "unreachable-routes": sorted(self.routes.current_unreachable())}
 
     READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
 

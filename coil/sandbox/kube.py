@@ -42,7 +42,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from coil.sandbox.cluster import REPO, Progress, SandboxError, ip_batch, netns_exists, tail
+from coil.sandbox.config import SandboxError
+from coil.sandbox.shell import Progress, ip_batch, netns_exists, tail
 
 DEFAULT_BINARY = os.path.join(os.environ.get("KUBE_CACHE_DIR", "/var/cache/coil-kube"),
                               "bin", "kube-apiserver")
@@ -57,7 +58,8 @@ API_PORT = 6443
 CONTROLLER_METRICS = "127.0.0.1:9384"
 CONTROLLER_SA = ("kube-system", "coil-controller")
 TOKEN_SECONDS = 365 * 86400
-RBAC_MANIFEST = os.path.join(REPO, "deploy", "rbac.yaml")
+# package data: a copy of deploy/rbac.yaml (tests/unit/test_sandbox_data.py keeps them equal)
+RBAC_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "rbac.yaml")
 
 
 class KubeError(SandboxError):
@@ -415,18 +417,14 @@ class KubernetesPart:
                             raise
             self.call(sb, register)
             out["nodes"] = [n for n, _ in nodes]
-            if os.path.exists(RBAC_MANIFEST):
-                objs = load_manifests(RBAC_MANIFEST)
+            objs = load_manifests(RBAC_MANIFEST)
 
-                def sa_token():
-                    apply(api, objs)
-                    return service_account_token(core, *CONTROLLER_SA, seconds=TOKEN_SECONDS)
-                token = self.call(sb, sa_token)
-                out["credentials"] = (f"ServiceAccount {'/'.join(CONTROLLER_SA)} "
-                                      "(TokenRequest; RBAC of deploy/rbac.yaml)")
-            else:                        # installed without the repository's deploy/
-                token = k["admin_token"]
-                out["credentials"] = "admin (system:masters; deploy/rbac.yaml not found)"
+            def sa_token():
+                apply(api, objs)
+                return service_account_token(core, *CONTROLLER_SA, seconds=TOKEN_SECONDS)
+            token = self.call(sb, sa_token)
+            out["credentials"] = (f"ServiceAccount {'/'.join(CONTROLLER_SA)} "
+                                  "(TokenRequest; RBAC of deploy/rbac.yaml)")
             write_kubeconfig(k["controller_kubeconfig"], k["url"], k["ca"], token, "coil-sandbox")
             out["seconds"] = time.monotonic() - t0
         except BaseException as exc:   # noqa: BLE001 - reported by on_ready

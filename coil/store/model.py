@@ -423,6 +423,11 @@ class IPAMStore:
             pick -= count
         raise AssertionError("unreachable")
 
+    def has_free_block(self, pool: Pool, version: int) -> bool:
+        """Whether ``pool`` has a block of IPv``version`` no node holds
+        (reads the pool's block keys). Raises StoreUnavailable."""
+        return bool(self._free_candidates(pool, self._used_blocks(pool), version, 1))
+
     def _used_blocks(self, pool: Pool) -> set:
         """CIDRs of the pool's held blocks: keys only, in pages of ``SCAN_PAGE``."""
         used = set()

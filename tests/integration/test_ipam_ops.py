@@ -258,10 +258,11 @@ def test_check_reports_a_block_whose_route_is_missing(etcd_server, store, etcd_p
                                       "node": node_name}]
             assert [b for b in rep["blocks_without_route"] if b["node"] == node_name] == []
             node.exec("ip", "route", "del", b2.cidr, "table", "119")
+            node.exec("ip", "route", "del", "unreachable", b1.cidr)
             rep = check()
-            assert [(b["block"], b["node"]) for b in rep["blocks_without_route"]] == [
-                (b2.cidr, node_name)]
-            assert b1.cidr not in json.dumps(rep["blocks_without_route"])
+            assert sorted((b["block"], b["node"], b["route"])
+                          for b in rep["blocks_without_route"]) == sorted([
+                (b2.cidr, node_name, "export"), (b1.cidr, node_name, "unreachable")])
     finally:
         coild.stop()
         node.delete()
