@@ -141,6 +141,19 @@ def need_sandbox(*extra_tools):
             pytest.skip(f"needs {tool}")
 
 
+class FakeClock:
+    """A clock that moves only when told to (``clock()`` -> seconds)."""
+
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds
+
+
 class EtcdCluster:
     """A real 3-member (or ``size``-member) etcd cluster on loopback ports.
 

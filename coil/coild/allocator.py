@@ -7,9 +7,10 @@ means the cache was stale, so the block is reloaded or dropped.
 
 Invariants (docs/design.md, "The allocator's cache"):
 
-- One container at a time: ``allocate`` and ``release`` of one container ID
-  run one after the other; a retried ``allocate`` returns the address the
-  container already holds.
+- One container at a time: ``allocate`` calls of one container ID run one
+  after the other (the CNI service also runs whole requests of a container
+  one at a time, its DEL's ``release_address`` included); a retried
+  ``allocate`` returns the address the container already holds.
 - Unknown outcomes are read back: when etcd may or may not have committed a
   write (``OutcomeUnknown``), the key is read back and its record (which
   names the container, or the node for a block) decides. When the read
@@ -319,9 +320,10 @@ class NodeAllocator:
                 elif offset not in cur.pending and offset not in cur.records:
                     cur.bitmap.free(offset)
 
-    def allocate(self, pool: str, version: int, namespace: str, pod: str,
-                 container_id: str) -> Address:
+    def allocate(self, pool: str, version: int, namespace: str, pod: str, container_id: str,
+                 extra: dict | None = None) -> Address:
         """Assign one IPv``version`` address of ``pool`` to the container.
+        ``extra``: optional record fields (origin, network, ifname, ...).
 
         Idempotent: when the container (same namespace and pod) holds an
         address of that version already, that address is returned.
@@ -340,7 +342,7 @@ class NodeAllocator:
             held_addr = self._held(container_id, version, namespace, pod)
             if held_addr is not None:
                 return held_addr
-            return self._allocate(pool, version, namespace, pod, container_id)
+            return self._allocate(pool, version, namespace, pod, container_id, extra)
 
     def _held(self, container_id, version, namespace, pod) -> Address | None:
         with self._lock:
@@ -352,7 +354,7 @@ class NodeAllocator:
                                 f"for pod {rec.namespace}/{rec.pod}")
         return rec
 
-    def _allocate(self, pool, version, namespace, pod, container_id) -> Address:
+    def _allocate(self, pool, version, namespace, pod, container_id, extra=None) -> Address:
         for _ in range(ALLOCATE_ATTEMPTS):
             with self._lock:
                 got = self._reserve(pool, version)
@@ -361,7 +363,8 @@ class NodeAllocator:
                 continue
             held, offset = got
             try:
-                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id)
+                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id,
+                                                extra)
             except BlockLost:
                 log.warning("block lost, reloading", extra={"block": held.block.cidr})
                 with self._lock:

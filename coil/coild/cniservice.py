@@ -22,6 +22,7 @@ from coil.coild.podnet import PodNetError, gateway_for, host_veth_name
 from coil.coild.serial import KeyedLocks
 from coil.errors import (AlreadyExists, CoilError, Conflict, InvalidArgument, NetlinkError,
                          NotFound, PoolExhausted, StoreUnavailable)
+from coil.store.model import ORIGIN_CNI, now_iso
 
 log = logging.getLogger("coild.cni")
 
@@ -352,7 +353,9 @@ class CNIService:
             for v in versions:
                 if v in existing:
                     continue
-                fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id))
+                fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id, {
+                    "origin": ORIGIN_CNI, "network": req.netconf["name"],
+                    "ifname": req.ifname}))
             addrs = [a.address for a in list(existing.values()) + fresh]
             self._reached("add:allocated", req)
             self._check_deadline(req)
@@ -429,32 +432,88 @@ class CNIService:
         return None
 
     def gc(self, req):
-        """Free every address this node gave through CNI to an attachment
-        that is not in ``cni.dev/valid-attachments``."""
-        valid = req.netconf.get("cni.dev/valid-attachments")
-        if not isinstance(valid, list):
-            raise CNIError(spec.ERR_INVALID_NETCONF, "GC needs cni.dev/valid-attachments")
-        keep = {a.get("containerID") for a in valid if isinstance(a, dict)}
+        """Free the attachments this node made through CNI ADD for this
+        network that the runtime no longer lists. A record is freed only
+        when it was made by CNI ADD (not the REST API), names this network
+        ``name``, is not in the valid list (by container ID and ifname), was
+        created before this GC request started, and no ADD/DEL/CHECK of its
+        container is in flight. Errors do not stop the walk: each is logged
+        and counted, and the answer is an error naming how many failed."""
+        started = now_iso()
+        keep, keep_all = self._valid_attachments(req.netconf)
+        network = req.netconf["name"]
+        freed, failed, first_error = 0, 0, None
         for rec in self.allocator.records():
-            if rec.container_id in keep:
+            if rec.origin != ORIGIN_CNI or rec.network != network:
+                continue
+            if rec.container_id in keep_all or (rec.container_id, rec.ifname) in keep:
+                continue
+            if not rec.created_at or rec.created_at >= started:
                 continue
             try:
-                # one request per container: not while its ADD/DEL/CHECK runs
+                # the container's request lock, not waited for: a container
+                # with an ADD/DEL/CHECK in flight is left alone
                 self._reached("lock:wait", req)
-                with self.containers.hold(rec.container_id,
-                                          timeout=req.deadline - self.clock()):
+                with self.containers.hold(rec.container_id, timeout=0):
                     if rec not in self.allocator.lookup(rec.container_id):
                         continue          # released meanwhile
-                    self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod),
-                                       [rec.address])
-                    self.allocator.release_address(rec)
+                    error = self._gc_free(rec, network)
             except TimeoutError:
-                raise CNIError(spec.ERR_TRY_AGAIN,
-                               f"GC: a request for container {rec.container_id} is still "
-                               f"running after {self.request_timeout:g} s") from None
-            except BaseException as exc:
-                raise self._cni_error(exc) from None
+                log.info("gc: request in flight, attachment kept", extra={
+                    "container": rec.container_id, "address": rec.address})
+                continue
+            if error is None:
+                freed += 1
+            else:
+                failed += 1
+                first_error = first_error or error
+        if self.metrics is not None:
+            self.metrics.gc_freed.inc(freed)
+            self.metrics.gc_errors.inc(failed)
+        if failed:
+            err = self._cni_error(first_error)
+            raise CNIError(err.code, f"GC freed {freed} attachment(s), {failed} failed: {err.msg}")
         return None
+
+    def _gc_free(self, rec, network: str):
+        """Remove one stale attachment. Returns the exception, or None."""
+        try:
+            self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
+            self.allocator.release_address(rec)
+        except Exception as exc:      # noqa: BLE001 - GC goes on with the others
+            text = exc.one_line() if isinstance(exc, CoilError) else repr(exc)
+            log.error("gc: freeing an attachment failed", extra={
+                "container": rec.container_id, "address": rec.address, "error": text})
+            return exc
+        log.info("gc: freed stale attachment", extra={
+            "container": rec.container_id, "ifname": rec.ifname, "address": rec.address,
+            "network": network})
+        return None
+
+    @staticmethod
+    def _valid_attachments(conf) -> tuple[set, set]:
+        """(container ID, ifname) pairs, and container IDs listed without an
+        ifname, from ``cni.dev/valid-attachments`` and ``cni.dev/attachments``
+        (both accepted). Missing or null means none. Raises CNIError (7)
+        when a list is not a list."""
+        keep, keep_all = set(), set()
+        for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+            value = conf.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                raise CNIError(spec.ERR_INVALID_NETCONF, f"{key} must be a list of "
+                                                         f"{{containerID, ifname}} objects")
+            for entry in value:
+                if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str):
+                    raise CNIError(spec.ERR_INVALID_NETCONF,
+                                   f"{key} has an entry without a containerID: {entry!r:.80}")
+                ifname = entry.get("ifname")
+                if isinstance(ifname, str) and ifname:
+                    keep.add((entry["containerID"], ifname))
+                else:               # no ifname: every attachment of the container stays
+                    keep_all.add(entry["containerID"])
+        return keep, keep_all
 
     def status(self, req):
         """CNI 1.1 STATUS: 50 when coild cannot serve an ADD (not ready,

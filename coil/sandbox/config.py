@@ -37,6 +37,8 @@ class Config:
     coild_scan_interval: str = "10m"
     kubernetes: bool = False             # kube-apiserver, Node objects, coil-controller
     controller_scan_interval: str = "30s"   # coil-controller's leak scan
+    coild_liveness_ttl: str = "5s"          # node-alive/<node> lease: lapses soon after a stop
+    controller_node_grace: str = "1m"       # the shortest grace coil-controller accepts
 
     def validate(self):
         if not 1 <= self.nodes <= 200:

@@ -465,7 +465,8 @@ class KubernetesPart:
             "--etcd-endpoints", sb.etcd_endpoint, "--etcd-prefix", cfg.etcd_prefix,
             "--kubeconfig", k["controller_kubeconfig"],
             "--metrics-addr", k["controller_metrics"],
-            "--scan-interval", cfg.controller_scan_interval],
+            "--scan-interval", cfg.controller_scan_interval,
+            "--node-grace-period", cfg.controller_node_grace],
             log, env={"PYTHONUNBUFFERED": "1"}, cwd=k["dir"])
         url = f"http://{k['controller_metrics']}/readyz"
         waited = wait_ready(lambda: self.call(sb, http_get, url, 1.0)[0] == 200,
@@ -506,7 +507,7 @@ class KubernetesPart:
 
 # -- node-rm ------------------------------------------------------------------
 
-def node_rm(sb, name: str, progress=None, timeout: float = 30.0) -> dict:
+def node_rm(sb, name: str, progress=None, timeout: float = 120.0) -> dict:
     """Take ``name`` away as a dead machine goes, then delete its Node and
     show coil-controller freeing its blocks:
 
@@ -516,7 +517,9 @@ def node_rm(sb, name: str, progress=None, timeout: float = 30.0) -> dict:
        dead machine does not run one);
     2. its Node object is deleted through the API;
     3. wait (bounded by ``timeout``) until coil-controller has freed the
-       node's blocks in etcd, with the addresses in them;
+       node's blocks in etcd, with the addresses in them: once the Node has
+       been gone for the controller's grace period (1m here) and the
+       node's liveness lease (5 s here) has lapsed;
     4. wait until no other node routes those blocks any more (kernel main
        table and BIRD's table);
     5. the other nodes' BIRD configurations drop the peer (``birdc

@@ -135,7 +135,8 @@ class Processes:
             sys.executable, "-m", "coil", "coild", "--etcd-endpoints", self.etcd_endpoint,
             "--etcd-prefix", cfg.etcd_prefix, "--socket", n["coild_socket"],
             "--api-socket", n.get("api_socket") or os.path.join(n["dir"], "coild-api.sock"),
-            "--http", n["http"], "--scan-interval", cfg.coild_scan_interval],
+            "--http", n["http"], "--scan-interval", cfg.coild_scan_interval,
+            "--liveness-ttl", cfg.coild_liveness_ttl],
             os.path.join(n["dir"], "coild.log"), env={"COIL_NODE_NAME": n["name"]})
 
     def _wait_coild(self, node: str, timeout: float = 30):

@@ -172,3 +172,91 @@ def test_cache_is_libcnis(setup, netns_factory, adder):
     assert _reserved(ipam_dir) == []
     assert not os.path.exists(ex.cache_file("exectest", rt))
     assert pod.run("ip", "link", "show", "eth0").returncode != 0
+
+
+# -- against coil itself ------------------------------------------------------
+
+@pytest.fixture
+def coil_node(etcd_server, store, etcd_prefix, tmp_path):
+    """A node namespace running coild, its conflist (coil + tuning) for both
+    clients: the executor and libcni's cnitool, sharing one cache."""
+    from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
+    node = Netns("node")
+    coild = Coild(node, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix)
+    pods = []
+    try:
+        store.create_pool("default", "10.28.0.0/24", 4)
+        coild.start()
+        cni = CNI(node, str(tmp_path), coil_conflist(coild.socket, chain=[
+            {"type": "tuning", "mtu": 1400}]), plugin_binary())
+        ex = cniexec.Executor([cni.bin, REFERENCE_PLUGINS], cni.cache,
+                              wrapper=["ip", "netns", "exec", node.name])
+
+        def new_pod():
+            p = Netns("pod")
+            pods.append(p)
+            return p
+        yield store, cni, ex, new_pod
+    finally:
+        coild.stop()
+        for p in pods:
+            p.delete()
+        node.delete()
+
+
+def _held(store) -> dict:
+    addrs, _ = store.all_addresses()
+    return {a.container_id: a.address for a in addrs}
+
+
+def test_coil_chain_through_the_executor(coil_node):
+    store, cni, ex, new_pod = coil_node
+    pod = new_pod()
+    conf = ex.load(cni.conf_path)
+    rt = cniexec.Runtime.for_pod("e1", pod.path, "eth0", "default", "web")
+    result = ex.add(conf, rt)
+    ip = result["ips"][0]["address"].split("/")[0]
+    assert _held(store) == {"e1": ip}
+    # tuning, second in the chain, got coil's result and set the MTU on its interface
+    assert "mtu 1400" in pod.exec("ip", "link", "show", "eth0").stdout
+    assert ip in pod.exec("ip", "-4", "addr", "show", "eth0").stdout
+    ex.check(conf, rt)
+    ex.delete(conf, rt)
+    assert _held(store) == {}
+    assert pod.exec("ip", "link", "show", "eth0", check=False).returncode != 0
+    ex.delete(conf, rt)                       # idempotent
+
+
+@pytest.mark.parametrize("adder", ["executor", "libcni"])
+def test_coil_cache_shared_with_libcni(coil_node, adder):
+    store, cni, ex, new_pod = coil_node
+    pod = new_pod()
+    conf = ex.load(cni.conf_path)
+    rt = cniexec.Runtime.for_pod("e2", pod.path, "eth0", "default", "web")
+    if adder == "executor":
+        ex.add(conf, rt)
+        assert cni.call("check", pod, "e2", "default", "web")[0] == 0
+        rc, out = cni.call("del", pod, "e2", "default", "web")
+        assert rc == 0, out
+    else:
+        rc, out = cni.call("add", pod, "e2", "default", "web")
+        assert rc == 0, out
+        assert ex.cached_result("coil-test", rt)["ips"] == out["ips"]
+        ex.check(conf, rt)
+        ex.delete(conf, rt)
+    assert _held(store) == {}
+    assert not os.path.exists(ex.cache_file("coil-test", rt))
+
+
+def test_coil_error_object_through_the_executor(coil_node):
+    """A refused ADD (an interface name longer than Linux allows) comes back
+    as coil's own CNI error object, the same code libcni reports."""
+    store, cni, ex, new_pod = coil_node
+    pod = new_pod()
+    conf = ex.load(cni.conf_path)
+    rt = cniexec.Runtime.for_pod("e3", pod.path, "this-name-is-far-too-long", "default", "w")
+    with pytest.raises(cniexec.CNIExecError) as err:
+        ex.add(conf, rt)
+    rc, out = cni.call("add", pod, "e4", "default", "w", ifname="this-name-is-far-too-long")
+    assert rc != 0 and err.value.code == out["code"] and err.value.msg
+    assert _held(store) == {}

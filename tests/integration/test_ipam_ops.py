@@ -389,13 +389,14 @@ def test_node_release(ctl, store):
     r = ctl("node", "release", "node-x", "--yes")
     one_line_error(r, "node-x", "1 address", b2.cidr, "--force")
     assert dump(store) == before
-    # alive: its liveness record exists (coild keeps it under a lease; the
-    # guard only looks at whether the key exists)
-    store.etcd.put(keys.node_alive("node-x"), b'{"pid": 1}')
+    # alive: its liveness record exists (under a lease, as coild keeps it)
+    lease = store.etcd.lease_grant(60)
+    assert store.etcd.txn([("version", keys.node_alive("node-x"), "==", 0)],
+                          [("put", keys.node_alive("node-x"), b'{"pid": 1}', lease)])[0]
     r = ctl("node", "release", "node-x", "--yes", "--force")
     one_line_error(r, "node-x", "alive")
     assert {k: v for k, v in dump(store).items() if not k.startswith("node-alive/")} == before
-    store.etcd.txn([], [("delete", keys.node_alive("node-x"))])     # the lease expired
+    assert store.etcd.lease_revoke(lease)
     r = ctl("-o", "json", "node", "release", "node-x", "--yes", "--force")
     assert r.returncode == 0, r.stderr
     assert sorted((d["block"], d["addresses_freed"]) for d in json.loads(r.stdout)) == \
