@@ -74,9 +74,9 @@ def test_lost_races_are_conflict_not_exhaustion(store, monkeypatch):
     real = store.assign_address
     rivals = []
 
-    def rival_first(block, offset, namespace, pod, container_id):
+    def rival_first(block, offset, namespace, pod, container_id, extra=None):
         rivals.append(real(block, offset, "ns", f"rival{offset}", f"r{offset}"))
-        return real(block, offset, namespace, pod, container_id)     # None: taken
+        return real(block, offset, namespace, pod, container_id, extra)     # None: taken
 
     monkeypatch.setattr(store, "assign_address", rival_first)
     with pytest.raises(Conflict) as info:
