@@ -2,7 +2,7 @@
 
 1. ``sandbox up``: a fabric bridge and 3 node network namespaces, etcd,
    coild and BIRD on every node, a few pods per node made by the coil CNI
-   plugin through libcni;
+   plugin through the sandbox's CNI executor (libcni's way);
 2. ``sandbox check``: every pod pings a pod on every other node, across the
    BGP routes BIRD learned from table 119;
 3. ``sandbox status``: pools, blocks, table 119, BGP sessions, pods;

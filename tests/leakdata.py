@@ -41,11 +41,12 @@ def bulk_put(etcd, items):
 
 
 def plant_addresses(store, pool: str, subnet: str, count: int, nodes: list[str],
-                    created_at, block_size: int = 5):
+                    created_at, block_size: int = 5, record=None):
     """Plant ``count`` addresses of ``pool`` (created first if missing) in
     consecutive blocks of ``subnet``, blocks dealt round-robin to ``nodes``.
 
-    ``created_at(i)`` gives the created_at string of the i-th address.
+    ``created_at(i)`` gives the created_at string of the i-th address;
+    ``record(i)``, its optional fields (default: a CNI attachment).
     Returns the list of (address, block_cidr, offset) in order.
     """
     from coil.errors import NotFound
@@ -77,7 +78,9 @@ def plant_addresses(store, pool: str, subnet: str, count: int, nodes: list[str],
                 planted.append((addr, cidr, off))
                 yield keys.ip(cidr, off), _dumps({
                     "namespace": "ns", "pod": f"pod-{i}", "container_id": f"c{i:08x}",
-                    "created_at": created_at(i)})
+                    "created_at": created_at(i), **(record(i) if record else
+                                                    {"origin": "cni", "network": "k8s",
+                                                     "ifname": "eth0"})})
 
     bulk_put(store.etcd, items())
     return planted

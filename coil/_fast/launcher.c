@@ -7,7 +7,9 @@
  * Python is never started for that; a CNI call costs about a millisecond.
  *
  * For every other role it execs Python:
- *     COIL_PYTHON -m coil ROLE ARGS...
+ *     PYTHON -m coil ROLE ARGS...
+ * (PYTHON: the interpreter of the install it sits in, else COIL_PYTHON;
+ * see python_path()),
  * where ROLE is the basename of argv[0] when that is one of ROLE_NAMES,
  * otherwise argv[1..] are passed as they are ("hypercoil coilctl pool list").
  *
@@ -69,6 +71,7 @@
 #define ERR_DECODE 6
 #define NOT_AN_OBJECT "network configuration on stdin is not a JSON object"
 #define ERR_TRY_AGAIN 11
+#define ERR_NOT_AVAILABLE 50     /* STATUS: the plugin cannot serve (CNI 1.1) */
 
 static const char *const RELAY_ENV[] = {
     "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
@@ -688,6 +691,11 @@ static int cni_main(void)
     if (!j->is_object)
         return cni_error(ERR_DECODE, NOT_AN_OBJECT, sizeof NOT_AN_OBJECT - 1, "");
 
+    /* coild out of reach: STATUS answers 50 (the plugin cannot serve, the
+       runtime marks the node not ready); every other command 11 (retry) */
+    const int unreachable = command && strcmp(command, "STATUS") == 0
+                            ? ERR_NOT_AVAILABLE : ERR_TRY_AGAIN;
+
     /* connect */
     struct sockaddr_un addr;
     memset(&addr, 0, sizeof addr);
@@ -722,7 +730,7 @@ static int cni_main(void)
     }
     if (err) {
         snprintf(msg, sizeof msg, ": %s", strerror(err));
-        return socket_error(ERR_TRY_AGAIN, "coild is not reachable at ", path,
+        return socket_error(unreachable, "coild is not reachable at ", path,
                             path_len, msg, DETAILS_START);
     }
     long long deadline = now_ms() + COIL_RELAY_TIMEOUT_MS;
@@ -760,7 +768,7 @@ static int cni_main(void)
             goto timeout;
         if (errno != EMSGSIZE) {
             snprintf(msg, sizeof msg, ": %s", strerror(errno));
-            return socket_error(ERR_TRY_AGAIN, "lost the connection to coild at ",
+            return socket_error(unreachable, "lost the connection to coild at ",
                                 path, path_len, msg, "");
         }
         resp.len = 0;                       /* too large: malformed */
@@ -775,7 +783,7 @@ static int cni_main(void)
     }
     if (digits == 0 || digits > 3 || code > 255 || digits >= resp.len ||
         resp.data[digits] != '\n')
-        return socket_error(ERR_TRY_AGAIN, "malformed answer from coild at ",
+        return socket_error(unreachable, "malformed answer from coild at ",
                             path, path_len, "", "the answer must start with "
                             "the exit code and a newline; check the coild log");
     size_t skip = digits + 1;
@@ -784,11 +792,46 @@ static int cni_main(void)
 timeout:
     snprintf(msg, sizeof msg, " did not answer within %d s",
              COIL_RELAY_TIMEOUT_MS / 1000);
-    return socket_error(ERR_TRY_AGAIN, "coild at ", path, path_len, msg,
+    return socket_error(unreachable, "coild at ", path, path_len, msg,
                         "coild may be overloaded or hung; check the coild log");
 }
 
 /* ------------------------------------------------------------------------ */
+
+/* The interpreter to exec for the Python roles. Installed from a wheel, the
+ * launcher sits at PREFIX/lib[64]/pythonX.Y/{site,dist}-packages/coil/_fast/
+ * and that install's interpreter is PREFIX/bin/pythonX.Y (a venv's bin/ is
+ * its prefix's bin/): the wheel may have been built by another interpreter,
+ * so the COIL_PYTHON baked in at build time is only the fallback (an
+ * in-place build in a checkout, or a prefix without that interpreter). */
+static const char *python_path(void)
+{
+    static char buf[4096];
+    ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 32);
+    if (n <= 0)
+        return COIL_PYTHON;
+    buf[n] = '\0';
+    char *part[6];                        /* the last six '/' of the path */
+    int k = 0;
+    for (char *p = buf + n - 1; p > buf && k < 6; p--)
+        if (*p == '/')
+            part[k++] = p;
+    if (k < 6 || strcmp(part[0], "/hypercoil") != 0 ||
+        strncmp(part[1], "/_fast/", 7) != 0 || strncmp(part[2], "/coil/", 6) != 0 ||
+        (strncmp(part[3], "/site-packages/", 15) != 0 &&
+         strncmp(part[3], "/dist-packages/", 15) != 0) ||
+        strncmp(part[4], "/python3.", 9) != 0 ||
+        (strncmp(part[5], "/lib/", 5) != 0 && strncmp(part[5], "/lib64/", 7) != 0))
+        return COIL_PYTHON;
+    char version[16];                     /* "python3.Y" */
+    size_t vlen = (size_t)(part[3] - part[4] - 1);
+    if (vlen >= sizeof version)
+        return COIL_PYTHON;
+    memcpy(version, part[4] + 1, vlen);
+    version[vlen] = '\0';
+    snprintf(part[5], sizeof buf - (size_t)(part[5] - buf), "/bin/%s", version);
+    return access(buf, X_OK) == 0 ? buf : COIL_PYTHON;
+}
 
 int main(int argc, char **argv)
 {
@@ -812,7 +855,8 @@ int main(int argc, char **argv)
         return 127;
     }
     int n = 0;
-    args[n++] = (char *)COIL_PYTHON;
+    const char *python = python_path();
+    args[n++] = (char *)python;
     args[n++] = "-m";
     args[n++] = "coil";
     if (role)
@@ -820,7 +864,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
-    execv(COIL_PYTHON, args);
-    fprintf(stderr, "hypercoil: cannot start %s: %s\n", COIL_PYTHON, strerror(errno));
+    execv(python, args);
+    fprintf(stderr, "hypercoil: cannot start %s: %s\n", python, strerror(errno));
     return 127;
 }

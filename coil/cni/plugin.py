@@ -138,6 +138,10 @@ def main(argv=None) -> int:
 
 def _relay(conf: _Config) -> int:
     import socket
+    # coild out of reach: STATUS answers 50 (the plugin cannot serve, the
+    # runtime marks the node not ready); every other command 11 (retry)
+    unreachable = (spec.ERR_NOT_AVAILABLE if os.environ.get("CNI_COMMAND") == "STATUS"
+                   else spec.ERR_TRY_AGAIN)
     # "time" is loaded by the interpreter at start-up already: no import cost
     from time import monotonic
 
@@ -153,7 +157,7 @@ def _relay(conf: _Config) -> int:
     except OSError as exc:
         if sock is not None:
             sock.close()
-        return _error(spec.ERR_TRY_AGAIN, f"coild is not reachable at {path}: "
+        return _error(unreachable, f"coild is not reachable at {path}: "
                       f"{exc.strerror or exc}", DETAILS_START, conf.cni_version)
 
     with sock:
@@ -170,7 +174,7 @@ def _relay(conf: _Config) -> int:
             sock.sendall(b"".join(request))
             sock.sendall(conf.data)
         except TimeoutError:
-            return _timeout(conf, path)
+            return _timeout(conf, path, unreachable)
         except OSError:
             pass        # coild may have answered and closed early: read it
         try:
@@ -198,16 +202,16 @@ def _relay(conf: _Config) -> int:
                     chunks = []     # too large: malformed
                     break
         except TimeoutError:
-            return _timeout(conf, path)
+            return _timeout(conf, path, unreachable)
         except OSError as exc:
-            return _error(spec.ERR_TRY_AGAIN, f"lost the connection to coild at "
+            return _error(unreachable, f"lost the connection to coild at "
                           f"{path}: {exc.strerror or exc}", "", conf.cni_version)
     response = b"".join(chunks)
 
     newline = response.find(b"\n", 0, 4)
     head = response[:newline] if newline > 0 else b""
     if not (head.isdigit() and int(head) <= 255):
-        return _error(spec.ERR_TRY_AGAIN, f"malformed answer from coild at {path}",
+        return _error(unreachable, f"malformed answer from coild at {path}",
                       "the answer must start with the exit code and a newline; "
                       "check the coild log", conf.cni_version)
     if _emit(response[newline + 1:]):
@@ -215,8 +219,8 @@ def _relay(conf: _Config) -> int:
     return int(head)
 
 
-def _timeout(conf: _Config, path: str) -> int:
-    return _error(spec.ERR_TRY_AGAIN, f"coild at {path} did not answer within "
+def _timeout(conf: _Config, path: str, code: int) -> int:
+    return _error(code, f"coild at {path} did not answer within "
                   f"{int(RELAY_TIMEOUT)} s",
                   "coild may be overloaded or hung; check the coild log",
                   conf.cni_version)

@@ -65,8 +65,8 @@ def ipam_report(r: dict) -> str:
         ("blocks of missing nodes", r["blocks_of_missing_nodes"], ["POOL", "BLOCK", "NODE"],
          lambda e: [e["pool"], e["block"], e["node"]]),
         ("blocks whose route is missing", r["blocks_without_route"],
-         ["POOL", "BLOCK", "NODE", "COILD"],
-         lambda e: [e["pool"], e["block"], e["node"], e["coild"]]),
+         ["POOL", "BLOCK", "NODE", "ROUTE", "COILD"],
+         lambda e: [e["pool"], e["block"], e["node"], e.get("route", ""), e["coild"]]),
         ("coilds not checked", r["coild_errors"], ["COILD", "ERROR"],
          lambda e: [e["url"], e["error"]]),
     ]

@@ -279,6 +279,12 @@ class NodeAllocator:
         with self._lock:
             return [r for h in self._blocks.values() for r in h.records.values()]
 
+    def has_room(self, pool: str, version: int) -> bool:
+        """Whether a held block of ``pool`` has a free IPv``version`` address."""
+        with self._lock:
+            return any(h.block.pool == pool and h.version == version and not h.full()
+                       for h in self._blocks.values())
+
     # -- allocation -----------------------------------------------------------
     def _reserve(self, pool: str, version: int):
         """Reserve a free offset in a held block of ``pool``; (held, offset) or None."""
@@ -312,6 +318,7 @@ class NodeAllocator:
     def allocate(self, pool: str, version: int, namespace: str, pod: str, container_id: str,
                  extra: dict | None = None) -> Address:
         """Assign one IPv``version`` address of ``pool`` to the container.
+        ``extra``: optional record fields (origin, network, ifname, ...).
 
         Idempotent: when the container (same namespace and pod) holds an
         address of that version already, that address is returned.
@@ -330,7 +337,7 @@ class NodeAllocator:
             held_addr = self._held(container_id, version, namespace, pod)
             if held_addr is not None:
                 return held_addr
-            return self._allocate(pool, version, namespace, pod, container_id)
+            return self._allocate(pool, version, namespace, pod, container_id, extra)
 
     def _held(self, container_id, version, namespace, pod) -> Address | None:
         with self._lock:
@@ -342,7 +349,7 @@ class NodeAllocator:
                                 f"for pod {rec.namespace}/{rec.pod}")
         return rec
 
-    def _allocate(self, pool, version, namespace, pod, container_id) -> Address:
+    def _allocate(self, pool, version, namespace, pod, container_id, extra=None) -> Address:
         for _ in range(64):
             with self._lock:
                 got = self._reserve(pool, version)
@@ -351,7 +358,8 @@ class NodeAllocator:
                 continue
             held, offset = got
             try:
-                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id)
+                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id,
+                                                extra)
             except BlockLost:
                 log.warning("block lost, reloading", extra={"block": held.block.cidr})
                 with self._lock:

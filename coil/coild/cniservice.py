@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -21,6 +22,7 @@ from coil.coild.podnet import PodNetError, gateway_for, host_veth_name
 from coil.coild.serial import KeyedLocks
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NetlinkError, NotFound,
                          PoolExhausted, StoreUnavailable)
+from coil.store.model import ORIGIN_CNI, now_iso
 
 log = logging.getLogger("coild.cni")
 
@@ -74,6 +76,25 @@ def decode_frame(data: bytes) -> CNIRequest:
     return CNIRequest(env, body[pos:])
 
 
+# the spec's container ID: alphanumeric first, then alphanumerics, '_', '.', '-'
+# (CNI SPEC.md "Parameters", libcni's ValidateContainerID)
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+
+
+def invalid_ifname(name: str) -> str:
+    """Why ``name`` cannot be a Linux interface name ('' when it can):
+    1..15 bytes, not '.' or '..', no '/', ':' or whitespace."""
+    if not name:
+        return "is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > 15:
+        return "is longer than 15 bytes"
+    if name in (".", ".."):
+        return "is '.' or '..'"
+    if any(c in "/:" or c.isspace() for c in name):
+        return "contains '/', ':' or whitespace"
+    return ""
+
+
 def parse_cni_args(text: str) -> dict:
     """``K=V;K2=V2`` -> dict. Raises CNIError (code 4) on a malformed pair."""
     out = {}
@@ -110,6 +131,9 @@ class CNIService:
         self.teardown = teardown if teardown is not None else podnet
         self.clock = time.monotonic
         self.containers = KeyedLocks()
+        # STATUS asks it whether coild serves (raises CoilError when not);
+        # coild sets it to its readiness check
+        self.ready = None
         self._inflight = 0
         self._idle = threading.Condition()
 
@@ -211,8 +235,11 @@ class CNIService:
             raise CNIError(spec.ERR_DECODE, "network configuration on stdin must be a JSON object")
         req.netconf = conf
         version = conf.get("cniVersion")
-        if not isinstance(version, str) or not version:
-            raise CNIError(spec.ERR_INVALID_NETCONF, "network configuration has no cniVersion")
+        if version is None or version == "":
+            version = "0.1.0"           # as skel: no cniVersion is the first spec's
+        if not isinstance(version, str):
+            raise CNIError(spec.ERR_INVALID_NETCONF, f"cniVersion must be a string, "
+                                                     f"not {version!r:.40}")
         req.version = version
         if version not in spec.SUPPORTED_VERSIONS:
             raise CNIError(spec.ERR_INCOMPATIBLE_VERSION,
@@ -226,6 +253,14 @@ class CNIService:
         if req.command in ("GC", "STATUS") and spec.version_tuple(version) < (1, 1, 0):
             raise CNIError(spec.ERR_INCOMPATIBLE_VERSION,
                            f"{req.command} needs cniVersion 1.1.0 or later")
+        if req.command == "DEL":
+            self._validate_del(req)
+            return
+        self._validate_netconf(conf)
+        self._validate_env(req)
+
+    @staticmethod
+    def _validate_netconf(conf: dict):
         for key, kind in (("name", str), ("type", str)):
             if not isinstance(conf.get(key), kind) or not conf.get(key):
                 raise CNIError(spec.ERR_INVALID_NETCONF, f"network configuration lacks {key!r}")
@@ -237,14 +272,41 @@ class CNIService:
             raise CNIError(spec.ERR_INVALID_NETCONF, "both ipv4 and ipv6 are disabled")
         if "mtu" in conf and (not isinstance(conf["mtu"], int) or not 576 <= conf["mtu"] <= 65535):
             raise CNIError(spec.ERR_INVALID_NETCONF, f"invalid mtu {conf['mtu']!r}: 576..65535")
+
+    def _validate_del(self, req: CNIRequest):
+        """DEL is best-effort: a configuration edited since the ADD, bad
+        CNI_ARGS or an ifname no ADD could have used never make it fail
+        (the runtime would retry it for ever); it removes what it can."""
+        try:
+            self._validate_netconf(req.netconf)
+        except CNIError as exc:
+            log.warning("DEL with an invalid network configuration, going on", extra={
+                "container": req.container_id, "error": exc.msg})
+        self._validate_env(req)
+
+    def _validate_env(self, req: CNIRequest):
         if req.command in ("ADD", "DEL", "CHECK"):
             if not req.container_id:
                 raise CNIError(spec.ERR_INVALID_ENV, "CNI_CONTAINERID is not set")
+            if not _CONTAINER_ID.match(req.container_id):
+                raise CNIError(spec.ERR_INVALID_ENV,
+                               f"invalid CNI_CONTAINERID {req.container_id!r:.80}",
+                               "it must start with a letter or digit, followed by letters, "
+                               "digits, '_', '.' or '-'")
             if not req.ifname:
                 raise CNIError(spec.ERR_INVALID_ENV, "CNI_IFNAME is not set")
-            if len(req.ifname) > 15 or "/" in req.ifname or req.ifname in (".", ".."):
-                raise CNIError(spec.ERR_INVALID_ENV, f"invalid CNI_IFNAME {req.ifname!r}")
-            req.args = parse_cni_args(req.env.get("CNI_ARGS", ""))
+            why = invalid_ifname(req.ifname)
+            if why and req.command != "DEL":
+                raise CNIError(spec.ERR_INVALID_ENV, f"invalid CNI_IFNAME {req.ifname!r:.40}: "
+                                                     f"{why}")
+            try:
+                req.args = parse_cni_args(req.env.get("CNI_ARGS", ""))
+            except CNIError:
+                if req.command != "DEL":
+                    raise
+                # DEL is best-effort: it goes on with what the records say
+                log.warning("DEL with malformed CNI_ARGS, ignored", extra={
+                    "container": req.container_id, "cni_args": req.env.get("CNI_ARGS", "")})
         if req.command in ("ADD", "CHECK"):
             for key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME"):
                 if not req.args.get(key):
@@ -290,7 +352,9 @@ class CNIService:
             for v in versions:
                 if v in existing:
                     continue
-                fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id))
+                fresh.append(self.allocator.allocate(pool, v, ns, pod, req.container_id, {
+                    "origin": ORIGIN_CNI, "network": req.netconf["name"],
+                    "ifname": req.ifname}))
             addrs = [a.address for a in list(existing.values()) + fresh]
             self._reached("add:allocated", req)
             self._check_deadline(req)
@@ -327,13 +391,16 @@ class CNIService:
 
     def delete(self, req):
         addrs = self.allocator.lookup(req.container_id)
-        ns = req.args.get("K8S_POD_NAMESPACE") or (addrs[0].namespace if addrs else "")
-        pod = req.args.get("K8S_POD_NAME") or (addrs[0].pod if addrs else "")
+        # the records name the pod the ADD wired; CNI_ARGS only without them
+        ns = addrs[0].namespace if addrs else req.args.get("K8S_POD_NAMESPACE", "")
+        pod = addrs[0].pod if addrs else req.args.get("K8S_POD_NAME", "")
+        # an ifname no ADD could have used: only the host end (by its routes)
+        netns = req.netns or None if not invalid_ifname(req.ifname) else None
         try:
             if ns and pod:
-                self.teardown.delete(req.netns or None, req.ifname, host_veth_name(ns, pod),
+                self.teardown.delete(netns, req.ifname, host_veth_name(ns, pod),
                                      [a.address for a in addrs])
-            elif req.netns:
+            elif netns:
                 self.teardown.delete(req.netns, req.ifname, "", [])
             for rec in addrs:
                 self.allocator.release_address(rec)
@@ -364,42 +431,117 @@ class CNIService:
         return None
 
     def gc(self, req):
-        """Free every address this node gave through CNI to an attachment
-        that is not in ``cni.dev/valid-attachments``."""
-        valid = req.netconf.get("cni.dev/valid-attachments")
-        if not isinstance(valid, list):
-            raise CNIError(spec.ERR_INVALID_NETCONF, "GC needs cni.dev/valid-attachments")
-        keep = {a.get("containerID") for a in valid if isinstance(a, dict)}
+        """Free the attachments this node made through CNI ADD for this
+        network that the runtime no longer lists. A record is freed only
+        when it was made by CNI ADD (not the REST API), names this network
+        ``name``, is not in the valid list (by container ID and ifname), was
+        created before this GC request started, and no ADD/DEL/CHECK of its
+        container is in flight. Errors do not stop the walk: each is logged
+        and counted, and the answer is an error naming how many failed."""
+        started = now_iso()
+        keep, keep_all = self._valid_attachments(req.netconf)
+        network = req.netconf["name"]
+        freed, failed, first_error = 0, 0, None
         for rec in self.allocator.records():
-            if rec.container_id in keep:
+            if rec.origin != ORIGIN_CNI or rec.network != network:
+                continue
+            if rec.container_id in keep_all or (rec.container_id, rec.ifname) in keep:
+                continue
+            if not rec.created_at or rec.created_at >= started:
                 continue
             try:
-                # one request per container: not while its ADD/DEL/CHECK runs
+                # the container's request lock, not waited for: a container
+                # with an ADD/DEL/CHECK in flight is left alone
                 self._reached("lock:wait", req)
-                with self.containers.hold(rec.container_id,
-                                          timeout=req.deadline - self.clock()):
+                with self.containers.hold(rec.container_id, timeout=0):
                     if rec not in self.allocator.lookup(rec.container_id):
                         continue          # released meanwhile
-                    self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod),
-                                       [rec.address])
-                    self.allocator.release_address(rec)
+                    error = self._gc_free(rec, network)
             except TimeoutError:
-                raise CNIError(spec.ERR_TRY_AGAIN,
-                               f"GC: a request for container {rec.container_id} is still "
-                               f"running after {self.request_timeout:g} s") from None
-            except BaseException as exc:
-                raise self._cni_error(exc) from None
+                log.info("gc: request in flight, attachment kept", extra={
+                    "container": rec.container_id, "address": rec.address})
+                continue
+            if error is None:
+                freed += 1
+            else:
+                failed += 1
+                first_error = first_error or error
+        if self.metrics is not None:
+            self.metrics.gc_freed.inc(freed)
+            self.metrics.gc_errors.inc(failed)
+        if failed:
+            err = self._cni_error(first_error)
+            raise CNIError(err.code, f"GC freed {freed} attachment(s), {failed} failed: {err.msg}")
         return None
 
-    def status(self, req):
+    def _gc_free(self, rec, network: str):
+        """Remove one stale attachment. Returns the exception, or None."""
         try:
-            self.pools.refresh()          # a real etcd round trip, not the cache
-            self.pools.for_namespace("default")
-        except NotFound as exc:
-            raise CNIError(spec.ERR_NOT_AVAILABLE, exc.one_line()) from None
-        except StoreUnavailable as exc:
-            raise CNIError(spec.ERR_NOT_AVAILABLE, exc.one_line()) from None
+            self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
+            self.allocator.release_address(rec)
+        except Exception as exc:      # noqa: BLE001 - GC goes on with the others
+            text = exc.one_line() if isinstance(exc, CoilError) else repr(exc)
+            log.error("gc: freeing an attachment failed", extra={
+                "container": rec.container_id, "address": rec.address, "error": text})
+            return exc
+        log.info("gc: freed stale attachment", extra={
+            "container": rec.container_id, "ifname": rec.ifname, "address": rec.address,
+            "network": network})
         return None
+
+    @staticmethod
+    def _valid_attachments(conf) -> tuple[set, set]:
+        """(container ID, ifname) pairs, and container IDs listed without an
+        ifname, from ``cni.dev/valid-attachments`` and ``cni.dev/attachments``
+        (both accepted). Missing or null means none. Raises CNIError (7)
+        when a list is not a list."""
+        keep, keep_all = set(), set()
+        for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+            value = conf.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                raise CNIError(spec.ERR_INVALID_NETCONF, f"{key} must be a list of "
+                                                         f"{{containerID, ifname}} objects")
+            for entry in value:
+                if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str):
+                    raise CNIError(spec.ERR_INVALID_NETCONF,
+                                   f"{key} has an entry without a containerID: {entry!r:.80}")
+                ifname = entry.get("ifname")
+                if isinstance(ifname, str) and ifname:
+                    keep.add((entry["containerID"], ifname))
+                else:               # no ifname: every attachment of the container stays
+                    keep_all.add(entry["containerID"])
+        return keep, keep_all
+
+    def status(self, req):
+        """CNI 1.1 STATUS: 50 when coild cannot serve an ADD (not ready,
+        etcd unreachable), 51 when no pool could give an ADD an address of
+        every family the configuration asks for (no pool at all, or every
+        pool exhausted: no free address in this node's blocks and no free
+        block). Read from etcd, not the cache; no pool name is required."""
+        try:
+            if self.ready is not None:
+                self.ready()
+            pools = self.pools.store.list_pools()
+            versions = self._versions(req)
+            if not pools:
+                raise CNIError(spec.ERR_LIMITED, "no address pool exists",
+                               "create one with 'coilctl pool create NAME SUBNET SIZE'")
+            for pool in pools:
+                if all(self.allocator.has_room(pool.name, v)
+                       or self.pools.store.has_free_block(pool, v) for v in versions):
+                    return None
+            want = " and ".join(f"IPv{v}" for v in versions)
+            raise CNIError(spec.ERR_LIMITED,
+                           f"no pool has a free {want} address for this node: all "
+                           f"{len(pools)} pool(s) exhausted",
+                           "add a subnet with 'coilctl pool add-subnet' or free addresses")
+        except CNIError:
+            raise
+        except CoilError as exc:
+            raise CNIError(spec.ERR_NOT_AVAILABLE, exc.one_line(),
+                           "coild cannot serve: etcd unreachable or coild not ready") from None
 
     # -- errors ---------------------------------------------------------------
     @staticmethod

@@ -24,8 +24,9 @@ class Coild:
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
                  scan_interval: float = 600.0, teardown_batch: int = 32,
-                 teardown_delay: float = 0.1):
+                 teardown_delay: float = 0.1, liveness_ttl: float = 30.0):
         from coil.coild.allocator import NodeAllocator
+        from coil.coild.heartbeat import LivenessKeeper
         from coil.coild.cniservice import CNIService
         from coil.coild.metrics import CoildMetrics
         from coil.coild.podnet import PodNetwork
@@ -47,7 +48,9 @@ class Coild:
                                       delay=teardown_delay)
         self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
                               teardown=self.teardown if teardown_batch > 0 else None)
+        self.cni.ready = self.check_ready          # STATUS: 50 unless coild serves
         self._stop = threading.Event()
+        self.liveness = LivenessKeeper(store.etcd, node, liveness_ttl, self._stop)
         self._servers = []
         self.ready = False
 
@@ -65,6 +68,9 @@ class Coild:
         while True:                      # etcd may come up after us: wait for it
             try:
                 refuse_if_v1(self.store.etcd, "coild")   # never read or write a v1 store
+                # liveness next: from now on coil-controller's guarded release
+                # of this node's blocks fails, so what load() reads stays ours
+                self.liveness.ensure()
                 self.allocator.load()
                 break
             except StoreUnavailable as exc:
@@ -98,6 +104,7 @@ class Coild:
         self._servers.append(plugin)
         serve_in_thread(plugin, "plugin")
         self.pools.start()
+        threading.Thread(target=self.liveness.run, name="liveness", daemon=True).start()
         self.ready = True
         log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
                                          "api_socket": api_socket})
@@ -108,7 +115,9 @@ class Coild:
         container holds two), ``status``. Additions are new keys: ``version``,
         ``node``, ``pod-addresses`` ("<namespace>/<pod>" -> every address),
         ``table-routes`` (the block routes now in the export table, read from
-        the kernel: ``coilctl ipam check --coild`` compares them with etcd)."""
+        the kernel: ``coilctl ipam check --coild`` compares them with etcd),
+        ``unreachable-routes`` (the blocks' unreachable routes in the main
+        table, read from the kernel)."""
         import ipaddress
         from coil import __version__
         snap = self.allocator.snapshot()
@@ -119,7 +128,8 @@ class Coild:
             pods.setdefault(rec.container_id or f"{rec.namespace}/{rec.pod}", rec.address)
         return {"address-blocks": snap["blocks"], "pods": pods, "status": 200,
                 "version": __version__, "node": self.node, "pod-addresses": snap["pods"],
-                "table-routes": sorted(self.routes.current())}
+                "table-routes": sorted(self.routes.current()),
+                "unreachable-routes": sorted(self.routes.current_unreachable())}
 
     READY_BUDGET = 2.0      # a readiness probe answers well within kubelet's patience
 
@@ -232,10 +242,12 @@ def _positive(value: str, flag: str) -> float:
                    "(0: every DEL deletes its veth before it answers)")
 @click.option("--teardown-delay", default="100ms", show_default=True,
               help="delete retired pod veths at most this long after a DEL")
+@click.option("--liveness-ttl", default="30s", show_default=True,
+              help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeout, idle_timeout,
-        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, log_level,
-        **kwargs):
+        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, liveness_ttl,
+        log_level, **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -251,6 +263,10 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
         raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
     delay = cfg.parse_duration(teardown_delay, "--teardown-delay")
     _validate_http(http)
+    from coil.coild.heartbeat import MAX_TTL, MIN_TTL
+    ttl = cfg.parse_duration(liveness_ttl, "--liveness-ttl")
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise InvalidArgument(f"invalid --liveness-ttl {liveness_ttl!r}: must be 3s..1h")
     from coil.coild.connections import Limits
     limits = Limits(max_connections=max_connections, workers=api_workers,
                     read_timeout=_positive(read_timeout, "--read-timeout"),
@@ -262,7 +278,7 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
                               f"they must differ")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
-    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay)
+    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay, ttl)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:

@@ -11,6 +11,10 @@ class CoildMetrics:
         self._daemon = daemon
         self.cni_requests = Counter("coild_cni_requests_total", "CNI requests handled",
                                     ["command", "result"], registry=self.registry)
+        self.gc_errors = Counter("coild_cni_gc_errors_total",
+                                 "attachments CNI GC could not free", registry=self.registry)
+        self.gc_freed = Counter("coild_cni_gc_freed_total",
+                                "addresses freed by CNI GC", registry=self.registry)
         self.cni_seconds = Histogram("coild_cni_request_seconds", "CNI request time in coild",
                                      ["command"], registry=self.registry,
                                      buckets=(.001, .002, .005, .01, .02, .05, .1, .5, 1, 5))
@@ -24,6 +28,14 @@ class CoildMetrics:
                 yield blocks
                 yield GaugeMetricFamily("coild_addresses_in_use", "addresses assigned on this node",
                                         value=daemon.allocator.count())
+                keeper = getattr(daemon, "liveness", None)
+                if keeper is not None:
+                    yield GaugeMetricFamily("coild_liveness_ok", "1 while the last renewal of "
+                                            "the node's liveness lease succeeded",
+                                            value=1 if keeper.healthy else 0)
+                    yield CounterMetricFamily("coild_liveness_renewal_errors",
+                                              "failed renewals of the node's liveness lease",
+                                              value=keeper.errors)
                 teardown = getattr(daemon, "teardown", None)
                 if teardown is not None:
                     yield GaugeMetricFamily("coild_teardown_pending",

@@ -4,7 +4,8 @@ REST (JSON; errors are ``{"status": CODE, "error": "..."}``):
   GET    /status                          blocks per pool, pods -> addresses
   GET    /ip/<ns>/<pod>/<container-id>    404 when none
   GET    /healthz, /readyz, /metrics
-  POST   /ip                              {pod-namespace, pod-name, container-id, address-type}
+  POST   /ip                              {pod-namespace, pod-name, container-id, address-type,
+                                           release-if-leaked}
   DELETE /ip/<ns>/<pod>/<container-id>
 POST and DELETE change state: they are served only on the API socket
 (``--api-socket``, mode 0600, peers checked to be uid 0 with SO_PEERCRED);
@@ -32,6 +33,7 @@ from coil import __version__
 from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler, error_response
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
                          StoreUnavailable)
+from coil.store.model import ORIGIN_REST
 
 log = logging.getLogger("coild.server")
 MAX_REQUEST = 16 << 20
@@ -39,7 +41,7 @@ MAX_REQUEST = 16 << 20
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type")
+POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "release-if-leaked")
 
 
 class HTTPError(Exception):
@@ -220,9 +222,13 @@ class RestHandler(RequestHandler):
         kind = body.get("address-type", "ipv4")
         if kind not in ("ipv4", "ipv6"):
             raise InvalidArgument(f"invalid address-type {str(kind)[:40]!r}: ipv4 or ipv6")
+        opt_in = body.get("release-if-leaked", False)
+        if not isinstance(opt_in, bool):
+            raise InvalidArgument(f"invalid release-if-leaked {str(opt_in)[:40]!r}: true or false")
+        extra = {"origin": ORIGIN_REST, **({"release_if_leaked": True} if opt_in else {})}
         d = self.server.coild
         pool = d.pools.for_namespace(ns)
-        rec = d.allocator.allocate(pool, 4 if kind == "ipv4" else 6, ns, pod, cid)
+        rec = d.allocator.allocate(pool, 4 if kind == "ipv4" else 6, ns, pod, cid, extra)
         self._send(200, {"address": rec.address, "status": 200})
 
     def _delete_ip(self, ns, pod, cid):

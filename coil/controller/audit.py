@@ -17,7 +17,9 @@ set lookups only, so it stays linear in the number of records (seconds at
 - ``blocks_of_missing_nodes``: a block held by a node that has no Node
   object;
 - ``blocks_without_route``: a block of a node whose coild was asked
-  (``--coild URL``) and whose export table does not carry it.
+  (``--coild URL``) and whose export table does not carry it
+  (``"route": "export"``), or whose unreachable route in the main table is
+  missing (``"route": "unreachable"``).
 
 A report is read only; ``release_from_report`` frees the leaked addresses
 it lists, each with one transaction guarded by the mod revision the report
@@ -140,9 +142,14 @@ def check(store, core, coild_urls=(), *, min_age: float = 60.0, clock=time.time,
                                                       "(coild older than this coilctl)"})
             continue
         have = set(routes)
+        unreachable = st.get("unreachable-routes")
         for b in blocks_by_node.get(node, []):
             if b.cidr not in have:
-                no_route.append({"pool": b.pool, "block": b.cidr, "node": node, "coild": url})
+                no_route.append({"pool": b.pool, "block": b.cidr, "node": node, "coild": url,
+                                 "route": "export"})
+            if isinstance(unreachable, list) and b.cidr not in unreachable:
+                no_route.append({"pool": b.pool, "block": b.cidr, "node": node, "coild": url,
+                                 "route": "unreachable"})
 
     return {
         "version": REPORT_VERSION,

@@ -26,13 +26,18 @@ from coil.errors import CoilError, InvalidArgument, KubernetesError
 log = logging.getLogger("coil-controller")
 
 ENV_PREFIX = "COIL_CONTROLLER_ETCD_"
+MIN_ADDRESS_EXPIRATION = 60.0
 
 
 class Controller:
     def __init__(self, store, core, *, scan_interval: float = 600.0,
                  address_expiration: float = 86400.0, release_leaked: bool = False,
                  metrics=None, watch_timeout: int = 300, scan_backoff_max: float = 300.0,
-                 page_size: int = 500):
+                 page_size: int = 500, node_grace: float = 300.0, node_recheck: float = 30.0,
+                 clock=None, wall_clock=None):
+        """``clock`` (monotonic) times the node grace period and ``wall_clock``
+        (epoch seconds) the leak scan; both are injectable for tests."""
+        import time
         from coil.controller.janitor import NodeJanitor
         from coil.controller.metrics import ControllerMetrics
         from coil.controller.scan import LeakScanner
@@ -42,13 +47,16 @@ class Controller:
         self.scan_interval = scan_interval
         self.stop_event = threading.Event()
         self.metrics = metrics or ControllerMetrics()
-        self.janitor = NodeJanitor(store, core, stop_event=self.stop_event, metrics=self.metrics)
+        self.janitor = NodeJanitor(store, core, stop_event=self.stop_event, metrics=self.metrics,
+                                   grace=node_grace, recheck=node_recheck,
+                                   clock=clock or time.monotonic)
         self.watcher = NodeWatcher(core, self.janitor.nodes_synced, self.janitor.node_deleted,
                                    stop_event=self.stop_event, metrics=self.metrics,
                                    watch_timeout=watch_timeout, page_size=page_size)
         self.scanner = LeakScanner(store, core, expiration=address_expiration,
                                    release=release_leaked, metrics=self.metrics,
-                                   page_size=page_size)
+                                   page_size=page_size, clock=wall_clock or time.time,
+                                   min_gap=scan_interval)
         self.scan_backoff = Backoff(1.0, max(1.0, min(scan_interval, scan_backoff_max)))
         self.last_scan = None
         self.scan_requested = threading.Event()
@@ -67,7 +75,8 @@ class Controller:
         log.info("coil-controller started", extra={
             "scan_interval_s": self.scan_interval,
             "address_expiration_s": self.scanner.expiration,
-            "release_leaked": self.scanner.release, "metrics_addr": metrics_addr})
+            "release_leaked": self.scanner.release, "node_grace_s": self.janitor.grace,
+            "metrics_addr": metrics_addr})
         return self
 
     def stop(self):
@@ -227,7 +236,11 @@ def resolve_with_retry(econf, api, stop_event: threading.Event):
 @click.option("--address-expiration", default="24h", show_default=True,
               help="an address held by no Pod for longer than this is reported as leaked")
 @click.option("--release-leaked", is_flag=True, default=False,
-              help="free leaked addresses instead of only reporting them")
+              help="free leaked addresses (found by two scans in a row) instead of only "
+                   "reporting them")
+@click.option("--node-grace-period", default="5m", show_default=True,
+              help="a node's blocks are freed only after its Node object has been gone this "
+                   "long (at least 1m) and its coild's liveness lease has expired")
 @click.option("--metrics-addr", default=":9384", show_default=True,
               help="[HOST]:PORT for /metrics, /healthz and /readyz (empty to disable)")
 @click.option("--kubeconfig", default=None,
@@ -235,15 +248,23 @@ def resolve_with_retry(econf, api, stop_event: threading.Event):
 @click.option("--list-page-size", default=500, show_default=True, type=click.IntRange(1, 10000),
               help="Nodes and Pods are listed in pages of this many objects (memory is one page)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubeconfig,
-        list_page_size, log_level, **kwargs):
-    """Frees the blocks of deleted Nodes and finds leaked addresses."""
+def cli(scan_interval, address_expiration, release_leaked, node_grace_period, metrics_addr,
+        kubeconfig, list_page_size, log_level, **kwargs):
+    """Frees the blocks of dead nodes and finds leaked addresses."""
     from coil import k8s, logutil
     logutil.setup(log_level)
     # the client's own connection retries are logged by urllib3; ours say more
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     interval = _duration(scan_interval, "--scan-interval")
-    expiration = _duration(address_expiration, "--address-expiration", allow_zero=True)
+    expiration = _duration(address_expiration, "--address-expiration")
+    if expiration < MIN_ADDRESS_EXPIRATION:
+        raise InvalidArgument(f"invalid --address-expiration {address_expiration!r}: "
+                              f"must be at least 1m")
+    from coil.controller.janitor import MIN_GRACE
+    grace = _duration(node_grace_period, "--node-grace-period")
+    if grace < MIN_GRACE:
+        raise InvalidArgument(f"invalid --node-grace-period {node_grace_period!r}: "
+                              f"must be at least 1m")
     if metrics_addr:
         parse_addr(metrics_addr)
     econf = cfg.resolve(etcd_flags(kwargs), ENV_PREFIX)
@@ -263,7 +284,8 @@ def cli(scan_interval, address_expiration, release_leaked, metrics_addr, kubecon
         store.close()
         raise
     controller = Controller(store, core, scan_interval=interval, address_expiration=expiration,
-                            release_leaked=release_leaked, page_size=list_page_size)
+                            release_leaked=release_leaked, page_size=list_page_size,
+                            node_grace=grace)
     controller.start(metrics_addr or None)
     try:
         while not stop_event.wait(1.0):

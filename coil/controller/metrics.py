@@ -43,6 +43,16 @@ class ControllerMetrics:
         self.addresses_freed = Counter("coil_controller_node_addresses_freed_total",
                                        "addresses freed with the blocks of deleted nodes",
                                        registry=r)
+        self.nodes_waiting = Gauge("coil_controller_gone_nodes_waiting",
+                                   "nodes whose Node object is gone but whose blocks are kept "
+                                   "(grace period running, or their coild is alive)", registry=r)
+        self.leaks_suspected = Gauge("coil_controller_leak_suspects",
+                                     "addresses found leaked by one scan, waiting for the "
+                                     "second look", registry=r)
+        self.leaks_exempt = Gauge("coil_controller_leak_exempt_addresses",
+                                  "leaked addresses never freed automatically (REST without "
+                                  "opt-in, unknown origin, unreadable created_at; last scan)",
+                                  registry=r)
         self.watch_restarts = Counter("coil_controller_node_watch_restarts_total",
                                       "node watch restarts", ["reason"], registry=r)
         self.api_errors = Counter("coil_controller_api_errors_total",

@@ -3,9 +3,15 @@
 It is a join over two sets, linear in the number of addresses and Pods:
 
 - **leaked**: an address held in etcd that no Pod has (``status.podIPs``)
-  and that was assigned longer ago than the expiration. Reported; freed
-  only when asked (``--release-leaked``), each with a transaction guarded by
-  the record's mod revision, so a record that changed meanwhile is kept.
+  and that was assigned longer ago than the expiration, unless the Pod the
+  record names exists and has no address yet (Pending, IP not posted).
+  Reported; freed only when asked (``--release-leaked``) and only after two
+  scans at least ``min_gap`` apart both found the very same record (same
+  mod revision) leaked, each with a transaction guarded by that revision,
+  so a record that changed meanwhile is kept. Records the release never
+  touches ("exempt"): made through coild's REST API (unless the record says
+  ``release_if_leaked``), of unknown origin (written by an older coild), or
+  with an unreadable ``created_at``.
 - **unknown**: an address of a running or pending Pod, inside one of coil's
   pools, that etcd does not hold. Reported as an error (it may be handed
   out twice).
@@ -69,6 +75,7 @@ class PodIPs:
     active: list = field(default_factory=list)      # PodAddress of running/pending Pods
     pods: int = 0
     names: set = field(default_factory=set)         # (namespace, name) of every Pod
+    waiting: set = field(default_factory=set)       # (namespace, name) of Pods without an IP yet
 
 
 def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
@@ -86,6 +93,8 @@ def pod_ips_from_items(items, into: PodIPs | None = None) -> PodIPs:
         if not ips and status.get("podIP"):
             ips = [status["podIP"]]
         if not ips:
+            if status.get("phase") not in TERMINATED:
+                out.waiting.add((meta.get("namespace", ""), meta.get("name", "")))
             continue
         active = status.get("phase") not in TERMINATED
         for raw in ips:
@@ -116,14 +125,19 @@ class Leak:
     age: float | None        # seconds; None when created_at is missing or malformed
 
 
-def find_leaks(addresses, held_ips, now: float, expiration: float) -> list[Leak]:
+def find_leaks(addresses, held_ips, now: float, expiration: float,
+               waiting_pods=frozenset()) -> list[Leak]:
     """Addresses not in ``held_ips`` and assigned more than ``expiration``
-    seconds before ``now``. One pass, one set lookup per address."""
+    seconds before ``now``, except those whose record names a Pod in
+    ``waiting_pods`` ((namespace, name) of Pods without an IP yet). One
+    pass, one set lookup per address."""
     cutoff = iso_cutoff(now, expiration)
     cutoff_ts = now - expiration
     leaks = []
     for a in addresses:
         if a.address in held_ips:
+            continue
+        if waiting_pods and (a.namespace, a.pod) in waiting_pods:
             continue
         c = a.created_at
         if len(c) == 27 and c[26] == "Z" and c[10] == "T":
@@ -163,13 +177,26 @@ class ScanResult:
     released: int
     seconds: float
     in_use_by_pool: dict
+    suspects: int = 0        # leaks seen by this scan only, waiting for the second look
+    exempt: int = 0          # leaks the release never touches
+
+
+def releasable(a) -> bool:
+    """May the leak release free this record at all? CNI records yes; REST
+    records only when their owner opted in; records of unknown origin never."""
+    from coil.store.model import ORIGIN_CNI, ORIGIN_REST
+    return a.origin == ORIGIN_CNI or (a.origin == ORIGIN_REST and a.release_if_leaked)
 
 
 class LeakScanner:
-    """One ``scan()`` = read etcd, list Pods, join, report (and free)."""
+    """One ``scan()`` = read etcd, list Pods, join, report (and free).
+
+    Keeps the leaks of the previous scans (``suspects``): a leak is freed
+    only when an earlier scan, at least ``min_gap`` seconds (of ``clock``)
+    before, found the same record leaked."""
 
     def __init__(self, store, core, *, expiration: float = 86400.0, release: bool = False,
-                 metrics=None, clock=time.time, page_size: int = 500):
+                 metrics=None, clock=time.time, page_size: int = 500, min_gap: float = 600.0):
         self.store = store
         self.core = core
         self.expiration = expiration
@@ -177,6 +204,9 @@ class LeakScanner:
         self.metrics = metrics
         self.clock = clock
         self.page_size = page_size
+        self.min_gap = min_gap
+        # (block, offset) -> (record mod revision, clock time of the first look)
+        self.suspects: dict[tuple[str, int], tuple[int, float]] = {}
 
     def scan(self) -> ScanResult:
         t0 = time.monotonic()
@@ -195,16 +225,18 @@ class LeakScanner:
             self.metrics.set_capacity(pools, blocks, in_use)
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
-        leaks = find_leaks(addresses, pods.held, now, self.expiration)
+        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting)
         etcd_ips = {a.address for a in addresses}
         networks = [n for p in pools for n in p.subnets]
         unknown = find_unknown(pods.active, etcd_ips, networks)
         if unknown:
             # a Pod may have got its address after our etcd read: look again
             unknown = self._still_unknown(unknown)
-        released = self._release(leaks) if self.release else 0
+        due, exempt = self._second_looks(leaks, now)
+        released = self._release(due) if self.release else 0
         seconds = time.monotonic() - t0
-        result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use)
+        result = ScanResult(len(addresses), pods.pods, leaks, unknown, released, seconds, in_use,
+                            len(leaks) - len(due) - exempt, exempt)
         self._report(result, blocks)
         return result
 
@@ -222,6 +254,28 @@ class LeakScanner:
                 out.append(u)
         return out
 
+    def _second_looks(self, leaks, now: float) -> tuple[list, int]:
+        """Remember this scan's leaks; return (the leaks an earlier scan, at
+        least ``min_gap`` before, saw with the same revision; the number of
+        exempt leaks)."""
+        seen: dict[tuple[str, int], tuple[int, float]] = {}
+        due, exempt = [], 0
+        for leak in leaks:
+            a = leak.address
+            if leak.age is None or not releasable(a):
+                exempt += 1
+                continue
+            key = (a.block, a.offset)
+            prev = self.suspects.get(key)
+            if prev is not None and prev[0] == a.revision:
+                seen[key] = prev
+                if now - prev[1] >= self.min_gap:
+                    due.append(leak)
+            else:
+                seen[key] = (a.revision, now)
+        self.suspects = seen
+        return due, exempt
+
     def _release(self, leaks) -> int:
         released = 0
         for leak in leaks:
@@ -230,6 +284,7 @@ class LeakScanner:
                 continue            # unknown age: reported, never freed automatically
             if self.store.release_address(a.block, a.offset, a.revision):
                 released += 1
+                self.suspects.pop((a.block, a.offset), None)
                 log.warning("released leaked address", extra={
                     "address": a.address, "namespace": a.namespace, "pod": a.pod,
                     "container_id": a.container_id, "created_at": a.created_at})
@@ -243,13 +298,14 @@ class LeakScanner:
             log.warning("leaked address: held in etcd but used by no Pod", extra={
                 "address": a.address, "block": a.block, "namespace": a.namespace,
                 "pod": a.pod, "container_id": a.container_id, "created_at": a.created_at,
-                "age_s": round(leak.age) if leak.age is not None else None})
+                "origin": a.origin or "unknown", "age_s": round(leak.age) if leak.age is not None else None})
         for u in r.unknown[:MAX_DETAIL_LOGS]:
             log.error("pod address unknown to etcd", extra={
                 "address": u.ip, "namespace": u.namespace, "pod": u.name, "node": u.node})
         log.info("leak scan done", extra={
             "addresses": r.addresses, "pods": r.pods, "leaked": len(r.leaks),
-            "unknown": len(r.unknown), "released": r.released,
+            "unknown": len(r.unknown), "released": r.released, "suspects": r.suspects,
+            "exempt": r.exempt,
             "seconds": round(r.seconds, 3), "release_leaked": self.release})
         m = self.metrics
         if m is not None:
@@ -260,5 +316,7 @@ class LeakScanner:
             m.leaks_found.inc(len(r.leaks))
             m.leaks_released.inc(r.released)
             m.unknown.set(len(r.unknown))
+            m.leaks_suspected.set(r.suspects)
+            m.leaks_exempt.set(r.exempt)
             m.set_blocks(blocks)
             m.set_addresses(r.in_use_by_pool)

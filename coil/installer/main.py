@@ -56,8 +56,12 @@ DEFAULTS = {
 # what libcni (and so the kubelet) loads from CNI_ETC_DIR
 CNI_CONF_SUFFIXES = (".conf", ".conflist", ".json")
 
+# "cniVersion" 1.0.0 for runtimes whose libcni predates the list (they keep
+# 1.0.0); libcni 1.2 and later (containerd 2.x) pick the highest of
+# "cniVersions" they know, 1.1.0, and so call GC and STATUS. docs/cni.md
 DEFAULT_NETCONF = {
     "cniVersion": "1.0.0",
+    "cniVersions": ["1.0.0", "1.1.0"],
     "name": "k8s-pod-network",
     "plugins": [
         {"type": "coil", "socket": "/run/coild/coild.sock"},
@@ -101,27 +105,40 @@ def validate_netconf(text: str, conf_name: str, source: str) -> bytes:
     if not isinstance(doc, dict):
         raise InvalidArgument(f"invalid {source}: expected a JSON object")
     from coil.cni.spec import SUPPORTED_VERSIONS
+    supported = ", ".join(SUPPORTED_VERSIONS)
     version = doc.get("cniVersion")
-    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
+    versions = doc.get("cniVersions")
+    if version is None and versions is None:
+        raise InvalidArgument(f"invalid {source}: needs \"cniVersion\" or \"cniVersions\"")
+    if version is not None and (not isinstance(version, str)
+                                or version not in SUPPORTED_VERSIONS):
         raise InvalidArgument(f"invalid {source}: cniVersion {version!r} is not one of "
-                              f"{', '.join(SUPPORTED_VERSIONS)}")
+                              f"{supported}")
+    if versions is not None:
+        # the runtime picks one of the list: each must be one coil speaks
+        if not isinstance(versions, list) or not versions:
+            raise InvalidArgument(f"invalid {source}: \"cniVersions\" must be a non-empty "
+                                  f"list of versions")
+        for v in versions:
+            if not isinstance(v, str) or v not in SUPPORTED_VERSIONS:
+                raise InvalidArgument(f"invalid {source}: cniVersions entry {v!r} is not one "
+                                      f"of {supported}")
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip():
         raise InvalidArgument(f"invalid {source}: \"name\" must be a non-empty string")
-    if conf_name.endswith(".conflist"):
-        plugins = doc.get("plugins")
-        if not isinstance(plugins, list) or not plugins:
-            raise InvalidArgument(f"invalid {source}: \"plugins\" must be a non-empty list "
-                                  f"(the file is a .conflist)")
-        for i, plugin in enumerate(plugins):
-            if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) \
-                    or not plugin["type"]:
-                raise InvalidArgument(f"invalid {source}: plugins[{i}] needs a \"type\"")
-        types = [p["type"] for p in plugins]
-    else:
-        if not isinstance(doc.get("type"), str) or not doc["type"]:
-            raise InvalidArgument(f"invalid {source}: a .conf file needs a \"type\"")
-        types = [doc["type"]]
+    if "plugins" not in doc and "type" in doc:
+        raise InvalidArgument(f"invalid {source}: a single-plugin .conf configuration is not "
+                              f"supported (removed in CNI 1.0); write a conflist with a "
+                              f"\"plugins\" list")
+    plugins = doc.get("plugins")
+    if not isinstance(plugins, list) or not plugins:
+        raise InvalidArgument(f"invalid {source}: \"plugins\" must be a non-empty list "
+                              f"(the file is a .conflist)")
+    for i, plugin in enumerate(plugins):
+        if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) \
+                or not plugin["type"]:
+            raise InvalidArgument(f"invalid {source}: plugins[{i}] needs a \"type\"")
+    types = [p["type"] for p in plugins]
     if "coil" not in types:
         raise InvalidArgument(f"invalid {source}: no plugin of type \"coil\"")
     return (json.dumps(doc, indent=2) + "\n").encode()
@@ -147,10 +164,13 @@ def load_netconf(environ, conf_name: str) -> bytes:
 
 
 def validate_conf_name(name: str) -> str:
+    if name.endswith((".conf", ".json")) and "/" not in name:
+        raise InvalidArgument(f"invalid CNI_CONF_NAME {name!r}: single-plugin .conf files "
+                              f"were removed in CNI 1.0; use a name ending in .conflist")
     if not name or "/" in name or name in (".", "..") or name.startswith(".") \
-            or not name.endswith((".conflist", ".conf", ".json")):
+            or not name.endswith(".conflist"):
         raise InvalidArgument(f"invalid CNI_CONF_NAME {name!r}: expected a file name ending "
-                              f"in .conflist (or .conf/.json)")
+                              f"in .conflist")
     return name
 
 

@@ -106,7 +106,7 @@ def check(ctx, output):
 
 @cli.command("node-rm")
 @click.argument("node")
-@click.option("--timeout", default=30.0, show_default=True,
+@click.option("--timeout", default=120.0, show_default=True,
               help="seconds to wait for each step (blocks freed, routes withdrawn)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress lines")
 @click.pass_context

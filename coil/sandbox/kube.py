@@ -42,7 +42,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from coil.sandbox.cluster import REPO, Progress, SandboxError, ip_batch, netns_exists, tail
+from coil.sandbox.config import SandboxError
+from coil.sandbox.shell import Progress, ip_batch, netns_exists, tail
 
 DEFAULT_BINARY = os.path.join(os.environ.get("KUBE_CACHE_DIR", "/var/cache/coil-kube"),
                               "bin", "kube-apiserver")
@@ -57,7 +58,8 @@ API_PORT = 6443
 CONTROLLER_METRICS = "127.0.0.1:9384"
 CONTROLLER_SA = ("kube-system", "coil-controller")
 TOKEN_SECONDS = 365 * 86400
-RBAC_MANIFEST = os.path.join(REPO, "deploy", "rbac.yaml")
+# package data: a copy of deploy/rbac.yaml (tests/unit/test_sandbox_data.py keeps them equal)
+RBAC_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "rbac.yaml")
 
 
 class KubeError(SandboxError):
@@ -415,18 +417,14 @@ class KubernetesPart:
                             raise
             self.call(sb, register)
             out["nodes"] = [n for n, _ in nodes]
-            if os.path.exists(RBAC_MANIFEST):
-                objs = load_manifests(RBAC_MANIFEST)
+            objs = load_manifests(RBAC_MANIFEST)
 
-                def sa_token():
-                    apply(api, objs)
-                    return service_account_token(core, *CONTROLLER_SA, seconds=TOKEN_SECONDS)
-                token = self.call(sb, sa_token)
-                out["credentials"] = (f"ServiceAccount {'/'.join(CONTROLLER_SA)} "
-                                      "(TokenRequest; RBAC of deploy/rbac.yaml)")
-            else:                        # installed without the repository's deploy/
-                token = k["admin_token"]
-                out["credentials"] = "admin (system:masters; deploy/rbac.yaml not found)"
+            def sa_token():
+                apply(api, objs)
+                return service_account_token(core, *CONTROLLER_SA, seconds=TOKEN_SECONDS)
+            token = self.call(sb, sa_token)
+            out["credentials"] = (f"ServiceAccount {'/'.join(CONTROLLER_SA)} "
+                                  "(TokenRequest; RBAC of deploy/rbac.yaml)")
             write_kubeconfig(k["controller_kubeconfig"], k["url"], k["ca"], token, "coil-sandbox")
             out["seconds"] = time.monotonic() - t0
         except BaseException as exc:   # noqa: BLE001 - reported by on_ready
@@ -467,7 +465,8 @@ class KubernetesPart:
             "--etcd-endpoints", sb.etcd_endpoint, "--etcd-prefix", cfg.etcd_prefix,
             "--kubeconfig", k["controller_kubeconfig"],
             "--metrics-addr", k["controller_metrics"],
-            "--scan-interval", cfg.controller_scan_interval],
+            "--scan-interval", cfg.controller_scan_interval,
+            "--node-grace-period", cfg.controller_node_grace],
             log, env={"PYTHONUNBUFFERED": "1"}, cwd=k["dir"])
         url = f"http://{k['controller_metrics']}/readyz"
         waited = wait_ready(lambda: self.call(sb, http_get, url, 1.0)[0] == 200,
@@ -508,7 +507,7 @@ class KubernetesPart:
 
 # -- node-rm ------------------------------------------------------------------
 
-def node_rm(sb, name: str, progress=None, timeout: float = 30.0) -> dict:
+def node_rm(sb, name: str, progress=None, timeout: float = 120.0) -> dict:
     """Take ``name`` away as a dead machine goes, then delete its Node and
     show coil-controller freeing its blocks:
 
@@ -518,7 +517,9 @@ def node_rm(sb, name: str, progress=None, timeout: float = 30.0) -> dict:
        dead machine does not run one);
     2. its Node object is deleted through the API;
     3. wait (bounded by ``timeout``) until coil-controller has freed the
-       node's blocks in etcd, with the addresses in them;
+       node's blocks in etcd, with the addresses in them: once the Node has
+       been gone for the controller's grace period (1m here) and the
+       node's liveness lease (5 s here) has lapsed;
     4. wait until no other node routes those blocks any more (kernel main
        table and BIRD's table);
     5. the other nodes' BIRD configurations drop the peer (``birdc

@@ -85,6 +85,7 @@ class KV:
     mod_revision: int
     create_revision: int
     version: int
+    lease: int = 0
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -110,6 +111,7 @@ class _Member:
         else:
             self.channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
         self.kv = etcdrpc.KVStub(self.channel)
+        self.lease = etcdrpc.LeaseStub(self.channel)
         self.auth = etcdrpc.AuthStub(self.channel)
         self.maintenance = etcdrpc.MaintenanceStub(self.channel)
         self._status_req = etcdrpc.StatusRequest()
@@ -470,7 +472,7 @@ class Etcd:
 
     def _kv(self, kv) -> KV:
         return KV(kv.key.decode()[len(self.prefix):], kv.value, kv.mod_revision,
-                  kv.create_revision, kv.version)
+                  kv.create_revision, kv.version, kv.lease)
 
     # -- reads --------------------------------------------------------------
     def get(self, key: str) -> KV | None:
@@ -535,7 +537,7 @@ class Etcd:
     # -- transactions -------------------------------------------------------
     # compare tuples: ("version"|"mod"|"create", key, op, int) and
     # ("prefix-empty", prefix), ("prefix-mod-below", prefix, revision);
-    # ops: ("put", key, bytes), ("delete", key),
+    # ops: ("put", key, bytes[, lease]), ("delete", key),
     # ("delete-prefix", prefix), ("get", key)
     def _compare(self, spec):
         rpc = self._rpc
@@ -568,8 +570,9 @@ class Etcd:
     def _op(self, spec):
         rpc = self._rpc
         kind = spec[0]
-        if kind == "put":
-            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(spec[1]), value=spec[2]))
+        if kind == "put":     # ("put", key, value[, lease id])
+            return rpc.RequestOp(request_put=rpc.PutRequest(
+                key=self._key(spec[1]), value=spec[2], lease=spec[3] if len(spec) > 3 else 0))
         if kind == "delete":
             return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._key(spec[1])))
         if kind == "delete-prefix":
@@ -601,3 +604,41 @@ class Etcd:
         """Unguarded put; only for tests and tools, never for IPAM state."""
         ok, rev, _ = self.txn([], [("put", key, value)])
         return rev
+
+    # -- leases -------------------------------------------------------------
+    def lease_grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; returns its id. Raises StoreUnavailable.
+        (Sent like a read: a grant whose answer was lost leaves an unused
+        lease that simply expires.)"""
+        req = self._rpc.LeaseGrantRequest(TTL=int(ttl), ID=0)
+        resp = self._call(lambda m: m.lease.LeaseGrant, req, write=False)
+        if resp.error:
+            raise StoreUnavailable(f"etcd at {self._endpoint_text} refused a lease: {resp.error}")
+        return resp.ID
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Renew a lease once. Returns the seconds it has left now; 0 or less
+        means it has expired (or never existed): its keys are gone. Raises
+        StoreUnavailable. Safe to repeat."""
+        req = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
+
+        def once(m):
+            def call(r, timeout, metadata):
+                # a stream of one request: the first answer is the renewal's
+                return next(iter(m.lease.LeaseKeepAlive(iter([r]), timeout, metadata=metadata)),
+                            None)
+            return call
+        resp = self._call(once, req, write=False)
+        return resp.TTL if resp is not None else 0
+
+    def lease_revoke(self, lease_id: int) -> bool:
+        """Revoke a lease and delete its keys. False when it did not exist
+        (expired already). Raises StoreUnavailable. Safe to repeat."""
+        req = self._rpc.LeaseRevokeRequest(ID=lease_id)
+        try:
+            self._call(lambda m: m.lease.LeaseRevoke, req, write=False)
+        except StoreUnavailable as exc:
+            if "lease not found" in str(exc):
+                return False
+            raise
+        return True

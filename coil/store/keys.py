@@ -7,8 +7,12 @@ All keys are relative to the configured prefix (default ``/coil/``).
     subnets-guard                 "<generation>"        serialises subnet changes
     block/<pool>/<block-CIDR>     {"node", "subnet", "acquired_at"}  one per held block
     node-block/<node>/<block-CIDR>  "<pool>"            index of a node's blocks
-    ip/<block-CIDR>/<offset>      {"namespace", "pod", "container_id", "created_at"}
+    ip/<block-CIDR>/<offset>      {"namespace", "pod", "container_id", "created_at",
+                                   "origin", "network", "ifname", "release_if_leaked"}
     node-alive/<node>             {"pid", "since"}     under the node's coild lease
+
+Address records written before ``origin``/``network``/``ifname`` existed
+read as origin unknown, network unknown, ifname ``eth0`` (see docs/schema.md).
 
 A free block has no key: taking one is a create guarded by
 ``version(block/...) == 0``, so nodes taking blocks never rewrite a shared

@@ -10,6 +10,7 @@ is only released when no address key exists under it (range compare).
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import json
 import random
@@ -91,6 +92,13 @@ def validate_block_size(size, subnet=None) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _block_base(cidr: str):
+    """The first address of a block (decoding many records of one block
+    parses its CIDR once)."""
+    return ipaddress.ip_network(cidr).network_address
+
+
 def _dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
@@ -136,11 +144,30 @@ class Address:
     created_at: str
     revision: int = 0
     extra: dict = field(default_factory=dict, compare=False)
+    # who made the record: ORIGIN_CNI, ORIGIN_REST, or "" (written before
+    # records carried an origin: never freed by CNI GC nor the leak scan)
+    origin: str = ""
+    network: str = ""            # CNI network name (netconf "name"); "" unknown
+    ifname: str = "eth0"         # CNI_IFNAME of the attachment
+    release_if_leaked: bool = False   # a REST owner's opt-in to the leak release
 
     def to_json(self) -> dict:
-        return {"address": self.address, "block": self.block, "namespace": self.namespace,
-                "pod": self.pod, "container_id": self.container_id,
-                "created_at": self.created_at}
+        out = {"address": self.address, "block": self.block, "namespace": self.namespace,
+               "pod": self.pod, "container_id": self.container_id,
+               "created_at": self.created_at}
+        if self.origin:
+            out["origin"] = self.origin
+        if self.origin == ORIGIN_CNI:
+            out.update(network=self.network, ifname=self.ifname)
+        if self.release_if_leaked:
+            out["release_if_leaked"] = True
+        return out
+
+
+ORIGIN_CNI = "cni"
+ORIGIN_REST = "rest"
+# optional fields of an address record, and their types
+RECORD_FIELDS = {"origin": str, "network": str, "ifname": str, "release_if_leaked": bool}
 
 
 class IPAMStore:
@@ -441,6 +468,11 @@ class IPAMStore:
             pick -= count
         raise AssertionError("unreachable")
 
+    def has_free_block(self, pool: Pool, version: int) -> bool:
+        """Whether ``pool`` has a block of IPv``version`` no node holds
+        (reads the pool's block keys). Raises StoreUnavailable."""
+        return bool(self._free_candidates(pool, self._used_blocks(pool), version, 1))
+
     def _used_blocks(self, pool: Pool) -> set:
         """CIDRs of the pool's held blocks: keys only, in pages of ``SCAN_PAGE``."""
         used = set()
@@ -530,10 +562,13 @@ class IPAMStore:
     def free_block(self, block: Block) -> bool:
         """Free a block and every address in it (the node is gone).
 
-        One transaction guarded by the block's revision; False when it
-        changed meanwhile. Safe to repeat."""
+        One transaction guarded by the block's revision and by the absence
+        of the node's liveness record (``node-alive/<node>``): False, and
+        nothing changed, when the block changed meanwhile or the node's
+        coild is alive. Safe to repeat."""
         ok, _, _ = self.etcd.txn(
-            [("mod", keys.block(block.pool, block.cidr), "==", block.revision)],
+            [("mod", keys.block(block.pool, block.cidr), "==", block.revision),
+             ("version", keys.node_alive(block.node), "==", 0)],
             [("delete", keys.block(block.pool, block.cidr)),
              ("delete", keys.node_block(block.node, block.cidr)),
              ("delete-prefix", keys.block_ips(block.cidr))])
@@ -543,32 +578,41 @@ class IPAMStore:
     def _decode_address(self, kv) -> Address:
         cidr, offset = keys.parse_ip_key(kv.key)
         data = json.loads(kv.value)
-        addr = ipaddress.ip_network(cidr).network_address + offset
+        addr = _block_base(cidr) + offset
+        opt = {k: v for k, v in data.items()
+               if k in RECORD_FIELDS and isinstance(v, RECORD_FIELDS[k])} if len(data) > 4 else {}
         return Address(str(addr), cidr, offset, data.get("namespace", ""), data.get("pod", ""),
                        data.get("container_id", ""), data.get("created_at", ""),
-                       kv.mod_revision)
+                       kv.mod_revision, **opt)
 
     def assign_address(self, block: Block, offset: int, namespace: str, pod: str,
-                       container_id: str) -> Address | None:
+                       container_id: str, extra: dict | None = None) -> Address | None:
         """Record the address at ``offset`` of ``block`` for a container.
 
-        Returns None when that address is already taken (nothing written).
-        Raises BlockLost when the block is no longer the caller's.
+        ``extra``: optional record fields (``RECORD_FIELDS``: origin, network,
+        ifname, release_if_leaked). Returns None when that address is already
+        taken (nothing written). Raises BlockLost when the block is no longer
+        the caller's, InvalidArgument for an unknown or mistyped field.
         """
         if not 0 <= offset < block.size:
             raise InvalidArgument(f"offset {offset} is outside block {block.cidr}")
+        opt = dict(extra or {})
+        for k, v in opt.items():
+            if k not in RECORD_FIELDS or not isinstance(v, RECORD_FIELDS[k]):
+                raise InvalidArgument(f"invalid address record field {k}={v!r}")
         created_at = now_iso()
         ip_key = keys.ip(block.cidr, offset)
         block_key = keys.block(block.pool, block.cidr)
         ok, rev, responses = self.etcd.txn(
             [("mod", block_key, "==", block.revision), ("version", ip_key, "==", 0)],
             [("put", ip_key, _dumps({"namespace": namespace, "pod": pod,
-                                     "container_id": container_id, "created_at": created_at}))],
+                                     "container_id": container_id, "created_at": created_at,
+                                     **opt}))],
             [("get", block_key)])
         if ok:
             addr = block.network.network_address + offset
             return Address(str(addr), block.cidr, offset, namespace, pod, container_id,
-                           created_at, rev)
+                           created_at, rev, **opt)
         kvs = responses[0].response_range.kvs if responses else []
         if not kvs or kvs[0].mod_revision != block.revision:
             raise BlockLost(f"block {block.cidr} of pool {block.pool!r} is no longer held "

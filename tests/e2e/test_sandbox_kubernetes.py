@@ -57,7 +57,7 @@ def ksandbox():
 
 def sandbox_cli(sb, *args, env=None):
     return subprocess.run([sys.executable, "-m", "coil", "sandbox", "--state-dir", sb.dir, *args],
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, **(env or {})))
 
 

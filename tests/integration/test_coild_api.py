@@ -55,7 +55,7 @@ def node():
 def coild(etcd_server, store, etcd_prefix, tmp_path, node, rundir):
     store.create_pool("default", "10.40.0.0/24", 4)
     c = Coild(node, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix,
-              extra=["--read-timeout", "2s"])
+              extra=["--read-timeout", "2s", "--idle-timeout", "2s"])
     c.api_socket = os.path.join(rundir, "api.sock")
     try:
         yield c.start()
@@ -237,6 +237,19 @@ def test_short_body_times_out_and_coild_still_answers(coild, node, store):
     assert (status, closed) == (None, True)
     assert coild.rest("GET", "/status")[0] == 200
     assert coild.rest("GET", "/status", via="unix")[1]["pods"] == {}
+
+
+def test_idle_keepalive_connection_is_closed(coild, node):
+    for connect in (lambda: tcp(node), lambda: unix(coild.api_socket)):
+        s = connect()
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b'{"status": 200}'):
+            data += s.recv(65536)
+        assert b"Connection: close" not in data          # kept alive ...
+        assert s.recv(65536) == b""                       # ... until --idle-timeout (2s)
+        s.close()
+    assert coild.rest("GET", "/healthz")[0] == 200
 
 
 POST = b"POST /ip HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -444,3 +457,21 @@ def test_plugin_socket_caps_connections(etcd_server, store, etcd_prefix, tmp_pat
         for s in held_open:
             s.close()
         assert c.stop() == 0
+
+
+@pytest.mark.parametrize("flags, wrong", [
+    (["--read-timeout", "0"], "--read-timeout"),
+    (["--idle-timeout", "soon"], "--idle-timeout"),
+    (["--max-connections", "0"], "--max-connections"),
+    (["--api-workers", "-2"], "--api-workers"),
+    (["--api-socket", "relative.sock"], "--api-socket"),
+    (["--api-socket", "/tmp/same.sock", "--socket", "/tmp/same.sock"], "--api-socket"),
+])
+def test_bad_limit_flags_are_one_line(flags, wrong, etcd_server, etcd_prefix, node):
+    import sys
+    r = node.exec("env", "COIL_NODE_NAME=node1", sys.executable, "-m", "coil", "coild",
+                  "--etcd-endpoints", etcd_server.unix_endpoint, "--etcd-prefix", etcd_prefix,
+                  *flags, check=False, timeout=60)
+    assert r.returncode != 0
+    assert wrong in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

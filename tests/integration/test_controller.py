@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from helpers import REPO, EtcdServer, free_port, wait_for
+from helpers import REPO, EtcdServer, FakeClock, free_port, wait_for
 from leakdata import create_pods, delete_pods, iso, plant_addresses, pod_manifest
 
 pytestmark = [pytest.mark.etcd]
@@ -219,87 +219,308 @@ def test_rbac_grants_exactly_what_is_needed(kube_apiserver, rbac, admin):
 
 
 # -- deleted nodes ------------------------------------------------------------------------
-def test_deleted_nodes_blocks_are_freed(run_controller, store, admin):
+def wait_idle(c):
+    """The janitor has nothing due (after a ``wake()``)."""
+    c.janitor.wake()
+    time.sleep(0.05)
+    wait_for(c.janitor.idle.is_set, what="janitor idle")
+
+
+def test_deleted_nodes_blocks_are_freed_after_the_grace_period(store, controller_core, admin):
+    """The whole controller (watch, janitor threads) on a fake clock: blocks
+    of a missing Node are kept for the grace period, then freed."""
+    from coil.controller.main import Controller
     store.create_pool("default", "10.200.0.0/20", 4)
     a, b, gone = unique(), unique(), unique()
     create_node(admin, a)
     create_node(admin, b)
+    clock = FakeClock()
+    c = Controller(store, controller_core, scan_interval=3600, node_grace=300, clock=clock)
     try:
         take_blocks(store, a, 2)
         take_blocks(store, b, 1)
         take_blocks(store, gone, 2)          # a node that no longer exists
         assert block_nodes(store) == sorted([a, b, gone])
-        ctl = run_controller("--scan-interval", "1h")
-        ctl.wait_ready()
-        # on start: the blocks of the missing node are freed, with their addresses
+        c.start()
+        wait_for(lambda: gone in c.janitor.waiting(), what="orphan seen")
+        wait_idle(c)
+        assert block_nodes(store) == sorted([a, b, gone])      # kept: grace period
+        wait_for(lambda: c.metrics.nodes_waiting._value.get() == 1, what="metric")
+        clock.advance(299)
+        wait_idle(c)
+        assert gone in block_nodes(store)
+        clock.advance(2)
         wait_for(lambda: gone not in block_nodes(store), what="orphan blocks freed")
         assert block_nodes(store) == sorted([a, b])
         assert store.etcd.count_prefix("ip/") == 6
-        # a Node deleted while watching
+        # a Node deleted while watching: kept for the grace period, then freed
         admin.delete_node(a)
+        wait_for(lambda: a in c.janitor.waiting(), what="deletion seen")
+        wait_idle(c)
+        assert a in block_nodes(store)
+        clock.advance(301)
         wait_for(lambda: a not in block_nodes(store), what="blocks of deleted node freed")
         assert block_nodes(store) == [b]
         assert store.etcd.count_prefix("ip/") == 2
         assert store.etcd.count_prefix(f"node-block/{a}/") == 0
-        wait_for(lambda: ctl.metric("coil_controller_blocks_freed_total") == 4,
-                 what="metrics")
-        assert ctl.metric("coil_controller_deleted_nodes_total") == 2
-        assert ctl.metric("coil_controller_node_addresses_freed_total") == 8
-        assert ctl.metric("coil_controller_blocks", f"pool=default,node={b}") == 1
-        assert ctl.get("/healthz")[0] == 200
-        msgs = [r["msg"] for r in ctl.log_records()]
-        assert "freed blocks of deleted node" in msgs
+        assert c.metrics.blocks_freed._value.get() == 4
+        assert c.metrics.nodes_cleaned._value.get() == 2
+        assert c.metrics.addresses_freed._value.get() == 8
+        wait_for(lambda: c.metrics.nodes_waiting._value.get() == 0, what="metric")
+        assert c.healthy()
     finally:
+        c.shutdown()
         for n in (a, b):
             status_of(admin.delete_node, n)
+
+
+def test_controller_process_keeps_a_deleted_nodes_blocks(run_controller, store, admin):
+    """The issue's reproduction: one 404 for a Node no longer frees anything."""
+    store.create_pool("default", "10.207.0.0/20", 4)
+    n = unique()
+    create_node(admin, n)
+    take_blocks(store, n, 2)
+    ctl = run_controller("--scan-interval", "1h")
+    ctl.wait_ready()
+    admin.delete_node(n)
+    wait_for(lambda: ctl.metric("coil_controller_gone_nodes_waiting") == 1, what="node seen gone")
+    assert block_nodes(store) == [n] and store.etcd.count_prefix("ip/") == 4
+    assert any(r["msg"] == "node is gone; its blocks are kept for the grace period"
+               and r["grace_s"] == 300 for r in ctl.log_records())
     assert ctl.stop() == 0
 
 
 def test_recreated_node_keeps_its_blocks(store, controller_core, admin):
-    """A node deleted and registered again before the cleanup ran keeps its blocks."""
+    """A node deleted and registered again within the grace period keeps its
+    blocks; a later deletion starts the grace period again."""
     from coil.controller.janitor import NodeJanitor
     store.create_pool("default", "10.201.0.0/20", 4)
     n = unique()
     create_node(admin, n)
+    clock = FakeClock()
+    janitor = NodeJanitor(store, controller_core, grace=300, clock=clock)
     try:
         take_blocks(store, n)
-        janitor = NodeJanitor(store, controller_core)
-        assert janitor.free_node(n) == 0          # it exists: nothing freed
-        assert block_nodes(store) == [n]
-    finally:
+        assert janitor.check_node(n) == (0, None)          # it exists: nothing to do
         admin.delete_node(n)
-    assert janitor.free_node(n) == 1
+        janitor.node_deleted(n)
+        assert janitor.check_node(n) == (0, clock() + 300)
+        clock.advance(200)
+        create_node(admin, n)                                # back within the grace period
+        clock.advance(200)
+        assert janitor.check_node(n) == (0, None)
+        assert n not in janitor.waiting() and block_nodes(store) == [n]
+        admin.delete_node(n)
+        janitor.node_deleted(n)
+        assert janitor.check_node(n)[0] == 0                 # the grace starts again
+        clock.advance(299)
+        assert janitor.check_node(n)[0] == 0
+        # deleted and re-created between two looks: the DELETED event restarts the count
+        janitor.node_deleted(n)
+        clock.advance(100)
+        assert janitor.check_node(n)[0] == 0
+        assert block_nodes(store) == [n]
+        clock.advance(200)
+    finally:
+        status_of(admin.delete_node, n)
+    assert janitor.check_node(n) == (1, None)
     assert block_nodes(store) == []
 
 
-def test_watch_survives_apiserver_restart(run_controller, kube_apiserver, store, admin):
+def test_watch_survives_apiserver_restart(kube_apiserver, store, controller_core, admin,
+                                          caplog):
+    from coil.controller.main import Controller
     store.create_pool("default", "10.202.0.0/20", 4)
     a, b = unique(), unique()
     create_node(admin, a)
     create_node(admin, b)
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+    c = Controller(store, controller_core, scan_interval=3600, node_grace=60, clock=clock)
     try:
         take_blocks(store, a)
         take_blocks(store, b)
-        ctl = run_controller("--scan-interval", "1h")
-        ctl.wait_ready()
+        c.start()
+        wait_for(c.ready, what="controller ready")
         kube_apiserver.restart()
         admin = kube_apiserver.core()
         admin.delete_node(a)
-        wait_for(lambda: a not in block_nodes(store), timeout=90,
-                 what="blocks freed after the API server restarted")
+        wait_for(lambda: a in c.janitor.waiting(), timeout=90,
+                 what="deletion seen after the API server restarted")
+        clock.advance(61)
+        wait_for(lambda: a not in block_nodes(store), what="blocks freed")
         assert block_nodes(store) == [b]
-        assert ctl.proc.poll() is None
-        assert ctl.metric("coil_controller_node_watch_restarts_total", "reason=error") >= 1
-        records = ctl.log_records()
-        assert any(r["msg"] in ("watching nodes failed; retrying", "listing nodes failed; retrying")
-                   and r["level"] == "warning" and "retry_s" in r for r in records)
+        assert c.healthy()
+        assert c.metrics.watch_restarts.labels("error")._value.get() >= 1
+        assert any(r.getMessage() in ("watching nodes failed; retrying",
+                                      "listing nodes failed; retrying")
+                   and r.levelno == logging.WARNING and hasattr(r, "retry_s")
+                   for r in caplog.records)
         # later deletions still arrive through the resumed watch
         admin.delete_node(b)
+        wait_for(lambda: b in c.janitor.waiting(), what="second deletion seen")
+        clock.advance(61)
         wait_for(lambda: block_nodes(store) == [], what="second node freed")
     finally:
+        c.shutdown()
         for n in (a, b):
             status_of(kube_apiserver.core().delete_node, n)
-    assert ctl.stop() == 0
+
+
+# -- node liveness: a real coild on a real node namespace -------------------------------
+@pytest.fixture
+def coild_node(etcd_server, etcd_prefix, tmp_path, admin):
+    """``start(name)``: a Node object and a coild for it (liveness TTL 3 s)."""
+    from harness import Coild, Netns
+    made = []
+
+    def start(name):
+        create_node(admin, name)
+        ns = Netns("node")
+        d = Coild(ns, str(tmp_path / name), etcd_server.unix_endpoint, etcd_prefix,
+                  node_name=name, extra=["--liveness-ttl", "3s"])
+        os.makedirs(d.workdir, exist_ok=True)
+        made.append((name, ns, d))
+        d.start()
+        return d
+
+    try:
+        yield start
+    finally:
+        for name, ns, d in made:
+            d.stop()
+            ns.delete()
+            status_of(admin.delete_node, name)
+
+
+def alive(store, node):
+    from coil.store import liveness
+    return liveness.read(store.etcd, node) is not None
+
+
+def test_node_deleted_while_coild_runs_keeps_everything(store, controller_core, admin,
+                                                        coild_node, caplog):
+    from coil.controller.janitor import NodeJanitor
+    store.create_pool("default", "10.208.0.0/20", 4)
+    n = unique()
+    take_blocks(store, n, 2)
+    coild_node(n)
+    assert alive(store, n)
+    clock = FakeClock()
+    caplog.set_level(logging.INFO)
+    janitor = NodeJanitor(store, controller_core, grace=300, recheck=30, clock=clock)
+    admin.delete_node(n)                             # kubectl delete node, node still running
+    janitor.node_deleted(n)
+    assert janitor.check_node(n) == (0, clock() + 300)
+    for _ in range(3):                                # long after the grace period
+        clock.advance(400)
+        assert janitor.check_node(n) == (0, clock() + 30)
+    assert block_nodes(store) == [n] and store.etcd.count_prefix("ip/") == 4
+    assert n in janitor.waiting()
+    assert [r.getMessage() for r in caplog.records].count(
+        "node object is gone but its coild is alive; blocks are kept") == 1
+
+
+def test_killed_coild_and_deleted_node_are_freed_after_grace_and_lease(
+        store, controller_core, admin, coild_node):
+    from coil.controller.janitor import NodeJanitor
+    store.create_pool("default", "10.209.0.0/20", 4)
+    n = unique()
+    take_blocks(store, n, 2)
+    d = coild_node(n)
+    clock = FakeClock()
+    janitor = NodeJanitor(store, controller_core, grace=300, recheck=30, clock=clock)
+    d.stop(signal.SIGKILL)
+    admin.delete_node(n)
+    janitor.node_deleted(n)
+    assert janitor.check_node(n) == (0, clock() + 300)       # grace period
+    clock.advance(301)
+    if alive(store, n):                                      # the lease may still run
+        assert janitor.check_node(n) == (0, clock() + 30)
+        assert block_nodes(store) == [n]
+    wait_for(lambda: not alive(store, n), timeout=20, what="lease expired")
+    clock.advance(30)
+    assert janitor.check_node(n) == (2, None)
+    assert block_nodes(store) == [] and store.etcd.count_prefix("ip/") == 0
+    assert n not in janitor.waiting()
+
+
+def test_coild_killed_then_node_deleted_waits_for_grace(store, controller_core, admin,
+                                                        coild_node):
+    from coil.controller.janitor import NodeJanitor
+    store.create_pool("default", "10.210.0.0/20", 4)
+    n = unique()
+    take_blocks(store, n)
+    coild_node(n).stop(signal.SIGKILL)
+    wait_for(lambda: not alive(store, n), timeout=20, what="lease expired")
+    clock = FakeClock()
+    janitor = NodeJanitor(store, controller_core, grace=300, clock=clock)
+    admin.delete_node(n)
+    janitor.node_deleted(n)
+    assert janitor.check_node(n)[0] == 0                    # lease gone, grace not yet
+    clock.advance(299)
+    assert janitor.check_node(n)[0] == 0
+    assert block_nodes(store) == [n]
+    clock.advance(1)
+    assert janitor.check_node(n) == (1, None)
+
+
+def test_node_recreated_within_grace_keeps_everything(store, controller_core, admin,
+                                                      coild_node):
+    from coil.controller.janitor import NodeJanitor
+    store.create_pool("default", "10.211.0.0/20", 4)
+    n = unique()
+    take_blocks(store, n, 2)
+    coild_node(n).stop(signal.SIGKILL)
+    wait_for(lambda: not alive(store, n), timeout=20, what="lease expired")
+    clock = FakeClock()
+    janitor = NodeJanitor(store, controller_core, grace=300, clock=clock)
+    admin.delete_node(n)
+    janitor.node_deleted(n)
+    assert janitor.check_node(n)[0] == 0
+    clock.advance(120)
+    create_node(admin, n)                                   # the kubelet registers again
+    clock.advance(600)
+    assert janitor.check_node(n) == (0, None)
+    assert block_nodes(store) == [n] and store.etcd.count_prefix("ip/") == 4
+    assert n not in janitor.waiting()
+
+
+def test_coild_coming_back_during_the_release_wins(store, controller_core, admin, coild_node,
+                                                   etcd_server, etcd_prefix, tmp_path,
+                                                   monkeypatch):
+    """coild starts again between the janitor's last look and its release
+    transaction: the transaction's liveness compare fails, nothing is freed."""
+    from coil.controller.janitor import NodeJanitor
+    store.create_pool("default", "10.212.0.0/20", 4)
+    n = unique()
+    take_blocks(store, n, 2)
+    d = coild_node(n)
+    d.stop(signal.SIGKILL)
+    wait_for(lambda: not alive(store, n), timeout=20, what="lease expired")
+    admin.delete_node(n)
+    clock = FakeClock()
+    janitor = NodeJanitor(store, controller_core, grace=300, clock=clock)
+    janitor.node_deleted(n)
+    janitor.check_node(n)
+    clock.advance(301)
+    real_free = store.free_block
+    calls = []
+
+    def coild_returns_first(block):
+        if not calls:
+            d.start()                         # writes node-alive/<n> before anything else
+            assert alive(store, n)
+        calls.append(block.cidr)
+        return real_free(block)
+
+    monkeypatch.setattr(store, "free_block", coild_returns_first)
+    freed, again = janitor.check_node(n)
+    assert freed == 0 and again == clock() + janitor.recheck
+    assert len(calls) == 1                               # the guarded txn was tried, and failed
+    assert block_nodes(store) == [n] and store.etcd.count_prefix("ip/") == 4
+    status, body = d.rest("GET", "/status")              # and coild holds its blocks again
+    assert status == 200 and len(body["address-blocks"]["default"]) == 2
 
 
 def test_watch_relists_after_410_gone(controller_core, admin):
@@ -414,8 +635,17 @@ def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, 
     assert 'coil_controller_addresses_in_use{pool="default"} 100000.0' in text
     assert 'coil_controller_blocks{node="scan-node-0",pool="default"} 391.0' in text
 
-    # --release-leaked: exactly the leaks go, everything else stays
-    releaser = LeakScanner(store, controller_core, expiration=86400, release=True)
+    # --release-leaked: exactly the leaks go, everything else stays; only on
+    # the second look, at least one scan interval after the first
+    clock = FakeClock(time.time())
+    releaser = LeakScanner(store, controller_core, expiration=86400, release=True, clock=clock,
+                           min_gap=600)
+    result = releaser.scan()
+    assert result.released == 0 and result.suspects == 250
+    assert store.etcd.count_prefix("ip/") == SCAN_N
+    clock.advance(599)
+    assert releaser.scan().released == 0                 # too early for a second look
+    clock.advance(1)
     result = releaser.scan()
     assert result.released == 250
     assert store.etcd.count_prefix("ip/") == SCAN_N - 250
@@ -445,7 +675,8 @@ def test_controller_process_reports_and_releases_leaks(run_controller, store, ad
         assert ctl.metric("coil_controller_addresses_in_use", "pool=default") == 64
         assert ctl.stop() == 0
 
-        ctl = run_controller("--scan-interval", "1h", "--address-expiration", "1h",
+        # the release needs two scans, one interval apart, that both found the leak
+        ctl = run_controller("--scan-interval", "2s", "--address-expiration", "1h",
                              "--release-leaked")
         wait_for(lambda: store.etcd.count_prefix("ip/") == 59, what="leaks released")
         wait_for(lambda: ctl.metric("coil_controller_leaked_addresses_released_total") == 5,
@@ -556,9 +787,13 @@ def test_failed_pod_list_never_counts_as_no_pods(store, controller_core, admin, 
         LeakScanner(store, forbidden, expiration=60, release=True).scan()
     assert info.value.status == 403
     assert store.etcd.count_prefix("ip/") == 16
-    # with a working list, only the 10 unused addresses go
-    result = LeakScanner(store, controller_core, expiration=60, release=True,
-                         page_size=2).scan()
+    # with a working list, only the 10 unused addresses go (on the second look)
+    clock = FakeClock(time.time())
+    scanner = LeakScanner(store, controller_core, expiration=60, release=True, page_size=2,
+                          clock=clock, min_gap=60)
+    assert scanner.scan().released == 0
+    clock.advance(60)
+    result = scanner.scan()
     assert result.released == 10
     assert {a.address for a in store.all_addresses_paged()[0]} == {p[0] for p in planted[:6]}
 
@@ -583,7 +818,8 @@ def test_node_cleanup_waits_for_etcd(tmp_path, controller_core, admin, caplog):
     store = IPAMStore(Etcd(EtcdConfig(endpoints=(server.endpoint,), prefix="/late/",
                                       timeout=1.0)))
     caplog.set_level(logging.INFO)
-    janitor = NodeJanitor(store, controller_core, backoff=Backoff(0.2, 1.0))
+    janitor = NodeJanitor(store, controller_core, backoff=Backoff(0.2, 1.0),
+                          grace=0.0)            # the grace period is tested elsewhere
     t = threading.Thread(target=janitor.run, daemon=True)
     t.start()
     n = unique()
@@ -636,6 +872,10 @@ def test_invalid_node_names_are_rejected(store, controller_core, caplog):
 def test_cli_rejects_bad_options(tmp_path):
     from helpers import hypercoil
     for args, needle in ((["--scan-interval", "0"], "--scan-interval"),
+                         (["--address-expiration", "0"], "'0'"),
+                         (["--address-expiration", "30s"], "at least 1m"),
+                         (["--node-grace-period", "10s"], "--node-grace-period"),
+                         (["--node-grace-period", "0"], "--node-grace-period"),
                          (["--scan-interval", "ten"], "--scan-interval"),
                          (["--address-expiration", "-1h"], "--address-expiration"),
                          (["--metrics-addr", "nope"], "--metrics-addr"),

@@ -164,24 +164,71 @@ def test_invalid_netconf_is_rejected_and_the_old_file_kept(dirs, netconf, needle
 
 
 def test_netconf_from_file_and_other_conf_name(dirs, tmp_path):
-    doc = {"cniVersion": "0.4.0", "name": "coil-net", "type": "coil",
-           "socket": "/run/coild/coild.sock"}
+    doc = {"cniVersion": "1.0.0", "name": "coil-net",
+           "plugins": [{"type": "coil", "socket": "/run/coild/coild.sock"}]}
     f = tmp_path / "netconf.json"
     f.write_text(json.dumps(doc))
-    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conf"))
+    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conflist"))
     assert r.returncode == 0, r.stderr
-    assert json.loads((dirs["etc"] / "05-coil.conf").read_text()) == doc
+    assert json.loads((dirs["etc"] / "05-coil.conflist").read_text()) == doc
     # v1's precedence: CNI_NETCONF, when not empty, wins over CNI_NETCONF_FILE
     inline = dict(doc, name="from-env")
-    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conf",
+    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conflist",
                          CNI_NETCONF=json.dumps(inline)))
     assert r.returncode == 0, r.stderr
-    assert json.loads((dirs["etc"] / "05-coil.conf").read_text()) == inline
-    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conf", CNI_NETCONF=" "))
+    assert json.loads((dirs["etc"] / "05-coil.conflist").read_text()) == inline
+    r = install(base_env(dirs, CNI_NETCONF_FILE=f, CNI_CONF_NAME="05-coil.conflist",
+                         CNI_NETCONF=" "))
     assert r.returncode == 0, r.stderr
-    assert json.loads((dirs["etc"] / "05-coil.conf").read_text()) == doc
+    assert json.loads((dirs["etc"] / "05-coil.conflist").read_text()) == doc
     r = install(base_env(dirs, CNI_NETCONF_FILE=tmp_path / "missing.json"))
     assert r.returncode == 1 and "cannot read CNI_NETCONF_FILE" in r.stderr
+
+
+def test_default_conflist_is_cni_1_1(dirs):
+    """The default conflist offers 1.1.0 (GC, STATUS) in "cniVersions" and
+    keeps "cniVersion" 1.0.0 for runtimes whose libcni predates the list."""
+    r = install(base_env(dirs))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(conflist(dirs).read_text())
+    assert doc["cniVersion"] == "1.0.0"
+    assert doc["cniVersions"] == ["1.0.0", "1.1.0"]
+
+
+@pytest.mark.parametrize("doc", [
+    {"cniVersions": ["1.0.0", "1.1.0"], "name": "n", "plugins": [{"type": "coil"}]},
+    {"cniVersion": "1.1.0", "cniVersions": ["1.1.0"], "name": "n",
+     "plugins": [{"type": "coil"}]},
+], ids=["list-only", "both"])
+def test_cni_1_1_conflists_are_accepted(dirs, doc):
+    r = install(base_env(dirs, CNI_NETCONF=json.dumps(doc)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(conflist(dirs).read_text()) == doc
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"CNI_NETCONF": '{"cniVersion": "1.0.0", "name": "n", "type": "coil"}'},
+     "single-plugin .conf configuration is not supported"),
+    ({"CNI_CONF_NAME": "05-coil.conf"}, "single-plugin .conf files were removed"),
+    ({"CNI_CONF_NAME": "05-coil.json"}, "single-plugin .conf files were removed"),
+    ({"CNI_NETCONF": '{"name": "n", "plugins": [{"type": "coil"}]}'},
+     'needs "cniVersion" or "cniVersions"'),
+    ({"CNI_NETCONF": '{"cniVersions": ["1.0.0", "9.9.9"], "name": "n", '
+                     '"plugins": [{"type": "coil"}]}'}, "cniVersions entry '9.9.9'"),
+    ({"CNI_NETCONF": '{"cniVersions": [], "name": "n", "plugins": [{"type": "coil"}]}'},
+     '"cniVersions" must be a non-empty list'),
+], ids=["conf-body", "conf-name", "json-name", "no-version", "bad-list-entry", "empty-list"])
+def test_conf_files_and_bad_version_lists_are_refused_in_one_line(dirs, extra, needle):
+    env = base_env(dirs)
+    assert install(env).returncode == 0
+    before = conflist(dirs).read_bytes()
+    r = install(dict(env, **extra))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coil-installer: error: invalid"), r.stderr
+    assert needle in lines[0], lines[0]
+    assert conflist(dirs).read_bytes() == before
+    assert leftovers(dirs["etc"]) == []
 
 
 def test_removes_the_other_cni_configurations_as_v1_did(dirs):

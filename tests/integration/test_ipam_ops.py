@@ -258,10 +258,11 @@ def test_check_reports_a_block_whose_route_is_missing(etcd_server, store, etcd_p
                                       "node": node_name}]
             assert [b for b in rep["blocks_without_route"] if b["node"] == node_name] == []
             node.exec("ip", "route", "del", b2.cidr, "table", "119")
+            node.exec("ip", "route", "del", "unreachable", b1.cidr)
             rep = check()
-            assert [(b["block"], b["node"]) for b in rep["blocks_without_route"]] == [
-                (b2.cidr, node_name)]
-            assert b1.cidr not in json.dumps(rep["blocks_without_route"])
+            assert sorted((b["block"], b["node"], b["route"])
+                          for b in rep["blocks_without_route"]) == sorted([
+                (b2.cidr, node_name, "export"), (b1.cidr, node_name, "unreachable")])
     finally:
         coild.stop()
         node.delete()
@@ -388,13 +389,14 @@ def test_node_release(ctl, store):
     r = ctl("node", "release", "node-x", "--yes")
     one_line_error(r, "node-x", "1 address", b2.cidr, "--force")
     assert dump(store) == before
-    # alive: its liveness record exists (coild keeps it under a lease; the
-    # guard only looks at whether the key exists)
-    store.etcd.put(keys.node_alive("node-x"), b'{"pid": 1}')
+    # alive: its liveness record exists (under a lease, as coild keeps it)
+    lease = store.etcd.lease_grant(60)
+    assert store.etcd.txn([("version", keys.node_alive("node-x"), "==", 0)],
+                          [("put", keys.node_alive("node-x"), b'{"pid": 1}', lease)])[0]
     r = ctl("node", "release", "node-x", "--yes", "--force")
     one_line_error(r, "node-x", "alive")
     assert {k: v for k, v in dump(store).items() if not k.startswith("node-alive/")} == before
-    store.etcd.txn([], [("delete", keys.node_alive("node-x"))])     # the lease expired
+    assert store.etcd.lease_revoke(lease)
     r = ctl("-o", "json", "node", "release", "node-x", "--yes", "--force")
     assert r.returncode == 0, r.stderr
     assert sorted((d["block"], d["addresses_freed"]) for d in json.loads(r.stdout)) == \

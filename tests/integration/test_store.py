@@ -440,6 +440,45 @@ def test_assign_address_record(store, default_pool):
     assert store.count_addresses(b.cidr) == 1
     all_addrs, rev = store.all_addresses()
     assert all_addrs == [a] and rev >= a.revision
+    # a record written before records carried an origin reads as unknown, ifname eth0
+    assert (a.origin, a.network, a.ifname, a.release_if_leaked) == ("", "", "eth0", False)
+
+
+def test_address_record_origin_fields(store, default_pool):
+    b = store.acquire_block("default", "node-1")
+    cni = store.assign_address(b, 1, "ns", "p", "c1",
+                               {"origin": "cni", "network": "k8s-pod-network", "ifname": "net1"})
+    rest = store.assign_address(b, 2, "ns", "q", "c2",
+                                {"origin": "rest", "release_if_leaked": True})
+    assert json.loads(store.etcd.get(keys.ip(b.cidr, 1)).value)["network"] == "k8s-pod-network"
+    by_offset = {a.offset: a for a in store.block_addresses(b.cidr)}
+    assert by_offset[1] == cni and by_offset[2] == rest
+    assert (cni.origin, cni.network, cni.ifname) == ("cni", "k8s-pod-network", "net1")
+    assert (rest.origin, rest.release_if_leaked) == ("rest", True)
+    assert cni.to_json()["ifname"] == "net1" and rest.to_json()["release_if_leaked"] is True
+    # an unknown or mistyped field is refused and nothing is written
+    for bad in ({"color": "red"}, {"release_if_leaked": "yes"}, {"origin": 1}):
+        with pytest.raises(InvalidArgument):
+            store.assign_address(b, 3, "ns", "r", "c3", bad)
+    assert store.count_addresses(b.cidr) == 2
+
+
+def test_free_block_refused_while_node_is_alive(store, default_pool):
+    """The liveness record is compared in the release transaction."""
+    from coil.store import liveness
+    b = store.acquire_block("default", "node-1")
+    store.assign_address(b, 0, "ns", "p", "c1")
+    lease = store.etcd.lease_grant(30)
+    liveness.claim(store.etcd, "node-1", lease, "now")
+    assert liveness.read(store.etcd, "node-1") is not None
+    assert store.free_block(b) is False
+    assert store.count_addresses(b.cidr) == 1 and store.node_blocks("node-1") == [b]
+    assert store.etcd.lease_revoke(lease) is True          # the lease ends: record gone
+    assert liveness.read(store.etcd, "node-1") is None
+    assert store.etcd.lease_revoke(lease) is False
+    assert store.etcd.lease_keepalive(lease) <= 0
+    assert store.free_block(b) is True
+    assert store.node_blocks("node-1") == [] and store.count_addresses(b.cidr) == 0
 
 
 def test_assign_every_offset(store, default_pool):
