@@ -655,6 +655,53 @@ def test_leak_scan_100k_finds_exactly_the_planted_leaks(store, controller_core, 
     assert releaser.scan().leaks == []
 
 
+def test_leak_release_exemptions_and_two_looks(store, controller_core, admin, namespace):
+    """What the leak release may free, on a fake clock: CNI records and REST
+    records whose owner opted in, each only after two looks a scan interval
+    apart at the same record; never REST records without the opt-in,
+    records of unknown origin, nor the address of a Pod that exists and has
+    no IP yet (Pending)."""
+    import json as _json
+
+    from coil.controller.scan import LeakScanner
+    from coil.store import keys
+    now = time.time()
+    kinds = {0: {"origin": "cni", "network": "k8s", "ifname": "eth0"},
+             1: {"origin": "rest"},
+             2: {"origin": "rest", "release_if_leaked": True},
+             3: {},                                              # an older coild's record
+             4: {"origin": "cni", "network": "k8s", "ifname": "eth0",
+                 "namespace": namespace, "pod": "waiting"},       # its Pod has no IP yet
+             5: {"origin": "cni", "network": "k8s", "ifname": "eth0"}}
+    planted = plant_addresses(store, "default", "10.213.0.0/24", 6, ["gone-node"],
+                              lambda i: iso(now - 7200), record=lambda i: kinds[i])
+    addr = [p[0] for p in planted]
+    create_pods(admin, namespace, [pod_manifest("waiting")])          # Pending, no IP
+    clock = FakeClock(now)
+    scanner = LeakScanner(store, controller_core, expiration=3600, release=True, clock=clock,
+                          min_gap=600)
+    first = scanner.scan()
+    assert {lk.address.address for lk in first.leaks} == {addr[i] for i in (0, 1, 2, 3, 5)}
+    assert (first.released, first.exempt, first.suspects) == (0, 2, 3)
+    assert store.etcd.count_prefix("ip/") == 6
+    # record 5 is written anew between the looks (another owner): its first look is void
+    _, cidr, off = planted[5]
+    kv = store.etcd.get(keys.ip(cidr, off))
+    assert store.etcd.txn([("mod", keys.ip(cidr, off), "==", kv.mod_revision)],
+                          [("put", keys.ip(cidr, off),
+                            _json.dumps(dict(_json.loads(kv.value), container_id="new")).encode())])[0]
+    clock.advance(599)
+    assert scanner.scan().released == 0                     # less than one interval later
+    clock.advance(1)
+    second = scanner.scan()
+    assert second.released == 2
+    held_now = {a.address for a in store.all_addresses_paged()[0]}
+    assert held_now == {addr[i] for i in (1, 3, 4, 5)}
+    clock.advance(600)
+    assert scanner.scan().released == 1                     # record 5, on its own two looks
+    assert {a.address for a in store.all_addresses_paged()[0]} == {addr[i] for i in (1, 3, 4)}
+
+
 def test_controller_process_reports_and_releases_leaks(run_controller, store, admin,
                                                         namespace):
     now = time.time()

@@ -192,7 +192,19 @@ def test_gc_frees_only_stale_cni_attachments_of_this_network(node, tmp_path):
                                                    "pod-name": "tool", "container-id": "rest1"})
     assert status == 200
     rest = body["address"]
+    # an owner that opts in to the leak release; a non-boolean opt-in is refused
+    status, body = node.coild.rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "vm",
+                                                   "container-id": "rest2",
+                                                   "release-if-leaked": True})
+    assert status == 200
+    rest2 = body["address"]
+    status, body = node.coild.rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "vm3",
+                                                   "container-id": "rest3",
+                                                   "release-if-leaked": "yes"})
+    assert status == 400 and "release-if-leaked" in body["error"]
     records = held(store)
+    assert (records[rest2].origin, records[rest2].release_if_leaked) == ("rest", True)
+    assert records[rest].release_if_leaked is False
     assert (records[stale].origin, records[stale].network, records[stale].ifname) == (
         "cni", NET, "eth0")
     assert records[other].network == "other-net"
@@ -202,7 +214,7 @@ def test_gc_frees_only_stale_cni_attachments_of_this_network(node, tmp_path):
         {"containerID": "keep1", "ifname": "eth0"}, {"containerID": "stale2", "ifname": "net1"},
         {"containerID": "gone", "ifname": "eth0"}]})
     assert (rc, out) == (0, None), node.coild.log()
-    assert set(held(store)) == {keep, other, rest}
+    assert set(held(store)) == {keep, other, rest, rest2}
     assert stale not in held(store) and other_if not in held(store)
     assert "eth0" in keep_pod.links() and "eth0" not in stale_pod.links()
     assert metric(node, "coild_cni_gc_freed_total") == 2
