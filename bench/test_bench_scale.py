@@ -159,7 +159,8 @@ def run_node(store, index: int, samples: dict):
     for k in range(ADDRESSES):
         alloc.allocate(POOL, 4, "bench", f"pod-{k}", f"n{index}-c{k}")
     for k in range(RELEASED):
-        alloc.release(f"n{index}-c{k}")
+        for rec in alloc.lookup(f"n{index}-c{k}"):       # what the CNI DEL does
+            alloc.release_address(rec)
     return alloc
 
 

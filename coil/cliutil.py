@@ -1,13 +1,12 @@
-"""Shared pieces of the click-based roles: etcd flags and the one place
-where exceptions become exit codes."""
+"""Shared pieces of the click-based roles: etcd flags, and click's own
+exceptions turned into coil's (the exit code is decided once, for every
+role, in coil/hypercoil.py)."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from coil.errors import CoilError
+from coil.errors import CoilError, UsageError
 
 
 def etcd_options(func):
@@ -53,28 +52,29 @@ def open_store(config):
 
 
 def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
-    """Run a click command; CoilError -> one line on stderr and exit 1. A
-    command's own exit code (``raise click.exceptions.Exit(N)``) is kept."""
+    """Run a click command. click's errors become coil's (UsageError,
+    CoilError) and propagate, with every CoilError, to the
+    role boundary in coil/hypercoil.py, which prints the one line and picks
+    the exit code. A command's own exit code (``raise
+    click.exceptions.Exit(N)``) is returned."""
     try:
         rv = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
         # non-standalone click returns an Exit's code instead of raising it
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
-    except CoilError as exc:
-        sys.stderr.write(f"{prog_name}: error: {exc.one_line()}\n")
-        return 1
     except click.exceptions.Abort:
-        sys.stderr.write(f"{prog_name}: aborted\n")
-        return 1
+        raise CoilError("aborted") from None
     except click.UsageError as exc:
         # one line, like every other error: what is wrong, and where help is
         where = exc.ctx.command_path if exc.ctx is not None else prog_name
         message = " ".join(exc.format_message().split())
-        sys.stderr.write(f"{prog_name}: error: {message} (see '{where} --help')\n")
-        return exc.exit_code
+        raise UsageError(message, hint=f"see '{where} --help'") from None
     except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+        err = CoilError(" ".join(exc.format_message().split()))
+        err.exit_code = exc.exit_code
+        raise err from None
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except SystemExit as exc:           # a command's ``raise SystemExit(N)``
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BrokenPipeError:
         return 1

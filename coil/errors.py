@@ -3,7 +3,8 @@
 Pure Python on purpose: the Cython extensions and their pure-Python twins
 import these classes, so both backends raise exactly the same types.
 Errors are translated only at the edges: CNI error codes in the plugin
-service, HTTP status codes in the REST layer, exit codes in the CLI wrapper.
+service, HTTP status codes in the REST layer, and exit codes in one place,
+the role boundary of ``coil/hypercoil.py`` (``exit_code`` below).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ class CoilError(Exception):
     """
 
     hint = ""
+    #: the process exit code when this error ends a role (coil/hypercoil.py)
+    exit_code = 1
 
     def __init__(self, message: str, *, hint: str | None = None):
         super().__init__(message)
@@ -38,6 +41,12 @@ class InvalidArgument(CoilError):
     """A value given by the user or a caller is malformed or out of range."""
 
 
+class UsageError(InvalidArgument):
+    """The command line itself is wrong (unknown option, missing argument)."""
+
+    exit_code = 2
+
+
 class NotFound(CoilError):
     """A named pool, subnet, node, block or address does not exist."""
 
@@ -49,6 +58,10 @@ class AlreadyExists(CoilError):
 class Conflict(CoilError):
     """A guarded write lost a race more often than the retry bound allows,
     or the state changed under the caller."""
+
+
+class BlockLost(Conflict):
+    """The block is no longer held by the caller (freed or re-acquired)."""
 
 
 class PoolExhausted(CoilError):
@@ -101,3 +114,7 @@ class NetlinkError(CoilError):
 
 class KubernetesError(CoilError):
     """The Kubernetes API server could not be reached or refused a request."""
+
+
+class PodNetError(CoilError):
+    """The pod's network is missing or differs from what it should be."""

@@ -37,14 +37,33 @@ roles:
 
 
 def _run(role: str, argv: list[str]) -> int:
+    """Run one role: the one boundary where an error becomes an exit code.
+
+    A ``CoilError`` from any role ends it with one line on stderr,
+    ``ROLE: error: MESSAGE (HINT)``, and the error's ``exit_code`` (1, or 2
+    for a bad command line); Ctrl-C ends it with 130. No traceback. Every
+    role answers ``--version`` as its first argument.
+    """
+    if argv[:1] == ["--version"]:
+        from coil import __version__
+        sys.stdout.write(f"{role} {__version__}\n")
+        return 0
     target = ROLES[role]
     module_name, _, func_name = target.partition(":")
-    if module_name == __name__:
-        func = globals()[func_name]
-    else:
-        import importlib
-        func = getattr(importlib.import_module(module_name), func_name)
-    return func(argv)
+    from coil.errors import CoilError
+    try:
+        if module_name == __name__:
+            func = globals()[func_name]
+        else:
+            import importlib
+            func = getattr(importlib.import_module(module_name), func_name)
+        return func(argv)
+    except CoilError as exc:
+        sys.stderr.write(f"{role}: error: {exc.one_line()}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{role}: interrupted\n")
+        return 130
 
 
 def backends() -> dict:
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     name = os.path.basename(argv[0]) if argv else "hypercoil"
     if name in ROLES:
         return _run(name, argv[1:])
+    if argv[1:2] == ["--version"]:
+        return _run("version", [])
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0 if len(argv) >= 2 else 2

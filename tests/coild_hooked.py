@@ -56,7 +56,8 @@ def main() -> int:
 
     cniservice.CNIService._reached = cni_reached
     coild_main.Coild._reached = coild_reached
-    return coild_main.main(argv)
+    from coil.hypercoil import main as hypercoil_main
+    return hypercoil_main(["coild", *argv])       # through the role boundary, like coild
 
 
 if __name__ == "__main__":

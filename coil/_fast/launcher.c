@@ -839,14 +839,19 @@ int main(int argc, char **argv)
     const char *name = strrchr(arg0, '/');
     name = name ? name + 1 : arg0;
 
-    if (strcmp(name, "coil") == 0)
-        return cni_main();
-
+    /* "coil --version" is for humans (a runtime passes no arguments):
+       Python answers it, like every role's --version */
     const char *role = NULL;
-    for (int i = 0; ROLE_NAMES[i]; i++)
+    if (strcmp(name, "coil") == 0) {
+        if (argc < 2 || strcmp(argv[1], "--version") != 0)
+            return cni_main();
+        role = "coil";
+    }
+    for (int i = 0; !role && ROLE_NAMES[i]; i++)
         if (strcmp(name, ROLE_NAMES[i]) == 0)
             role = ROLE_NAMES[i];
-    if (!role && argc > 1 && strcmp(argv[1], "coil") == 0)
+    if (!role && argc > 1 && strcmp(argv[1], "coil") == 0
+            && !(argc > 2 && strcmp(argv[2], "--version") == 0))
         return cni_main();                  /* "hypercoil coil" */
 
     char **args = calloc((size_t)argc + 5, sizeof *args);

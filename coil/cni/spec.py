@@ -4,6 +4,8 @@ SUPPORTED_VERSIONS is mirrored by the native launcher
 (coil/_fast/launcher.c, SUPPORTED_VERSIONS): change both together.
 """
 
+from coil.errors import CoilError
+
 # CNI spec versions the coil plugin speaks, oldest first.
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
@@ -34,7 +36,7 @@ ERR_NETWORK = 103
 ERR_CHECK_FAILED = 104
 
 
-class CNIError(Exception):
+class CNIError(CoilError):
     """An error to report as a CNI error object. Raised and caught inside
     coild only (the edge where errors become CNI codes)."""
 

@@ -367,15 +367,36 @@ def migrate_v1(obj, dry_run):
 
 
 @cli.command("completion")
-@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]), default="bash",
+                required=False)
 def completion(shell):
-    """Print the shell completion script for SHELL."""
+    """Print the shell completion script for SHELL (default: bash, as in v1)."""
     from click.shell_completion import get_completion_class
     comp = get_completion_class(shell)(cli, {}, "coilctl", "_COILCTL_COMPLETE")
     click.echo(comp.source())
 
 
+def _set_output(ctx, param, value):
+    obj = ctx.find_object(Ctx)
+    if value is not None and obj is not None:
+        obj.output = value
+
+
+def _output_everywhere(group: click.Group):
+    """Give every subcommand its own ``-o/--output``, so that it works after
+    the subcommand too (``coilctl pool list -o json``), as in kubectl."""
+    for cmd in group.commands.values():
+        if not any(p.name == "output" for p in cmd.params):
+            cmd.params.append(click.Option(
+                ["-o", "--output"], type=click.Choice(["human", "json"]), default=None,
+                expose_value=False, callback=_set_output,
+                help="output format (also accepted before the subcommand)"))
+        if isinstance(cmd, click.Group):
+            _output_everywhere(cmd)
+
+
 def main(argv: list[str]) -> int:
+    _output_everywhere(cli)
     if os.environ.get("_COILCTL_COMPLETE"):
         cli.main(args=argv, prog_name="coilctl", complete_var="_COILCTL_COMPLETE")
         return 0

@@ -7,9 +7,10 @@ means the cache was stale, so the block is reloaded or dropped.
 
 Invariants (docs/design.md, "The allocator's cache"):
 
-- One container at a time: ``allocate`` and ``release`` of one container ID
-  run one after the other; a retried ``allocate`` returns the address the
-  container already holds.
+- One container at a time: ``allocate`` calls of one container ID run one
+  after the other (the CNI service also runs whole requests of a container
+  one at a time, its DEL's ``release_address`` included); a retried
+  ``allocate`` returns the address the container already holds.
 - Unknown outcomes are read back: when etcd may or may not have committed a
   write (``OutcomeUnknown``), the key is read back and its record (which
   names the container, or the node for a block) decides. When the read
@@ -30,11 +31,15 @@ from dataclasses import dataclass, field
 
 from coil.bitmap import Bitmap
 from coil.coild.serial import KeyedLocks
-from coil.errors import (AlreadyExists, InvalidArgument, NotFound, OutcomeUnknown,
-                         PoolExhausted, StoreUnavailable)
-from coil.store.model import Address, Block, BlockLost, IPAMStore
+from coil.errors import (AlreadyExists, BlockLost, Conflict, InvalidArgument, NotFound,
+                         OutcomeUnknown, PoolExhausted, StoreUnavailable)
+from coil.store.model import Address, Block, IPAMStore
 
 log = logging.getLogger("coild.allocator")
+
+#: reserve-and-write rounds of one allocation before it gives up with Conflict
+#: (each lost round is a race with another writer or a block taken away)
+ALLOCATE_ATTEMPTS = 64
 
 
 @dataclass
@@ -350,7 +355,7 @@ class NodeAllocator:
         return rec
 
     def _allocate(self, pool, version, namespace, pod, container_id, extra=None) -> Address:
-        for _ in range(64):
+        for _ in range(ALLOCATE_ATTEMPTS):
             with self._lock:
                 got = self._reserve(pool, version)
             if got is None:
@@ -381,7 +386,8 @@ class NodeAllocator:
                     continue
                 self._cache_record(rec)
             return rec
-        raise PoolExhausted(pool, f"could not allocate from pool {pool!r}: too many conflicts")
+        raise Conflict(f"could not allocate from pool {pool!r}: lost the race for a free "
+                       f"address {ALLOCATE_ATTEMPTS} times", hint="try again")
 
     def _read_back_assign(self, held: HeldBlock, offset: int, container_id: str,
                           exc: OutcomeUnknown) -> Address | None:
@@ -436,16 +442,6 @@ class NodeAllocator:
                 held = HeldBlock(block, Bitmap(block.size))
                 self._blocks[block.cidr] = held
                 self._note("blk+", held)
-
-    def release(self, container_id: str) -> list[Address]:
-        """Free every address of the container. Returns what was freed
-        (empty when it held nothing). Safe to repeat."""
-        with self._containers.hold(container_id):
-            freed = []
-            for rec in self.lookup(container_id):
-                self.release_address(rec)
-                freed.append(rec)
-            return freed
 
     def release_address(self, rec: Address):
         """Delete the record in etcd, then from the cache. When the outcome
@@ -514,11 +510,3 @@ class NodeAllocator:
             log.warning("block release outcome unknown", extra={"block": block.cidr})
             return None
         return not (cur is not None and cur.node == self.node and cur.revision == block.revision)
-
-    def find(self, address: str) -> Address:
-        with self._lock:
-            for h in self._blocks.values():
-                for rec in h.records.values():
-                    if rec.address == address:
-                        return rec
-        raise NotFound(f"address {address} is not held on node {self.node!r}")

@@ -20,8 +20,8 @@ from coil.cni import spec
 from coil.cni.spec import CNIError
 from coil.coild.podnet import PodNetError, gateway_for, host_veth_name
 from coil.coild.serial import KeyedLocks
-from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NetlinkError, NotFound,
-                         PoolExhausted, StoreUnavailable)
+from coil.errors import (AlreadyExists, CoilError, Conflict, InvalidArgument, NetlinkError,
+                         NotFound, PoolExhausted, StoreUnavailable)
 from coil.store.model import ORIGIN_CNI, now_iso
 
 log = logging.getLogger("coild.cni")
@@ -308,11 +308,12 @@ class CNIService:
                 log.warning("DEL with malformed CNI_ARGS, ignored", extra={
                     "container": req.container_id, "cni_args": req.env.get("CNI_ARGS", "")})
         if req.command in ("ADD", "CHECK"):
-            for key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME"):
-                if not req.args.get(key):
-                    raise CNIError(spec.ERR_INVALID_ENV, f"CNI_ARGS lacks {key}",
-                                   "coil serves Kubernetes pods: the runtime must pass "
-                                   "K8S_POD_NAMESPACE and K8S_POD_NAME")
+            if not req.args.get("K8S_POD_NAME"):
+                raise CNIError(spec.ERR_INVALID_ENV, "CNI_ARGS lacks K8S_POD_NAME",
+                               "the runtime must name the pod or container")
+            # runtimes beyond the kubelet (podman, nerdctl) pass no namespace:
+            # the address comes from the default pool, recorded with namespace ""
+            req.args.setdefault("K8S_POD_NAMESPACE", "")
             if not req.netns:
                 raise CNIError(spec.ERR_INVALID_ENV, "CNI_NETNS is not set")
             if not os.path.exists(req.netns):
@@ -550,6 +551,8 @@ class CNIService:
             return exc
         if isinstance(exc, StoreUnavailable):
             return CNIError(spec.ERR_TRY_AGAIN, exc.one_line(), "etcd is unreachable from coild")
+        if isinstance(exc, Conflict):       # a lost retry race: the runtime retries
+            return CNIError(spec.ERR_TRY_AGAIN, exc.one_line())
         if isinstance(exc, PoolExhausted):
             return CNIError(spec.ERR_POOL_EXHAUSTED, exc.one_line())
         if isinstance(exc, NotFound):

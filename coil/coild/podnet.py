@@ -25,7 +25,7 @@ import random
 import re
 
 from coil import netlink
-from coil.errors import CoilError, NetlinkError
+from coil.errors import CoilError, NetlinkError, PodNetError
 
 GATEWAY4 = "169.254.1.1"
 GATEWAY6 = "fe80::1"
@@ -36,10 +36,6 @@ MAIN_TABLE = 254
 HOST_VETH_RE = re.compile(r"veth[0-9a-f]{11}")
 #: what a retired veth end is renamed to: "cdel" + 11 random hex digits
 RETIRED_PREFIX = "cdel"
-
-
-class PodNetError(CoilError):
-    """The pod's network is missing or differs from what it should be."""
 
 
 def host_veth_name(namespace: str, pod: str) -> str:

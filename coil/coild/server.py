@@ -44,7 +44,7 @@ _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "release-if-leaked")
 
 
-class HTTPError(Exception):
+class HTTPError(CoilError):
     """A request the REST layer refuses: status and one line for the client."""
 
     def __init__(self, status: int, message: str, close: bool = False):

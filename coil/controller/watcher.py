@@ -13,7 +13,7 @@ import threading
 import time
 
 from coil import k8s
-from coil.errors import InvalidArgument
+from coil.errors import CoilError, InvalidArgument
 
 log = logging.getLogger("coil-controller.watch")
 
@@ -36,11 +36,11 @@ class Backoff:
         self._next = self.initial
 
 
-class WatchExpired(Exception):
+class WatchExpired(CoilError):
     """The watch's resourceVersion is too old (HTTP 410 Gone): relist."""
 
 
-class WatchError(Exception):
+class WatchError(CoilError):
     """The server sent an ERROR event other than 410."""
 
 

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from coil.errors import CoilError, InvalidArgument, KubernetesError
+from coil.errors import CoilError, InvalidArgument, KubernetesError, UsageError
 
 log = logging.getLogger("coil-installer")
 
@@ -384,21 +384,15 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(__doc__.split("\n", 2)[2] if __doc__ else "")
         return 0
     if argv:
-        sys.stderr.write(f"coil-installer: error: unexpected argument {argv[0]!r} "
-                         f"(it is configured by environment variables; see --help)\n")
-        return 2
+        raise UsageError(f"unexpected argument {argv[0]!r}",
+                         hint="it is configured by environment variables; see --help")
     level = os.environ.get("COIL_LOG_LEVEL", "info")
     if level.lower() not in ("debug", "info", "warning", "error"):
-        sys.stderr.write(f"coil-installer: error: invalid COIL_LOG_LEVEL {level!r}: "
-                         f"debug, info, warning or error\n")
-        return 1
+        raise InvalidArgument(f"invalid COIL_LOG_LEVEL {level!r}: "
+                              f"debug, info, warning or error")
     logutil.setup(level)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
-    try:
-        run()
-    except CoilError as exc:
-        sys.stderr.write(f"coil-installer: error: {exc.one_line()}\n")
-        return 1
+    run()          # a CoilError ends in coil/hypercoil.py's boundary: one line, exit 1
     return 0
 
 

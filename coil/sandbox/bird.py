@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+from coil.errors import CoilError
+
 DEFAULT_ASN = 64600
 
 CONFIG_TEMPLATE = """\
@@ -117,7 +119,7 @@ def protocol_name(node: str) -> str:
 
 # -- birdc ---------------------------------------------------------------------
 
-class BirdError(Exception):
+class BirdError(CoilError):
     """birdc could not talk to BIRD (not running, socket missing)."""
 
 

@@ -235,28 +235,9 @@ def _indent(text: str, n: int = 2) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from coil.sandbox.cluster import SandboxError
-    from coil.sandbox.state import StateError
-    try:
-        cli.main(args=argv, prog_name="hypercoil sandbox", standalone_mode=False)
-        return 0
-    except (SandboxError, StateError) as exc:
-        sys.stderr.write(f"sandbox: error: {exc}\n")
-        return 1
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.UsageError as exc:
-        sys.stderr.write(f"sandbox: error: {' '.join(exc.format_message().split())} "
-                         "(see 'hypercoil sandbox --help')\n")
-        return exc.exit_code
-    except click.exceptions.Abort:
-        sys.stderr.write("sandbox: aborted\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("sandbox: interrupted\n")
-        return 130
+    """Errors end in coil/hypercoil.py's role boundary (one line, exit code)."""
+    from coil.cliutil import run_click
+    return run_click(cli, argv, "hypercoil sandbox")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,15 @@ import os
 import signal
 import time
 
+from coil.errors import CoilError
+
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 DEFAULT_STATE_DIR = "/run/coil-sandbox"
 FORMAT = 1
 
 
-class StateError(Exception):
+class StateError(CoilError):
     """The state directory is unusable (busy, foreign, corrupt)."""
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from coil.config import EtcdConfig
-from coil.errors import (InvalidArgument, OutcomeUnknown, StoreAuthError, StoreUnavailable)
+from coil.errors import (CoilError, InvalidArgument, OutcomeUnknown, StoreAuthError, StoreUnavailable)
 
 log = logging.getLogger("coil.etcd")
 
@@ -63,7 +63,7 @@ BAD_CREDENTIALS = ("authentication failed", "permission denied", "user name is e
                    "user name not found", "authentication is not enabled")
 
 
-class _TokenExpired(Exception):
+class _TokenExpired(CoilError):
     """Internal: the client's auth token must be renewed before a retry."""
 
 
@@ -473,6 +473,11 @@ class Etcd:
     def _kv(self, kv) -> KV:
         return KV(kv.key.decode()[len(self.prefix):], kv.value, kv.mod_revision,
                   kv.create_revision, kv.version, kv.lease)
+
+    def decode_kv(self, kv) -> KV:
+        """A raw ``mvccpb.KeyValue`` (e.g. from a txn's range response) as a
+        KV, its key relative to the prefix."""
+        return self._kv(kv)
 
     # -- reads --------------------------------------------------------------
     def get(self, key: str) -> KV | None:

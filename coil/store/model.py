@@ -15,9 +15,9 @@ import ipaddress
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from coil.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound,
+from coil.errors import (AlreadyExists, BlockLost, Conflict, InvalidArgument, NotFound,
                          PoolExhausted)
 from coil.store import keys
 from coil.store.etcd import Etcd
@@ -32,10 +32,6 @@ PER_BLOCK_COUNT_LIMIT = 32  # pool usage: up to this many blocks, one count requ
 DEFAULT_POOL = "default"
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NODE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-
-
-class BlockLost(Conflict):
-    """The block is no longer held by the caller (freed or re-acquired)."""
 
 
 def now_iso() -> str:
@@ -143,7 +139,6 @@ class Address:
     container_id: str
     created_at: str
     revision: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
     # who made the record: ORIGIN_CNI, ORIGIN_REST, or "" (written before
     # records carried an origin: never freed by CNI GC nor the leak scan)
     origin: str = ""
@@ -202,19 +197,6 @@ class IPAMStore:
         kvs, _ = self.etcd.get_prefix(keys.POOL)
         return sorted((self._decode_pool(kv.key[len(keys.POOL):], kv) for kv in kvs),
                       key=lambda p: p.name)
-
-    def pool_for_namespace(self, namespace: str) -> Pool:
-        """The pool named like the namespace, else ``default``. Raises NotFound."""
-        if namespace and _NAME_RE.match(namespace) and len(namespace) <= 63:
-            kv = self.etcd.get(keys.pool(namespace))
-            if kv is not None:
-                return self._decode_pool(namespace, kv)
-        kv = self.etcd.get(keys.pool(DEFAULT_POOL))
-        if kv is None:
-            raise NotFound(f"no pool for namespace {namespace!r}: neither pool {namespace!r} "
-                           f"nor pool 'default' exists",
-                           hint="create one with 'coilctl pool create default SUBNET SIZE'")
-        return self._decode_pool(DEFAULT_POOL, kv)
 
     def _check_subnet_free(self, net) -> tuple[list, int]:
         """Returns (compares guarding the subnet set, next guard generation)."""
@@ -421,7 +403,7 @@ class IPAMStore:
         blocks = []
         for resp in responses:
             for kv in resp.response_range.kvs:
-                block = self._decode_block(self.etcd._kv(kv))
+                block = self._decode_block(self.etcd.decode_kv(kv))
                 if block.node == node:
                     blocks.append(block)
         return blocks
@@ -541,7 +523,7 @@ class IPAMStore:
                 raise NotFound(f"pool {pool_name!r} does not exist",
                                hint="list pools with 'coilctl pool list'")
             if kvs[0].mod_revision != pool.revision:    # subnets changed: use the new list
-                pool = self._decode_pool(pool_name, self.etcd._kv(kvs[0]))
+                pool = self._decode_pool(pool_name, self.etcd.decode_kv(kvs[0]))
                 probed = []
             else:
                 probed = [p for p, r in zip(probes, responses[1:]) if not r.response_range.kvs]
@@ -700,7 +682,7 @@ class IPAMStore:
             owner = json.loads(block_kvs[0].value)["node"] if block_kvs else None
             where = f"block {cidr} of node {owner!r}" if owner else f"free block {cidr}"
             raise NotFound(f"address {addr} is not assigned (pool {pool.name!r}, {where})")
-        rec = self._decode_address(self.etcd._kv(ip_kvs[0]))
+        rec = self._decode_address(self.etcd.decode_kv(ip_kvs[0]))
         info = rec.to_json()
         info.update(pool=pool.name,
                     node=json.loads(block_kvs[0].value)["node"] if block_kvs else None)

@@ -65,14 +65,19 @@ func (p pod) runtimeConf() *libcni.RuntimeConf {
 		ContainerID: p.containerID,
 		NetNS:       p.netns,
 		IfName:      p.ifName,
-		// what kubelet/containerd pass in CNI_ARGS
-		Args: [][2]string{
-			{"IgnoreUnknown", "1"},
-			{"K8S_POD_NAMESPACE", p.namespace},
-			{"K8S_POD_NAME", p.name},
-			{"K8S_POD_INFRA_CONTAINER_ID", p.containerID},
-		},
+		Args: p.args(),
 	}
+}
+
+// args: what kubelet/containerd pass in CNI_ARGS. An empty namespace leaves
+// K8S_POD_NAMESPACE out, as podman and nerdctl do.
+func (p pod) args() [][2]string {
+	args := [][2]string{{"IgnoreUnknown", "1"}}
+	if p.namespace != "" {
+		args = append(args, [2]string{"K8S_POD_NAMESPACE", p.namespace})
+	}
+	return append(args, [2]string{"K8S_POD_NAME", p.name},
+		[2]string{"K8S_POD_INFRA_CONTAINER_ID", p.containerID})
 }
 
 func podFromArgs(args []string) pod {

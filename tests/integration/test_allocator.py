@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from coil.coild.allocator import NodeAllocator
-from coil.errors import AlreadyExists, PoolExhausted
+from coil.coild.allocator import ALLOCATE_ATTEMPTS, NodeAllocator
+from coil.errors import AlreadyExists, Conflict, PoolExhausted
 
 
 def test_threads_get_unique_addresses_and_blocks_grow(store):
@@ -60,6 +60,37 @@ def test_exhaustion_and_empty_block_return(store):
     # the returned block is taken again when needed
     again = alloc.allocate("default", 4, "ns", "px", "cx")
     assert ipaddress.ip_address(again.address) in ipaddress.ip_network("10.51.0.0/30")
+
+
+def test_lost_races_are_conflict_not_exhaustion(store, monkeypatch):
+    """A rival writer takes every slot the allocator reserves, just before
+    its write: after the retry bound the allocation fails with Conflict (the
+    CNI "try again" code 11), not PoolExhausted, and holds nothing."""
+    from coil.cni import spec
+    from coil.coild.cniservice import CNIService
+    store.create_pool("default", "10.52.0.0/16", 8)         # blocks of 256: never full here
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    real = store.assign_address
+    rivals = []
+
+    def rival_first(block, offset, namespace, pod, container_id, extra=None):
+        rivals.append(real(block, offset, "ns", f"rival{offset}", f"r{offset}"))
+        return real(block, offset, namespace, pod, container_id, extra)     # None: taken
+
+    monkeypatch.setattr(store, "assign_address", rival_first)
+    with pytest.raises(Conflict) as info:
+        alloc.allocate("default", 4, "ns", "p1", "c1")
+    assert not isinstance(info.value, PoolExhausted)
+    # the first round takes a block; every other one lost its slot to the rival
+    assert len(rivals) == ALLOCATE_ATTEMPTS - 1 and all(r is not None for r in rivals)
+    assert alloc.lookup("c1") == []
+    addrs, _ = store.all_addresses()
+    assert sorted(a.container_id for a in addrs) == sorted(r.container_id for r in rivals)
+    err = CNIService._cni_error(info.value)
+    assert err.code == spec.ERR_TRY_AGAIN == 11 and "try again" in err.msg
+    monkeypatch.setattr(store, "assign_address", real)       # the race is over: it succeeds
+    assert alloc.allocate("default", 4, "ns", "p1", "c1").container_id == "c1"
 
 
 def test_reload_sees_changes_made_behind_its_back(store):

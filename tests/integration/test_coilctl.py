@@ -265,6 +265,49 @@ def test_completion_bash(ctl):
     assert "complete " in r.stdout
 
 
+def test_completion_without_shell_prints_bash(ctl):
+    """v1's habit: 'coilctl completion' alone prints the bash script."""
+    r = hypercoil("coilctl", "completion")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == hypercoil("coilctl", "completion", "bash").stdout
+    assert "_COILCTL_COMPLETE=bash_complete" in r.stdout
+
+
+def test_output_before_or_after_the_subcommand(ctl, populated):
+    """kubectl users put -o last: both places give the same answer."""
+    for cmd in (["pool", "list"], ["pool", "show", "global"], ["node", "blocks", "node-2"],
+                ["address", "info", "10.0.0.2"]):
+        before = ctl("-o", "json", *cmd)
+        assert before.returncode == 0, before.stderr
+        for after in (["-o", "json"], ["--output", "json"], ["--output=json"]):
+            r = ctl(*cmd, *after)
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout) == json.loads(before.stdout), cmd
+        human = ctl("-o", "json", *cmd, "-o", "human")     # the later one wins
+        assert human.returncode == 0 and human.stdout == ctl(*cmd).stdout
+    r = ctl("pool", "list", "-o", "yaml")
+    assert r.returncode == 2 and "'yaml' is not one of" in r.stderr
+
+
+def test_every_command_takes_output_after_it():
+    from coil.coilctl.cli import _output_everywhere, cli
+    import click
+    _output_everywhere(cli)
+    _output_everywhere(cli)                  # idempotent (in-process callers run main twice)
+
+    def leaves(group, path):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from leaves(cmd, path + [name])
+            else:
+                yield path + [name], cmd
+    found = list(leaves(cli, []))
+    assert len(found) >= 10
+    for path, cmd in found:
+        opts = [p for p in cmd.params if p.name == "output"]
+        assert len(opts) == 1 and "-o" in opts[0].opts, path
+
+
 def test_completion_words(ctl):
     r = hypercoil("coilctl", env={"_COILCTL_COMPLETE": "bash_complete",
                                   "COMP_WORDS": "coilctl pool ", "COMP_CWORD": "2"})

@@ -339,6 +339,34 @@ def test_bad_input_is_rejected_cleanly(cluster):
     assert pod.links() == ["lo"]
 
 
+def test_runtime_without_pod_namespace_gets_the_default_pool(cluster):
+    """podman and nerdctl pass K8S_POD_NAME but no K8S_POD_NAMESPACE: the
+    container gets an address of the default pool (not of a namespace pool),
+    recorded with namespace "", and CHECK and DEL work as for a pod."""
+    cluster.store.create_pool("default", "10.36.0.0/24", 4)
+    cluster.store.create_pool("web", "10.37.0.0/24", 4)       # a namespace pool: not used
+    cluster.start()
+    pod, kube_pod = cluster.new_pod(), cluster.new_pod()
+    res = add(cluster, pod, "podman1", ns="", name="web")     # libcni without the namespace
+    ip = pod_ip(res)
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.36.0.0/24")
+    rec = etcd_ips(cluster.store)[ip]
+    assert (rec.namespace, rec.pod, rec.container_id) == ("", "web", "podman1")
+    assert f"inet {ip}/32" in pod.exec("ip", "addr", "show", "eth0").stdout
+    # a Kubernetes pod "web" of namespace "web" beside it: its own pool and veth
+    kube = add(cluster, kube_pod, "kube1", ns="web", name="web")
+    assert ipaddress.ip_address(pod_ip(kube)) in ipaddress.ip_network("10.37.0.0/24")
+    assert kube["interfaces"][0]["name"] != res["interfaces"][0]["name"]
+    rc, out = cluster.cni.call("check", pod, "podman1", "", "web")
+    assert rc == 0, out
+    rc, out = cluster.cni.call("del", pod, "podman1", "", "web")
+    assert rc == 0, out
+    assert ip not in etcd_ips(cluster.store) and pod.links() == ["lo"]
+    rc, out = cluster.cni.call("del", kube_pod, "kube1", "web", "web")
+    assert rc == 0, out
+    assert leftovers(cluster) == ([], {})
+
+
 def test_coild_not_running_gives_code_11(cluster):
     cluster.store.create_pool("default", "10.34.0.0/24", 4)
     cluster.start()

@@ -878,7 +878,7 @@ def coilctl_env(etcd_server, tmp_path_factory):
 
 def run_coilctl(argv: list[str], home: str) -> tuple[int, str, str]:
     """coilctl's own entry point (the one the command line uses), in-process."""
-    from coil.coilctl.cli import main
+    from coil.hypercoil import main
     out, err = io.StringIO(), io.StringIO()
     # no terminal, no Kubernetes: HOME without ~/.kube, no KUBECONFIG or in-cluster
     # variables, so "address free" can only ask a missing API (and then refuses)
@@ -893,7 +893,7 @@ def run_coilctl(argv: list[str], home: str) -> tuple[int, str, str]:
     stdin, sys.stdin = sys.stdin, io.StringIO("")
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(argv)
+            rc = main(["coilctl", *argv])
     finally:
         sys.stdin = stdin
         for k, v in saved.items():

@@ -60,3 +60,29 @@ def test_without_background_thread_names_expire(store):
     store.create_pool("team", "10.64.0.0/24", 4)
     time.sleep(0.25)
     assert r.for_namespace("team") == "team"
+
+
+def test_default_and_namespace_pool(store):
+    store.create_pool("default", "10.0.0.0/16", 5)
+    store.create_pool("global", "192.168.10.0/24", 2)
+    r = PoolResolver(store)
+    assert r.for_namespace("global") == "global"
+    assert r.for_namespace("kube-system") == "default"
+    assert r.for_namespace("default") == "default"
+    assert r.for_namespace("") == "default"
+    # a name no pool may have falls back to default
+    assert r.for_namespace("Not_A_Label") == "default"
+
+
+def test_namespace_pool_without_default(store):
+    store.create_pool("global", "192.168.10.0/24", 2)
+    r = PoolResolver(store)
+    assert r.for_namespace("global") == "global"
+    with pytest.raises(NotFound) as info:
+        r.for_namespace("team-a")
+    assert "team-a" in str(info.value) and "default" in str(info.value)
+
+
+def test_no_pool_at_all(store):
+    with pytest.raises(NotFound, match="default"):
+        PoolResolver(store).for_namespace("default")

@@ -83,29 +83,6 @@ def test_list_pools_empty(store):
     assert store.list_pools() == []
 
 
-def test_default_and_namespace_pool(store):
-    store.create_pool("default", "10.0.0.0/16", 5)
-    store.create_pool("global", "192.168.10.0/24", 2)
-    assert unchanged(store, store.pool_for_namespace, "global").name == "global"
-    assert store.pool_for_namespace("kube-system").name == "default"
-    assert store.pool_for_namespace("default").name == "default"
-    assert store.pool_for_namespace("").name == "default"
-    # a name no pool may have falls back to default
-    assert store.pool_for_namespace("Not_A_Label").name == "default"
-
-
-def test_namespace_pool_without_default(store):
-    store.create_pool("global", "192.168.10.0/24", 2)
-    assert store.pool_for_namespace("global").name == "global"
-    err = rejected(store, NotFound, store.pool_for_namespace, "team-a")
-    assert "team-a" in str(err) and "default" in str(err)
-
-
-def test_no_pool_at_all(store):
-    err = rejected(store, NotFound, store.pool_for_namespace, "default")
-    assert "default" in str(err)
-
-
 def test_get_unknown_pool(store):
     err = rejected(store, NotFound, store.get_pool, "missing")
     assert "'missing'" in str(err)

@@ -542,6 +542,20 @@ def test_hypercoil_version_runs_python(hypercoil):
     assert "hypercoil" in proc.stdout
 
 
+def test_coil_version_is_answered_by_python(hypercoil, build_dir):
+    """'coil --version' (the CNI name, and 'hypercoil coil --version') prints
+    the version like every role; without arguments it stays the CNI plugin."""
+    from coil import __version__
+    for argv in ([os.path.join(build_dir, "coil"), "--version"],
+                 [hypercoil, "coil", "--version"]):
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert (proc.returncode, proc.stdout) == (0, f"coil {__version__}\n"), proc.stderr
+    proc = subprocess.run([os.path.join(build_dir, "coil")], input="{}", capture_output=True,
+                          text=True, env=dict(os.environ, CNI_COMMAND="VERSION"), timeout=60)
+    assert proc.returncode == 0 and "supportedVersions" in json.loads(proc.stdout)
+
+
 def test_strict_c99(hypercoil):
     """Also clean as strict C99 with extra warnings."""
     proc = subprocess.run([CC, "-std=c99", "-pedantic", "-Wall", "-Wextra", "-O2",
@@ -557,4 +571,5 @@ def test_python_twin_imports_stay_minimal():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, timeout=60, check=True)
     new = set(json.loads(proc.stdout.replace("'", '"')))
-    assert new <= {"coil", "coil.cni", "coil.cni.plugin", "coil.cni.spec"}, new
+    # coil.errors (spec's CNIError derives from the one root) imports nothing itself
+    assert new <= {"coil", "coil.cni", "coil.cni.plugin", "coil.cni.spec", "coil.errors"}, new

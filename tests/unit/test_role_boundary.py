@@ -1,0 +1,95 @@
+"""The one exit-code boundary (coil/hypercoil.py) and the habits every role
+shares: bad input is one line on stderr with the documented exit code and no
+traceback; every role answers ``--version``; the error classes have one root."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pkgutil
+
+import pytest
+
+from helpers import hypercoil
+
+import coil
+from coil.errors import CoilError
+
+ROLES = ["coil", "coild", "coilctl", "coil-controller", "coil-installer", "sandbox"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_role_answers_version(role):
+    r = hypercoil(role, "--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{role} {coil.__version__}\n" and r.stderr == ""
+
+
+def test_hypercoil_answers_version():
+    r = hypercoil("--version")
+    assert r.returncode == 0 and r.stdout.startswith(f"hypercoil {coil.__version__} ")
+
+
+def one_line(r, role: str, needle: str) -> str:
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"{role}: error: ") and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    return r.stderr
+
+
+@pytest.mark.parametrize("role,args,env,code,needle", [
+    # usage errors: 2
+    ("coilctl", ["--bogus"], {}, 2, "No such option '--bogus'"),
+    ("coilctl", ["pool", "list", "-o", "yaml"], {}, 2, "'yaml' is not one of"),
+    ("coild", ["--bogus"], {}, 2, "No such option '--bogus'"),
+    ("coil-controller", ["--bogus"], {}, 2, "No such option '--bogus'"),
+    ("coil-installer", ["--node", "x"], {}, 2, "unexpected argument '--node'"),
+    ("sandbox", ["frobnicate"], {}, 2, "No such command 'frobnicate'"),
+    # a CoilError (bad value): 1
+    ("coilctl", ["--config", "/nonexistent/coilctl.yml", "pool", "list"], {}, 1,
+     "config file /nonexistent/coilctl.yml does not exist"),
+    ("coil-installer", [], {"COIL_LOG_LEVEL": "loud"}, 1, "invalid COIL_LOG_LEVEL 'loud'"),
+])
+def test_bad_input_is_one_line_with_the_documented_code(role, args, env, code, needle):
+    r = hypercoil(role, *args, env=env)
+    assert r.returncode == code, r.stderr
+    one_line(r, role, needle)
+
+
+def test_sandbox_error_goes_through_the_boundary(tmp_path):
+    (tmp_path / "state.json").write_text("{corrupt")
+    r = hypercoil("sandbox", "--state-dir", str(tmp_path), "status")
+    assert r.returncode == 1, r.stderr
+    one_line(r, "sandbox", "is corrupt")
+
+
+def test_plugin_errors_stay_cni_error_objects():
+    """The CNI plugin answers on stdout with an error object (CNI spec), not
+    through the stderr line."""
+    r = hypercoil("coil", input="{not json", env={"CNI_COMMAND": "ADD"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    err = json.loads(r.stdout)
+    assert err["code"] == 6
+
+
+def test_every_exception_class_derives_from_coil_error():
+    """One root: every exception class defined in the coil package is a CoilError."""
+    outside = []
+    for mod in pkgutil.walk_packages(coil.__path__, "coil."):
+        if mod.name.startswith("coil._fast") or mod.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(mod.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                    and obj.__module__ == module.__name__ and not issubclass(obj, CoilError)):
+                outside.append(f"{module.__name__}.{name}")
+    assert outside == []
+
+
+def test_moved_errors_are_reexported():
+    from coil import errors
+    from coil.coild.podnet import PodNetError
+    from coil.store.model import BlockLost
+    assert BlockLost is errors.BlockLost and issubclass(BlockLost, errors.Conflict)
+    assert PodNetError is errors.PodNetError
