@@ -13,9 +13,16 @@ Invariants (docs/design.md, "The allocator's cache"):
   ``allocate`` returns the address the container already holds.
 - Unknown outcomes are read back: when etcd may or may not have committed a
   write (``OutcomeUnknown``), the key is read back and its record (which
-  names the container, or the node for a block) decides. When the read
-  fails too, the slot stays reserved ("quarantined") until a later
-  successful read (the container's next request, or the next reload).
+  names the container, or the node for a block) decides. An address write
+  is read back by a fence (``IPAMStore.fence_address``): one transaction
+  that moves the block key's mod revision on and reads the address key, so
+  the write, if it still waits at an etcd member, can never commit later.
+  The fence's new revision becomes the cached block's revision. When the
+  fence fails too, the slot stays reserved ("quarantined") until a later
+  fence answers: the container's next request (ADD, DEL and CHECK all
+  resolve first; a DEL that cannot answers "try again"), or the next
+  reload. A reload keeps a quarantined slot while the block's revision is
+  the one the write compared (it could still commit).
 - A reload never loses a change made while it runs: changes to the cache
   between the start of ``load()`` and its swap are journaled and replayed on
   top of the fresh read. A block's route is removed only when the block
@@ -131,6 +138,34 @@ class NodeAllocator:
             if not keep and offset not in h.records and offset not in h.quarantine:
                 h.bitmap.free(offset)
 
+    def _moved(self, held: HeldBlock, block: Block, fenced: bool, now: Block | None):
+        """A fence of ``block`` answered: etcd holds ``now`` (None: free).
+        ``fenced``: this fence moved the revision on from ``block.revision``,
+        which the cache adopts (a later assignment compares the new one)."""
+        if now is None or now.node != self.node:
+            self._needs_reload = True        # not ours any more: a reload drops it
+            return
+        cur = self._blocks.get(block.cidr)
+        if fenced:
+            for h in {id(h): h for h in (held, cur) if h is not None}.values():
+                if h.block.cidr == block.cidr and h.block.revision == block.revision:
+                    h.block = now
+            self._note("rev", block.cidr, block.revision, now)
+        elif cur is None or cur.block.revision != now.revision:
+            # changed by a write the cache does not know (e.g. an earlier
+            # fence whose outcome was unknown): a reload reads it
+            self._needs_reload = True
+
+    def _fence(self, held: HeldBlock, block: Block, offset: int) -> tuple:
+        """Read back an address write of unknown outcome that compared
+        ``block.revision``, fencing it off for good: (record or None,
+        fenced, the block now). The caller updates the cache (``_moved``).
+        Raises StoreUnavailable."""
+        fenced, rec, now = self.store.fence_address(block, offset)
+        log.info("address write fenced", extra={"block": block.cidr, "offset": offset,
+                                                "revision": now.revision if now else None})
+        return rec, fenced, now
+
     def _quarantine(self, held: HeldBlock, offset: int, container_id: str):
         for h in self._both(held):
             h.pending.discard(offset)
@@ -144,6 +179,10 @@ class NodeAllocator:
         safe to run while requests change the cache: their changes are
         replayed on top of the fresh read. Raises StoreUnavailable."""
         with self._load_lock:
+            try:
+                self._resolve_quarantine(None)
+            except StoreUnavailable:
+                pass            # they stay quarantined; the read below likely fails too
             with self._lock:
                 self._journal = []
             try:
@@ -171,6 +210,12 @@ class NodeAllocator:
                         for off in prev.pending:        # in flight: keep reserved
                             held.bitmap.set(off)
                             held.pending.add(off)
+                        # unknown writes that compared this revision could still
+                        # commit: only a fence resolves them
+                        for off, cid in prev.quarantine.items():
+                            if off not in held.records:
+                                held.bitmap.set(off)
+                                held.quarantine[off] = cid
                 removed = [h.block for c, h in old.items() if c not in fresh]
                 removed += [b for c, b in limbo_before.items()
                             if c not in fresh and self._limbo.get(c) is b]
@@ -218,6 +263,11 @@ class NodeAllocator:
             if held is not None and offset not in held.records:
                 held.bitmap.set(offset)
                 held.quarantine[offset] = cid
+        elif kind == "rev":
+            _, cidr, old_revision, now = entry
+            held = fresh.get(cidr)
+            if held is not None and held.block.revision == old_revision:
+                held.block = now
         elif kind == "unq":
             _, cidr, offset = entry
             held = fresh.get(cidr)
@@ -301,24 +351,37 @@ class NodeAllocator:
             return held, offset
         return None
 
-    def _resolve_quarantine(self, container_id: str):
-        """Read back the container's slots whose write had an unknown outcome.
-        Raises StoreUnavailable (the slots stay quarantined)."""
+    def _resolve_quarantine(self, container_id: str | None):
+        """Fence and read back the container's slots (None: every slot) whose
+        write had an unknown outcome. Raises StoreUnavailable (the slots
+        not resolved yet stay quarantined)."""
         with self._lock:
-            slots = [(h, off) for h in self._blocks.values()
-                     for off, cid in h.quarantine.items() if cid == container_id]
-        for held, offset in slots:
-            rec = self.store.get_address(held.block.cidr, offset)
+            slots = [(h, h.block, off, cid) for h in self._blocks.values()
+                     for off, cid in h.quarantine.items()
+                     if container_id is None or cid == container_id]
+        for held, block, offset, cid in slots:
+            rec, fenced, now = self._fence(held, block, offset)
             with self._lock:
-                cur = self._blocks.get(held.block.cidr)
-                if cur is None or cur.quarantine.get(offset) != container_id:
-                    continue          # a reload resolved it meanwhile
-                del cur.quarantine[offset]
-                self._note("unq", held.block.cidr, offset)
-                if rec is not None:
-                    self._cache_record(rec)
-                elif offset not in cur.pending and offset not in cur.records:
-                    cur.bitmap.free(offset)
+                cur = self._blocks.get(block.cidr)
+                if cur is not None and cur.quarantine.get(offset) == cid:
+                    del cur.quarantine[offset]
+                    self._note("unq", block.cidr, offset)
+                    if rec is not None:
+                        self._cache_record(rec)
+                    elif offset not in cur.pending and offset not in cur.records:
+                        cur.bitmap.free(offset)
+                # else: resolved meanwhile (another fence, or a reload)
+                self._moved(held, block, fenced, now)
+
+    def resolve(self, container_id: str) -> list[Address]:
+        """The container's addresses, after reading back (fencing) its slots
+        whose write had an unknown outcome. DEL and CHECK call it first.
+        Raises StoreUnavailable when a slot cannot be resolved now: the
+        caller answers "try again" (a DEL that succeeded now would leave a
+        record that may have committed behind)."""
+        with self._containers.hold(container_id):
+            self._resolve_quarantine(container_id)
+            return self.lookup(container_id)
 
     def allocate(self, pool: str, version: int, namespace: str, pod: str, container_id: str,
                  extra: dict | None = None) -> Address:
@@ -362,17 +425,21 @@ class NodeAllocator:
                 self._grow(pool, version)
                 continue
             held, offset = got
+            block = held.block     # the revision this write compares
             try:
-                rec = self.store.assign_address(held.block, offset, namespace, pod, container_id,
+                rec = self.store.assign_address(block, offset, namespace, pod, container_id,
                                                 extra)
             except BlockLost:
-                log.warning("block lost, reloading", extra={"block": held.block.cidr})
                 with self._lock:
                     self._settle(held, offset, keep=False)
-                self.load()
+                    cur = self._blocks.get(block.cidr)
+                    moved = cur is not None and cur.block.revision != block.revision
+                if not moved:     # else a fence (or reload) moved it on: retry with that
+                    log.warning("block lost, reloading", extra={"block": block.cidr})
+                    self.load()
                 continue
             except OutcomeUnknown as exc:
-                rec = self._read_back_assign(held, offset, container_id, exc)
+                rec = self._read_back_assign(held, block, offset, container_id, exc)
                 if rec is None or rec.container_id != container_id:
                     continue          # not committed (slot freed), or somebody else's
                 return rec
@@ -389,12 +456,12 @@ class NodeAllocator:
         raise Conflict(f"could not allocate from pool {pool!r}: lost the race for a free "
                        f"address {ALLOCATE_ATTEMPTS} times", hint="try again")
 
-    def _read_back_assign(self, held: HeldBlock, offset: int, container_id: str,
+    def _read_back_assign(self, held: HeldBlock, block: Block, offset: int, container_id: str,
                           exc: OutcomeUnknown) -> Address | None:
-        """Decide an address write whose outcome is unknown by reading the key."""
-        cidr = held.block.cidr
+        """Decide an address write whose outcome is unknown by fencing it."""
+        cidr = block.cidr
         try:
-            rec = self.store.get_address(cidr, offset)
+            rec, fenced, now = self._fence(held, block, offset)
         except StoreUnavailable:
             with self._lock:
                 self._quarantine(held, offset, container_id)
@@ -405,6 +472,7 @@ class NodeAllocator:
             self._settle(held, offset, keep=rec is not None)
             if rec is not None:
                 self._cache_record(rec)
+            self._moved(held, block, fenced, now)
         log.info("address write outcome resolved", extra={
             "block": cidr, "offset": offset, "committed": bool(rec and rec.container_id == container_id)})
         return rec
@@ -446,7 +514,14 @@ class NodeAllocator:
     def release_address(self, rec: Address):
         """Delete the record in etcd, then from the cache. When the outcome
         is unknown the key is read back; if that fails too, the record stays
-        cached (a retry frees it). Raises StoreUnavailable."""
+        cached (a retry frees it). Raises StoreUnavailable.
+
+        No fence is needed here: the delete compares the record's own mod
+        revision, so a delete that commits late (after the read-back said
+        "not committed" and the DEL was retried) can only delete that very
+        record. At worst the cache then keeps it until the next reload (the
+        slot stays unused meanwhile); it never deletes a newer record of the
+        same slot."""
         try:
             self.store.release_address(rec.block, rec.offset, rec.revision)
         except OutcomeUnknown:

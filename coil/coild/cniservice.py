@@ -394,7 +394,13 @@ class CNIService:
             raise CNIError(spec.ERR_NO_POOL, exc.one_line()) from None
 
     def delete(self, req):
-        addrs = self.allocator.lookup(req.container_id)
+        try:
+            # a slot whose write had an unknown outcome is read back first;
+            # when it cannot be, "try again": a DEL answered now would leave
+            # a record that may have committed behind for good
+            addrs = self.allocator.resolve(req.container_id)
+        except BaseException as exc:
+            raise self._cni_error(exc) from None
         # the records name the pod the ADD wired; CNI_ARGS only without them
         ns = addrs[0].namespace if addrs else req.args.get("K8S_POD_NAMESPACE", "")
         pod = addrs[0].pod if addrs else req.args.get("K8S_POD_NAME", "")
@@ -451,6 +457,7 @@ class CNIService:
         host = next((i for i in ifaces if i.get("name") == host_name and not i.get("sandbox")),
                     None)
         try:
+            self.allocator.resolve(req.container_id)     # unknown outcomes first
             held = self._reservations(req.container_id, ns, pod, got)
             self.podnet.check(req.netns, req.ifname, host_name, sorted(got),
                               mtu=req.netconf.get("mtu"),

@@ -234,7 +234,7 @@ class RestHandler(RequestHandler):
     def _delete_ip(self, ns, pod, cid):
         validate_owner(ns, pod, cid)
         d = self.server.coild
-        addrs = d.allocator.lookup_pod(ns, pod, cid)
+        addrs = [a for a in d.allocator.resolve(cid) if (a.namespace, a.pod) == (ns, pod)]
         if not addrs:
             raise NotFound(f"no address for {ns}/{pod} container {cid}")
         for rec in addrs:

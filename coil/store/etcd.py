@@ -578,6 +578,9 @@ class Etcd:
         if kind == "put":     # ("put", key, value[, lease id])
             return rpc.RequestOp(request_put=rpc.PutRequest(
                 key=self._key(spec[1]), value=spec[2], lease=spec[3] if len(spec) > 3 else 0))
+        if kind == "touch":   # ("touch", key): rewrite the key as it is (new mod revision)
+            return rpc.RequestOp(request_put=rpc.PutRequest(
+                key=self._key(spec[1]), ignore_value=True, ignore_lease=True))
         if kind == "delete":
             return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._key(spec[1])))
         if kind == "delete-prefix":

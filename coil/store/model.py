@@ -9,6 +9,7 @@ is only released when no address key exists under it (range compare).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import ipaddress
@@ -600,6 +601,37 @@ class IPAMStore:
             raise BlockLost(f"block {block.cidr} of pool {block.pool!r} is no longer held "
                             f"by node {block.node!r}")
         return None
+
+    def fence_address(self, block: Block, offset: int) -> tuple[bool, Address | None, Block | None]:
+        """Decide an ``assign_address`` whose outcome is unknown, for good.
+
+        One transaction guarded by the block key's mod revision the
+        assignment compared (``block.revision``). Success: the block key is
+        rewritten unchanged (a new mod revision) and the address key read.
+        Failure (the block key changed already): the block key and the
+        address key are read. Either way the block key's mod revision is no
+        longer ``block.revision`` once this answers, so the assignment, if it
+        still waits at a member, can never commit later: the address key read
+        here is its final outcome.
+
+        Returns (whether this fence rewrote the block key, the record at
+        ``offset`` or None, the block as etcd holds it now or None when it is
+        free). Raises StoreUnavailable (OutcomeUnknown
+        when the fence itself may or may not have committed)."""
+        ip_key = keys.ip(block.cidr, offset)
+        block_key = keys.block(block.pool, block.cidr)
+        ok, rev, responses = self.etcd.txn(
+            [("mod", block_key, "==", block.revision)],
+            [("touch", block_key), ("get", ip_key)],
+            [("get", block_key), ("get", ip_key)])
+        if ok:
+            now = dataclasses.replace(block, revision=rev)
+        else:
+            kvs = responses[0].response_range.kvs
+            now = self._decode_block(self.etcd.decode_kv(kvs[0])) if kvs else None
+        kvs = responses[1].response_range.kvs
+        rec = self._decode_address(self.etcd.decode_kv(kvs[0])) if kvs else None
+        return ok, rec, now
 
     def release_address(self, cidr: str, offset: int, revision: int | None = None) -> bool:
         """Delete an address record; with ``revision``, only that very record.

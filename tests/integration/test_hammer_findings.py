@@ -6,8 +6,10 @@ way a frozen etcd member (SIGSTOP, then SIGCONT) produces them: the request
 reaches the member, its answer does not come back in time, and the member
 may still commit it later.
 
-They are strict xfails: they fail today, ``make test`` stays green, and the
-day coild is fixed they pass, which fails the run until the marker goes.
+Both are fixed: a DEL (and CHECK, and a repeated ADD) first reads back the
+container's quarantined slots and answers "try again" when it cannot, and
+the read-back is a fence (``IPAMStore.fence_address``) that moves the block
+key's mod revision on, so the late transaction's guard can never hold again.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from coil.errors import OutcomeUnknown, StoreUnavailable
 
 
 def release(alloc, container_id):
-    """Free the container's addresses the way the CNI service's DEL does."""
-    for rec in alloc.lookup(container_id):
+    """Free the container's addresses the way the CNI service's DEL does
+    (it reads back the container's quarantined slots first)."""
+    for rec in alloc.resolve(container_id):
         alloc.release_address(rec)
 
 
@@ -31,8 +34,6 @@ def held_by(store) -> list[str]:
     return sorted(json.loads(kv.value)["container_id"] for kv in kvs)
 
 
-@pytest.mark.xfail(strict=True, reason="coild: a DEL does not resolve the container's "
-                                       "quarantined slot (unknown outcome); the record leaks")
 def test_del_after_an_add_with_unknown_outcome_frees_what_it_committed(store, monkeypatch):
     """An ADD's transaction commits but its answer is lost, and the read-back
     fails too: the slot is quarantined and the ADD answers "try again". The
@@ -43,8 +44,8 @@ def test_del_after_an_add_with_unknown_outcome_frees_what_it_committed(store, mo
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     alloc.allocate("default", 4, "ns", "p0", "c0")
-    real_assign, real_get = store.assign_address, store.get_address
-    calls = {"assign": 0, "get": 0}
+    real_assign, real_fence = store.assign_address, store.fence_address
+    calls = {"assign": 0, "fence": 0}
 
     def assign(*args, **kwargs):
         calls["assign"] += 1
@@ -53,24 +54,23 @@ def test_del_after_an_add_with_unknown_outcome_frees_what_it_committed(store, mo
             raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
         return real_assign(*args, **kwargs)
 
-    def get(*args, **kwargs):
-        calls["get"] += 1
-        if calls["get"] == 1:
+    def fence(*args, **kwargs):          # the read-back
+        calls["fence"] += 1
+        if calls["fence"] == 1:
             raise StoreUnavailable("cannot reach etcd (injected)")
-        return real_get(*args, **kwargs)
+        return real_fence(*args, **kwargs)
 
     monkeypatch.setattr(store, "assign_address", assign)
-    monkeypatch.setattr(store, "get_address", get)
+    monkeypatch.setattr(store, "fence_address", fence)
     with pytest.raises(StoreUnavailable):
         alloc.allocate("default", 4, "ns", "p1", "c1")
     assert held_by(store) == ["c0", "c1"]             # it did commit
+    assert alloc.quarantined() and alloc.lookup("c1") == []
     release(alloc, "c1")                               # the runtime's DEL
     assert held_by(store) == ["c0"]
+    assert alloc.quarantined() == {} and alloc.lookup("c1") == []
 
 
-@pytest.mark.xfail(strict=True, reason="coild: an unknown outcome read back as 'not "
-                                       "committed' can still commit later; the record of a "
-                                       "deleted container comes back")
 def test_a_late_commit_cannot_bring_back_a_deleted_containers_address(store, monkeypatch):
     """The first transaction of an ADD waits at a frozen member; its caller
     times out (outcome unknown), reads the key back (absent: "not

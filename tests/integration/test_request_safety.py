@@ -28,6 +28,7 @@ from coil.coild.podnet import PodNetwork
 from coil.coild.pools import PoolResolver
 from coil.coild.routes import RouteExporter
 from coil.errors import AlreadyExists, OutcomeUnknown, StoreUnavailable
+from coil.store import keys
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -36,7 +37,7 @@ WAIT = 30          # bound on every Event wait: a hang fails the test instead of
 
 def release(alloc, container_id):
     """Free the container's addresses the way the CNI service's DEL does."""
-    for rec in alloc.lookup(container_id):
+    for rec in alloc.resolve(container_id):
         alloc.release_address(rec)
 
 
@@ -340,7 +341,7 @@ def test_assign_unknown_and_read_back_failing_is_quarantined(store, monkeypatch,
     alloc.load()
     alloc.allocate("default", 4, "ns", "p0", "c0")
     fail_once(monkeypatch, store, "assign_address", commit)
-    unreachable_once(monkeypatch, store, "get_address")
+    unreachable_once(monkeypatch, store, "fence_address")
     with pytest.raises(StoreUnavailable):
         alloc.allocate("default", 4, "ns", "p1", "c1")
     quarantined = alloc.quarantined()
@@ -485,3 +486,120 @@ def test_reload_keeps_changes_made_while_it_reads(node):
     for i in range(2, 6):                  # and every DEL frees its address
         release(node.alloc, f"c{i}")
     assert etcd_ips(node.store) == {}
+
+
+# -- the fence: an unknown address write can never commit after its read-back --------
+
+def ip_writes(success) -> bool:
+    return any(op[0] == "put" and op[1].startswith("ip/") for op in success)
+
+
+def count_loads(monkeypatch, alloc) -> list:
+    real, calls = alloc.load, []
+
+    def load():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(alloc, "load", load)
+    return calls
+
+
+def test_a_held_back_assignment_fails_its_guard_after_the_fence(store, monkeypatch):
+    """The assignment's transaction is held back (a frozen member that has
+    not applied it yet) while its caller gets OutcomeUnknown; the read-back
+    (the fence) runs, the ADD is answered, the container DELeted; only then
+    is the very same transaction sent: its guard fails, nothing is written,
+    and the slot is handed out again."""
+    store.create_pool("default", "10.67.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "p0", "c0")
+    real_txn = store.etcd.txn
+    held_back = []
+
+    def txn(compares, success, failure=()):
+        if not held_back and ip_writes(success):
+            held_back.append((compares, success, failure))      # not sent (yet)
+            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
+        return real_txn(compares, success, failure)
+
+    monkeypatch.setattr(store.etcd, "txn", txn)
+    loads = count_loads(monkeypatch, alloc)
+    rec = alloc.allocate("default", 4, "ns", "p1", "c1")       # fenced: not committed
+    assert held_back
+    cidr = rec.block
+    # the cache adopted the fence's revision: the retry needed no reload
+    assert alloc._blocks[cidr].block.revision == store.get_block("default", cidr).revision
+    assert loads == []
+    release(alloc, "c1")
+    ok, _, _ = real_txn(*held_back[0])                          # the member wakes up
+    assert not ok
+    assert sorted(etcd_ips(store).values()) == ["c0"]
+    assert alloc.quarantined() == {} and alloc.count() == 1
+    # every slot of the block is handed out again, the held-back one included
+    late = keys.parse_ip_key(held_back[0][1][0][1])
+    got = [alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(2, 17)]
+    assert len(alloc.blocks()) == 1 and len(etcd_ips(store)) == 16
+    assert late in {(a.block, a.offset) for a in got}
+    assert loads == []
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_an_assignment_in_flight_across_a_fence_retries_without_leaking(store, monkeypatch,
+                                                                        commit):
+    """A fence moves the block's revision on while another container's
+    assignment in the same block is in flight with the old one: that
+    assignment loses its guard (BlockLost), sees that the cache moved on,
+    and retries against the new revision (no reload, nothing leaked)."""
+    store.create_pool("default", "10.68.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "p0", "c0")
+    fail_once(monkeypatch, store, "assign_address", commit)
+    unreachable_once(monkeypatch, store, "fence_address")
+    with pytest.raises(StoreUnavailable):
+        alloc.allocate("default", 4, "ns", "pq", "cq")         # quarantined
+    assert alloc.quarantined()
+    real_assign = store.assign_address
+    stale = []
+
+    def assign(block, *args, **kwargs):
+        if args[3] == "ca" and not stale:
+            stale.append(block)
+            alloc.resolve("cq")            # the fence runs while this write is in flight
+        return real_assign(block, *args, **kwargs)
+
+    monkeypatch.setattr(store, "assign_address", assign)
+    loads = count_loads(monkeypatch, alloc)
+    rec = alloc.allocate("default", 4, "ns", "pa", "ca")
+    assert stale and loads == []
+    assert alloc._blocks[rec.block].block.revision > stale[0].revision
+    want = ["c0", "ca"] + (["cq"] if commit else [])
+    assert sorted(etcd_ips(store).values()) == want
+    assert sorted(r.container_id for r in alloc.records()) == want
+    assert alloc.quarantined() == {} and not alloc.unresolved()
+    for c in want:
+        release(alloc, c)
+    assert etcd_ips(store) == {} and alloc._blocks[rec.block].bitmap.count() == 0
+
+
+def test_del_of_an_unresolved_slot_answers_try_again(node, monkeypatch):
+    """A DEL that cannot read back the container's quarantined slot answers
+    11 and frees nothing; the runtime's retry of the DEL frees the record."""
+    store = node.store
+    store.create_pool("default", "10.69.0.0/24", 4)
+    node.alloc.load()
+    pod = node.pod()
+    fail_once(monkeypatch, store, "assign_address", True)      # committed, answer lost
+    unreachable_once(monkeypatch, store, "fence_address")
+    code, res = node.call("ADD", pod, "c1")
+    assert code == 1 and res["code"] == 11
+    assert list(etcd_ips(store).values()) == ["c1"]
+    unreachable_once(monkeypatch, store, "fence_address")
+    code, res = node.call("DEL", pod, "c1")
+    assert code == 1 and res["code"] == 11                     # try again, not success
+    assert list(etcd_ips(store).values()) == ["c1"]
+    code, res = node.call("DEL", pod, "c1")
+    assert code == 0
+    assert etcd_ips(store) == {} and node.alloc.quarantined() == {}
