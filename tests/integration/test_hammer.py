@@ -686,6 +686,19 @@ class Hammer:
                 out.append(f"{node.name}: {text[max(0, m.start() - 300):m.start() + 1500]}")
         return out
 
+    def log_counts(self, *messages: str) -> dict:
+        """How often each message appears in the coild logs (figures only)."""
+        counts = dict.fromkeys(messages, 0)
+        for node in self.nodes:
+            try:
+                with open(node.coild.log_path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for m in messages:
+                counts[m] += text.count(m)
+        return counts
+
     # -- the whole run ----------------------------------------------------------
     def run(self):
         self.t0 = time.monotonic()
@@ -796,6 +809,9 @@ def test_hammer(hammer_env):
     hammer = Hammer(seed, cluster, nodes, reader, pods, SECONDS)
     hammer.run()
     fig = hammer.figures()
+    # how often coild met an unknown outcome and fenced it (or could not yet)
+    fig["coild_log"] = hammer.log_counts("address write fenced", "slot quarantined",
+                                         "block lost, reloading")
     print("\nhammer figures:\n" + json.dumps(fig, indent=1))
     if REPORT:
         with open(REPORT, "w") as f:
