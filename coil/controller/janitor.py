@@ -245,6 +245,7 @@ class NodeJanitor:
     def _free_blocks(self, name: str, blocks) -> int | None:
         """The guarded release. None when the node turned out alive."""
         freed = 0
+        freed_blocks = []
         for attempt in range(MAX_ATTEMPTS_PER_NODE):
             if attempt:
                 blocks = self.store.node_blocks(name)
@@ -264,6 +265,7 @@ class NodeJanitor:
                 count = self.store.count_addresses(block.cidr)
                 if self.store.free_block(block):
                     freed += 1
+                    freed_blocks.append(block)
                     if self.metrics is not None:
                         self.metrics.blocks_freed.inc()
                         self.metrics.addresses_freed.inc(count)
@@ -280,9 +282,6 @@ class NodeJanitor:
         if freed:
             if self.metrics is not None:
                 self.metrics.nodes_cleaned.inc()
-                try:
-                    self.metrics.set_blocks(self.store.all_blocks())
-                except CoilError:
-                    pass
+                self.metrics.blocks_released(freed_blocks)
             log.info("freed blocks of deleted node", extra={"node": name, "blocks": freed})
         return freed

@@ -106,6 +106,18 @@ class ControllerMetrics:
             self._blocks = counts
             self._have_blocks = True
 
+    def blocks_released(self, blocks):
+        """Take freed store Blocks off the per-(pool, node) counts, so that
+        freeing a node's blocks costs no re-read of every block."""
+        with self._lock:
+            for b in blocks:
+                key = (b.pool, b.node)
+                left = self._blocks.get(key, 0) - 1
+                if left > 0:
+                    self._blocks[key] = left
+                else:
+                    self._blocks.pop(key, None)
+
     def set_capacity(self, pools, blocks, in_use_by_pool: dict[str, int]):
         """Capacity per pool from what a scan read anyway (the pools, every
         held block, the addresses in use per pool): no request of its own,

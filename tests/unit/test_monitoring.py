@@ -101,3 +101,23 @@ def test_every_metric_in_the_dashboards_exists():
         for e in exprs:
             missing = metric_names(e) - known
             assert not missing, f"{os.path.basename(path)}: unknown metrics {sorted(missing)}"
+
+
+def test_freed_blocks_leave_the_block_gauge_without_a_reread():
+    """The janitor takes freed blocks off the gauge itself (no re-read of
+    every block in the cluster after each freed node)."""
+    from coil.controller.metrics import ControllerMetrics
+    from coil.store.model import Block
+    def block(cidr, node):
+        return Block("p", cidr, node, 1)
+    gone = [block("10.0.0.0/30", "n1"), block("10.0.0.4/30", "n1")]
+    kept = block("10.0.0.8/30", "n2")
+    m = ControllerMetrics()
+    m.set_blocks(gone + [kept])
+    m.blocks_released(gone[:1])
+    text = m.render()[0].decode()
+    assert 'coil_controller_blocks{node="n1",pool="p"} 1.0' in text
+    m.blocks_released(gone[1:])
+    text = m.render()[0].decode()
+    assert 'node="n1"' not in text
+    assert 'coil_controller_blocks{node="n2",pool="p"} 1.0' in text
