@@ -603,3 +603,41 @@ def test_del_of_an_unresolved_slot_answers_try_again(node, monkeypatch):
     code, res = node.call("DEL", pod, "c1")
     assert code == 0
     assert etcd_ips(store) == {} and node.alloc.quarantined() == {}
+
+
+def test_a_reload_keeps_an_unfenced_slot_until_a_fence_decides_it(store, monkeypatch):
+    """The write is held back, its fence fails, and so does the reload's
+    fence: the reload must keep the slot quarantined (the block's revision
+    is unchanged, so the write can still commit), not take the absent key
+    for "not committed". The write then commits late; the container's DEL
+    fences, finds the record and frees it: nothing leaks."""
+    store.create_pool("default", "10.70.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "p0", "c0")
+    real_txn = store.etcd.txn
+    held_back = []
+
+    def txn(compares, success, failure=()):
+        if not held_back and ip_writes(success):
+            held_back.append((compares, success, failure))
+            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
+        return real_txn(compares, success, failure)
+
+    monkeypatch.setattr(store.etcd, "txn", txn)
+    unreachable_once(monkeypatch, store, "fence_address")
+    with pytest.raises(StoreUnavailable):
+        alloc.allocate("default", 4, "ns", "p1", "c1")
+    quarantined = alloc.quarantined()
+    unreachable_once(monkeypatch, store, "fence_address")      # the reload's fence fails
+    alloc.load()
+    assert alloc.quarantined() == quarantined and alloc.unresolved()
+    (cidr, slots), = quarantined.items()
+    (offset, _), = slots.items()
+    assert alloc._blocks[cidr].bitmap.test(offset)              # still not handed out
+    ok, _, _ = real_txn(*held_back[0])                          # the late commit
+    assert ok and sorted(etcd_ips(store).values()) == ["c0", "c1"]
+    release(alloc, "c1")                                        # the runtime's DEL
+    assert sorted(etcd_ips(store).values()) == ["c0"]
+    assert alloc.quarantined() == {} and not alloc.unresolved()
+    assert alloc._blocks[cidr].bitmap.count() == 1
