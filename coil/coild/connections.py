@@ -34,10 +34,43 @@ import re
 import selectors
 import socket
 import threading
+import errno
 import time
 from http.server import BaseHTTPRequestHandler
 
+from coil.errors import AlreadyExists, CoilError, InvalidArgument
+
 log = logging.getLogger("coild.server")
+
+
+def listen_error(flag: str, where: str, exc: OSError) -> CoilError:
+    """The one-line error for a listener that could not be opened."""
+    if exc.errno == errno.EADDRINUSE:
+        return AlreadyExists(f"cannot listen on {flag} {where}: address already in use",
+                             hint=f"stop whatever holds it (another coild?) or choose "
+                                  f"another {flag}")
+    return InvalidArgument(f"cannot listen on {flag} {where}: {exc.strerror or exc}",
+                           hint=f"check {flag}")
+
+
+def listen_tcp(flag: str, host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``flag`` names the option in
+    errors). Raises AlreadyExists (in use) or InvalidArgument."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, IndexError) as exc:
+        raise InvalidArgument(f"cannot listen on {flag} {host}:{port}: "
+                              f"{getattr(exc, 'strerror', None) or exc}",
+                              hint=f"check {flag}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(flag, f"{host}:{port}", exc) from None
+    return sock
 
 
 @dataclasses.dataclass(frozen=True)

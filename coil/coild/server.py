@@ -30,7 +30,8 @@ import time
 from urllib.parse import unquote_to_bytes
 
 from coil import __version__
-from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler, error_response
+from coil.coild.connections import (BoundedHTTPServer, Limits, RequestHandler, error_response,
+                                    listen_error, listen_tcp)
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
                          StoreUnavailable)
 from coil.store.model import ORIGIN_REST
@@ -252,20 +253,7 @@ class RestServer(BoundedHTTPServer):
         self.coild = daemon
         self.api_socket = api_socket       # named in the 403 answer
         host, port = address
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            family, _, _, _, sockaddr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except (OSError, IndexError) as exc:
-            raise InvalidArgument(f"cannot listen on --http {host}:{port}: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise _listen_error("--http", f"{host}:{port}", exc) from None
+        sock = listen_tcp("--http", host, port)
         super().__init__(sock, RestHandler, limits or Limits(), "rest")
 
     @property
@@ -308,7 +296,7 @@ class ApiSocketServer(BoundedHTTPServer):
             sock.listen(128)
         except OSError as exc:
             sock.close()
-            raise _listen_error("--api-socket", path, exc) from None
+            raise listen_error("--api-socket", path, exc) from None
         finally:
             os.umask(old)
         super().__init__(sock, RestHandler, limits or Limits(), "api", authorize=_root_only)
@@ -319,15 +307,6 @@ class ApiSocketServer(BoundedHTTPServer):
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def _listen_error(flag: str, where: str, exc: OSError) -> CoilError:
-    if exc.errno == errno.EADDRINUSE:
-        return AlreadyExists(f"cannot listen on {flag} {where}: address already in use",
-                             hint=f"stop whatever holds it (another coild?) or choose "
-                                  f"another {flag}")
-    return InvalidArgument(f"cannot listen on {flag} {where}: {exc.strerror or exc}",
-                           hint=f"check {flag}")
 
 
 class PluginHandler(socketserver.BaseRequestHandler):
@@ -409,7 +388,7 @@ class PluginServer(BoundedThreadsMixIn, socketserver.ThreadingMixIn,
         try:
             super().__init__(path, PluginHandler)
         except OSError as exc:
-            raise _listen_error("--socket", path, exc) from None
+            raise listen_error("--socket", path, exc) from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

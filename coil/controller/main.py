@@ -14,13 +14,12 @@ import logging
 import signal
 import sys
 import threading
-import socket
 
 import click
 
 from coil import config as cfg
 from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
-from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler
+from coil.coild.connections import BoundedHTTPServer, Limits, RequestHandler, listen_tcp
 from coil.errors import CoilError, InvalidArgument, KubernetesError
 
 log = logging.getLogger("coil-controller")
@@ -183,19 +182,7 @@ METRICS_LIMITS = Limits(max_connections=64, workers=2, read_timeout=10.0, idle_t
 def _serve(addr: str, controller: Controller):
     host, port = parse_addr(addr)
     handler = type("Handler", (_Handler,), {"controller": controller})
-    try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise InvalidArgument(f"cannot listen on --metrics-addr {addr}: "
-                              f"{exc.strerror or exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(64)
-    except OSError as exc:
-        sock.close()
-        raise InvalidArgument(f"cannot listen on --metrics-addr {addr}: {exc.strerror}") from None
+    sock = listen_tcp("--metrics-addr", host, port, backlog=64)
     server = BoundedHTTPServer(sock, handler, METRICS_LIMITS, "metrics")
     server.server_address = sock.getsockname()
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
