@@ -66,6 +66,9 @@ BAD_CREDENTIALS = ("authentication failed", "permission denied", "user name is e
 class _TokenExpired(CoilError):
     """Internal: the client's auth token must be renewed before a retry."""
 
+    def __init__(self, message: str = "etcd auth token expired"):
+        super().__init__(message)
+
 
 def _brief(exc) -> str:
     details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
