@@ -48,8 +48,13 @@ def test_ipam_check_150k_against_the_leak_scan(benchmark, store):
     core = StubCoreWithNodes(_pods_json(held), nodes[:-1])      # node-7 is gone
     scanner = LeakScanner(store, core, expiration=DAY, clock=lambda: now)
 
+    times = []          # timed here: with --benchmark-disable there are no stats
+
     def check():
-        return audit.check(store, core, (), min_age=DAY, clock=lambda: now)
+        t0 = time.perf_counter()
+        report = audit.check(store, core, (), min_age=DAY, clock=lambda: now)
+        times.append(time.perf_counter() - t0)
+        return report
 
     report = benchmark.pedantic(check, rounds=3, iterations=1, warmup_rounds=0)
     assert report["summary"]["addresses"] == N
@@ -61,7 +66,7 @@ def test_ipam_check_150k_against_the_leak_scan(benchmark, store):
         scanner.scan()
         t.append(time.perf_counter() - t0)
     scan_s = min(t)
-    check_s = benchmark.stats.stats.min
+    check_s = min(times)
     ratio = check_s / scan_s
     benchmark.extra_info.update(addresses=N, check_s=round(check_s, 2), scan_s=round(scan_s, 2),
                                 ratio=round(ratio, 2))

@@ -326,8 +326,8 @@ def simulate(store, server, size: dict, out_dir: str) -> dict:
     added = [a.allocate(POOL, 4, "bench", "extra", f"{a.node}-extra") for a in chosen]
     add_requests = per_op(server, m0, len(chosen))
     m0 = etcd_metrics(server)
-    for a in chosen:
-        a.release(f"{a.node}-extra")
+    for a, rec in zip(chosen, added):
+        a.release_address(rec)
     del_requests = per_op(server, m0, len(chosen))
     m0 = etcd_metrics(server)
     for a in chosen:
