@@ -845,44 +845,46 @@ def test_failed_pod_list_never_counts_as_no_pods(store, controller_core, admin, 
     assert {a.address for a in store.all_addresses_paged()[0]} == {p[0] for p in planted[:6]}
 
 
-def _try(fn, *args) -> bool:
-    from coil.errors import StoreUnavailable
-    try:
-        fn(*args)
-        return True
-    except StoreUnavailable:
-        return False
-
-
 def test_node_cleanup_waits_for_etcd(tmp_path, controller_core, admin, caplog):
-    """etcd down when a Node is deleted: the cleanup is retried until it works."""
+    """etcd down when a Node is deleted: the cleanup is retried until it works.
+
+    The blocks are in etcd before it goes down, so the first look that
+    reaches etcd again must find and free them (no race with the test
+    writing them while the janitor retries)."""
     from coil.config import EtcdConfig
     from coil.controller.janitor import NodeJanitor
     from coil.controller.watcher import Backoff
     from coil.store import IPAMStore
     from coil.store.etcd import Etcd
-    server = EtcdServer(str(tmp_path / "etcd"))                  # not started yet
+    server = EtcdServer(str(tmp_path / "etcd"))
+    server.start()
     store = IPAMStore(Etcd(EtcdConfig(endpoints=(server.endpoint,), prefix="/late/",
                                       timeout=1.0)))
+    n = unique()
+    store.create_pool("default", "10.206.0.0/20", 4)
+    take_blocks(store, n)
+    take_blocks(store, "other-gone")
+    server.stop()
     caplog.set_level(logging.INFO)
     janitor = NodeJanitor(store, controller_core, backoff=Backoff(0.2, 1.0),
                           grace=0.0)            # the grace period is tested elsewhere
     t = threading.Thread(target=janitor.run, daemon=True)
     t.start()
-    n = unique()
     try:
         janitor.node_deleted(n)
         janitor.nodes_synced(set())
-        time.sleep(2.5)
+        wait_for(lambda: sum("will retry" in r.getMessage() for r in caplog.records) >= 2,
+                 what="the janitor to fail and retry")
         assert t.is_alive()
-        assert any("will retry" in r.getMessage() for r in caplog.records)
         server.start()
-        # the client reconnects within its backoff (<= 1 s): retry like any caller
-        wait_for(lambda: _try(store.create_pool, "default", "10.206.0.0/20", 4), timeout=10,
-                 what="etcd reachable again")
-        take_blocks(store, n)
-        take_blocks(store, "other-gone")
-        wait_for(lambda: block_nodes(store) == [], timeout=30, what="cleanup after etcd came up")
+
+        def cleaned():
+            from coil.errors import StoreUnavailable
+            try:
+                return block_nodes(store) == []
+            except StoreUnavailable:
+                return False
+        wait_for(cleaned, timeout=30, what="cleanup after etcd came up")
         wait_for(janitor.idle.is_set, what="idle")
     finally:
         janitor.stop_event.set()
