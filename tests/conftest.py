@@ -44,6 +44,17 @@ def etcd_server():
 
 
 @pytest.fixture
+def tls_files(tmp_path):
+    """Three existing (dummy) files standing in for CA, cert and key."""
+    out = {}
+    for name in ("ca", "cert", "key"):
+        p = tmp_path / f"{name}.pem"
+        p.write_text("dummy\n")
+        out[name] = str(p)
+    return out
+
+
+@pytest.fixture
 def etcd_prefix():
     return f"/coiltest-{uuid.uuid4().hex[:12]}/"
 

@@ -26,17 +26,6 @@ def write_yaml(tmp_path, text: str, name: str = "coilctl.yml") -> str:
     return str(path)
 
 
-@pytest.fixture
-def tls_files(tmp_path):
-    """Three existing (dummy) files standing in for CA, cert and key."""
-    out = {}
-    for name in ("ca", "cert", "key"):
-        p = tmp_path / f"{name}.pem"
-        p.write_text("dummy\n")
-        out[name] = str(p)
-    return out
-
-
 # -- defaults ------------------------------------------------------------------
 
 def test_defaults_when_nothing_is_given(tmp_path):

@@ -26,16 +26,6 @@ def write(tmp_path, text, name="coilctl.yml"):
     return str(p)
 
 
-@pytest.fixture
-def tls_files(tmp_path):
-    out = {}
-    for name in ("ca", "cert", "key"):
-        p = tmp_path / f"{name}.pem"
-        p.write_text("dummy\n")
-        out[name] = str(p)
-    return out
-
-
 def test_v1_environment_names(tls_files):
     env = {"COILCTL_ENDPOINTS": "http://v1a:2379,http://v1b:2379", "COILCTL_PREFIX": "/v1/",
            "COILCTL_TIMEOUT": "2s", "COILCTL_USERNAME": "u", "COILCTL_PASSWORD": "p",
