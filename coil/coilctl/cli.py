@@ -420,14 +420,11 @@ def smoke_test(obj, nodes, namespace, image, timeout, keep, kubeconfig):
                               hint=f"see the report above and {smoke.DOCS}")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C so that the cleanup runs."""
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts():
+    """SIGTERM is handled like Ctrl-C, so that the cleanup runs."""
     def raise_interrupt(signum, frame):
-        raise _Terminated()
+        raise KeyboardInterrupt()
     try:
         old = signal.signal(signal.SIGTERM, raise_interrupt)
     except ValueError:              # not the main thread (an embedding caller)

@@ -360,6 +360,8 @@ class SmokeRun:
             else:
                 problems.append(f"ping from node {d['from_node']} to {d['to_ip']} "
                                 f"(node {d['to_node']}) failed (exit code {d['exit_code']})")
+                steps.append(f"ping's own words: run again with --keep, then kubectl -n "
+                             f"{self.namespace} logs POD (the ping-* Pods)")
                 steps.append(f"who holds the addresses: coilctl address info {d['to_ip']}"
                              + (f" and coilctl address info {d['from_ip']}" if d["from_ip"]
                                 else ""))

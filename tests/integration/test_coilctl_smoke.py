@@ -397,6 +397,23 @@ def test_addresses_outside_every_pool_fail(cluster, etcd_server):
     assert_all_gone(c)
 
 
+def test_keep_leaves_the_pods_and_says_how_to_delete_them(cluster):
+    c = cluster
+    r, _ = coilctl(c, "--node", c.a.name, "--node", c.b.name, "--keep", output="human")
+    assert r.returncode == 0, (r.stderr, r.stdout)
+    assert "Pods kept (--keep)" in r.stdout
+    hint = r.stdout.split("delete pod -l ")[1].split()[0]
+    assert hint.startswith("coil.cybozu.com/smoke-run=")
+    kept = c.core.list_namespaced_pod(c.namespace, label_selector=hint).items
+    assert len(kept) == 4 and len(smoke_pods(c)) == 4
+    assert {p.metadata.labels["app.kubernetes.io/managed-by"] for p in kept} == {"coilctl-smoke"}
+    assert sorted(p.status.phase for p in kept) == ["Running", "Running", "Succeeded",
+                                                    "Succeeded"]
+    for p in kept:
+        c.core.delete_namespaced_pod(p.metadata.name, c.namespace, grace_period_seconds=1)
+    assert_all_gone(c)
+
+
 def test_timeout_deletes_the_pods(cluster):
     c = cluster
     c.kubelet.hold.add(c.b.name)              # node B never starts its Pods
@@ -492,7 +509,7 @@ def kube_only(kube_apiserver, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown", "not-ready", "twice", "once", "three", "namespace",
-                                  "timeout", "image"])
+                                  "timeout", "image", "etcd"])
 def test_bad_arguments_name_the_value_and_create_nothing(kube_only, case):
     c = kube_only
     ns = ["--namespace", c.namespace]
@@ -509,10 +526,14 @@ def test_bad_arguments_name_the_value_and_create_nothing(kube_only, case):
                       "namespace nope-x does not exist"),
         "timeout": (["--timeout", "-3s", *ns], "--timeout"),
         "image": (["--image", "bad image", *ns], "invalid --image 'bad image'"),
+        # etcd configured but down: an error before anything is created
+        "etcd": (["--node", c.ready, "--node", c.ready2, *ns], "no etcd member answered"),
     }[case]
+    pre = ["--etcd-endpoints", "http://127.0.0.1:1", "--etcd-timeout", "1s"] \
+        if case == "etcd" else []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COILCTL", "KUBECONFIG"))}
     env["HOME"] = c.home
-    r = subprocess.run([sys.executable, "-m", "coil", "coilctl", "smoke", "--kubeconfig",
+    r = subprocess.run([sys.executable, "-m", "coil", "coilctl", *pre, "smoke", "--kubeconfig",
                         c.kubeconfig, *args], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode != 0
     one_line_error(r, needle)
