@@ -1,13 +1,10 @@
 """CNI specification constants shared by the plugin, coild and the tests.
 
-SUPPORTED_VERSIONS is mirrored by the native launcher
-(coil/_fast/launcher.c, SUPPORTED_VERSIONS): change both together.
+SUPPORTED_VERSIONS is owned by the relay protocol (coil/cni/protocol.py).
 """
 
+from coil.cni.protocol import SUPPORTED_VERSIONS  # noqa: F401
 from coil.errors import CoilError
-
-# CNI spec versions the coil plugin speaks, oldest first.
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 # Well-known CNI error codes (CNI spec, "Error").
 ERR_INCOMPATIBLE_VERSION = 1
