@@ -11,7 +11,8 @@ POST and DELETE change state: they are served only on the API socket
 (``--api-socket``, mode 0600, peers checked to be uid 0 with SO_PEERCRED);
 the TCP listener (``--http``) answers them 403. Connections, timeouts and
 body size are bounded by coil.coild.connections.
-The plugin socket speaks the relay protocol of coil.coild.cniservice.
+The plugin socket speaks the relay protocol of coil.cni.protocol; the
+CNI service behind it is coil.cni.service.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from urllib.parse import unquote_to_bytes
 
 from coil import __version__
+from coil.cni import protocol
 from coil.coild.connections import (BoundedHTTPServer, Limits, RequestHandler, error_response,
                                     listen_error, listen_tcp)
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
@@ -327,14 +329,14 @@ class PluginHandler(socketserver.BaseRequestHandler):
                     break
                 size += len(chunk)
                 if size > MAX_REQUEST:
-                    conn.sendall(b"1\n" + self.server.coild.too_large())
+                    conn.sendall(protocol.encode_response(1, self.server.coild.too_large()))
                     return
                 chunks.append(chunk)
             if not chunks:         # a liveness probe: connected and closed
                 return
             code, body = cni.handle(b"".join(chunks), arrived)
             conn.settimeout(self.server.read_timeout)
-            conn.sendall(f"{code}\n".encode() + body)
+            conn.sendall(protocol.encode_response(code, body))
         except OSError as exc:
             log.warning("plugin connection failed", extra={"error": str(exc)})
 
@@ -399,7 +401,7 @@ class PluginServer(BoundedThreadsMixIn, socketserver.ThreadingMixIn,
                                             "plugin connections; retry")).encode()
         try:
             request.setblocking(False)
-            request.send(b"1\n" + body)
+            request.send(protocol.encode_response(1, body))
         except OSError:
             pass
 

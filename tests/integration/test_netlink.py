@@ -1,4 +1,4 @@
-"""rtnetlink backends (coil._netlink, Cython; coil._netlink_py, pyroute2).
+"""rtnetlink backends (coil.net._netlink, Cython; coil.net._netlink_py, pyroute2).
 
 Every test runs against both backends and only inside network namespaces
 made by ``netns_factory`` (removed at teardown even on failure). The root
@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from coil._nsutil import in_netns
+from coil.net.ns import enter_netns, in_netns, ns_handle
 from coil.errors import NetlinkError
 
 pytestmark = pytest.mark.root
@@ -51,13 +51,13 @@ def nlmod(request):
     """The backend module under test."""
     if request.param == "cython":
         try:
-            return importlib.import_module("coil._netlink")
+            return importlib.import_module("coil.net._netlink")
         except ImportError as exc:
-            msg = f"coil._netlink (Cython) is not built: {exc}"
+            msg = f"coil.net._netlink (Cython) is not built: {exc}"
             if _require_fast():
                 pytest.fail(msg + " and COIL_REQUIRE_FAST=1")
             pytest.skip(msg)
-    return importlib.import_module("coil._netlink_py")
+    return importlib.import_module("coil.net._netlink_py")
 
 
 def _ip_link_root() -> list[str]:
@@ -175,6 +175,68 @@ def test_in_netns_restores_on_error(netns_factory):
     assert os.readlink("/proc/thread-self/ns/net") == home
 
 
+def test_ns_handle_closes_only_what_it_opened(netns_factory):
+    """coil.net.ns.ns_handle: the one namespace-file opener."""
+    ns = netns_factory()
+    with ns_handle(ns.path) as fd:
+        assert os.fstat(fd).st_ino == os.stat(ns.path).st_ino
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)                       # closed on the way out
+    assert info.value.errno == errno.EBADF
+    mine = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with ns_handle(mine) as fd:
+            assert fd == mine
+        os.fstat(mine)                     # an fd given is left open
+    finally:
+        os.close(mine)
+    missing = ns.path + "-gone"
+    with pytest.raises(NetlinkError) as info:
+        with ns_handle(missing):
+            pass
+    assert info.value.errno == errno.ENOENT and missing in str(info.value)
+    with ns_handle(missing, missing_ok=True) as fd:
+        assert fd is None
+    with pytest.raises(ZeroDivisionError):  # errors of the block still propagate
+        with ns_handle(ns.path, missing_ok=True):
+            1 / 0
+
+
+def test_enter_netns_moves_one_thread_for_good(netns_factory):
+    """coil.net.ns.enter_netns (the sandbox's NetnsThread): the thread stays
+    there and its sockets are made there; the others stay home."""
+    ns = netns_factory()
+    ns.run("ip", "link", "add", "marker0", "type", "veth", "peer", "name", "marker1", check=True)
+    seen = {}
+
+    def worker():
+        enter_netns(ns.path)
+        seen["ino"] = os.stat("/proc/thread-self/ns/net").st_ino
+        from coil.net import open_netlink
+        with open_netlink() as nl:
+            seen["links"] = sorted(link.name for link in nl.link_list())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"ino": os.stat(ns.path).st_ino, "links": ["lo", "marker0", "marker1"]}
+    assert os.stat("/proc/thread-self/ns/net").st_ino != os.stat(ns.path).st_ino
+    with pytest.raises(NetlinkError) as info:
+        enter_netns(ns.path + "-gone")
+    assert info.value.errno == errno.ENOENT and "-gone" in str(info.value)
+
+
+def test_addr_and_route_know_their_version(nlmod, netns_factory):
+    """Addr.version / Route.version come from the kernel's family."""
+    ns = netns_factory()
+    with nlmod.open_netlink(ns.path) as nl:
+        nl.link_set(1, up=True)
+        addrs = {a.address: a.version for a in nl.addr_list(1)}
+        routes = {r.version for r in nl.route_list(table=255)}   # local table
+    assert addrs == {"127.0.0.1": 4, "::1": 6}
+    assert routes == {4, 6}
+
+
 def test_closed_handle_raises(nlmod, netns_factory):
     ns = netns_factory()
     nl = nlmod.open_netlink(ns.path)
@@ -191,13 +253,13 @@ def test_constants(nlmod):
 
 
 def test_both_backends_share_types():
-    import coil._netlink_py as py
+    import coil.net._netlink_py as py
     try:
-        import coil._netlink as cy
+        import coil.net._netlink as cy
     except ImportError:
         if _require_fast():
-            pytest.fail("coil._netlink (Cython) is not built and COIL_REQUIRE_FAST=1")
-        pytest.skip("coil._netlink (Cython) is not built")
+            pytest.fail("coil.net._netlink (Cython) is not built and COIL_REQUIRE_FAST=1")
+        pytest.skip("coil.net._netlink (Cython) is not built")
     assert cy.Link is py.Link and cy.Addr is py.Addr and cy.Route is py.Route
 
 
@@ -747,7 +809,7 @@ def test_handle_shared_by_threads(nlmod, netns_factory):
             errors.append(exc)
 
     try:
-        if nlmod.__name__ == "coil._netlink_py":
+        if nlmod.__name__ == "coil.net._netlink_py":
             t = threading.Thread(target=work, args=(0,))
             t.start()
             t.join()
@@ -778,7 +840,7 @@ def test_zz_root_namespace_links_unchanged():
 def test_route_types_unreachable_and_blackhole(nlmod, routed):
     """route_add(route_type=...) and route_list(route_type=...): unreachable
     and blackhole routes need no device; iproute2 shows them as such."""
-    from coil._nsutil import RTN_BLACKHOLE, RTN_UNICAST, RTN_UNREACHABLE
+    from coil.net.types import RTN_BLACKHOLE, RTN_UNICAST, RTN_UNREACHABLE
     nl, index, node = routed
     R, V4, V6 = nlmod.Route, socket.AF_INET, socket.AF_INET6
     nl.route_add("10.70.0.0", 27, protocol=PROTO, route_type=RTN_UNREACHABLE)
