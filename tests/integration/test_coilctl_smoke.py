@@ -29,10 +29,11 @@ import subprocess
 import sys
 import threading
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
-from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
+from harness import CoilNode, Netns
 from helpers import REPO, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -47,8 +48,7 @@ def now() -> str:
 
 
 class KubeletStandIn:
-    """The kubelet of ``nodes`` (name -> object with ``.ns`` Netns, ``.cni``
-    CNI). Pods of a node in ``hold`` stay Pending (an image pull that never
+    """The kubelet of ``nodes`` (name -> harness.CoilNode, started). Pods of a node in ``hold`` stay Pending (an image pull that never
     ends); their deletion is still finished."""
 
     def __init__(self, core, nodes: dict):
@@ -202,10 +202,6 @@ class KubeletStandIn:
         return sum(1 for sb in self.sandboxes.values() if sb["netns"] is not None)
 
 
-class Node:
-    pass
-
-
 def ip(ns: Netns, *args):
     return ns.exec("ip", *args)
 
@@ -219,15 +215,16 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
     store.create_pool("default", POOL, 3)
     tag = uuid.uuid4().hex[:6]
     names = [f"coiltest-smoke-{tag}-a", f"coiltest-smoke-{tag}-b"]
-    nodes: dict[str, Node] = {}
+    nodes: dict[str, CoilNode] = {}
     namespace = f"coiltest-smoke-{tag}"
     kubelet = None
-    c = Node()
+    c = SimpleNamespace()
     try:
-        for i, name in enumerate(names):
-            n = Node()
+        for name in names:
+            work = str(tmp_path / name)
+            os.makedirs(work)
+            n = CoilNode(work, etcd_server.unix_endpoint, etcd_prefix, node_name=name)
             n.name = name
-            n.ns = Netns("node")
             nodes[name] = n
             n.ns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         a, b = nodes[names[0]], nodes[names[1]]
@@ -238,11 +235,7 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
             ip(n.ns, "link", "set", "smoke0", "up")
             ip(n.ns, "route", "add", POOL, "via", peer, "dev", "smoke0")
         for name, n in nodes.items():
-            work = str(tmp_path / name)
-            os.makedirs(work)
-            n.coild = Coild(n.ns, work, etcd_server.unix_endpoint, etcd_prefix, node_name=name)
-            n.coild.start()
-            n.cni = CNI(n.ns, work, coil_conflist(n.coild.socket), plugin_binary())
+            n.start()
             core.create_node({"metadata": {"name": name}})
             core.patch_node_status(name, {"status": {"conditions": [
                 {"type": "Ready", "status": "True", "reason": "KubeletReady",
@@ -268,9 +261,7 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
         if kubelet is not None:
             kubelet.close()
         for name, n in nodes.items():
-            if getattr(n, "coild", None) is not None:
-                n.coild.stop()
-            n.ns.delete()
+            n.close()
             try:
                 core.delete_node(name)
             except ApiException:
@@ -484,7 +475,7 @@ def kube_only(kube_apiserver, tmp_path):
     from kubernetes.client.exceptions import ApiException
     core = kube_apiserver.core()
     tag = uuid.uuid4().hex[:6]
-    c = Node()
+    c = SimpleNamespace()
     c.core = core
     c.ready, c.ready2 = f"coiltest-smoke-{tag}-ready", f"coiltest-smoke-{tag}-ready2"
     c.not_ready = f"coiltest-smoke-{tag}-down"
