@@ -48,6 +48,19 @@ _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "release-if-leaked")
 
 
+# typed errors -> HTTP status; the first class that matches wins, anything
+# else derived from CoilError is a 500
+_STATUS_OF = ((InvalidArgument, 400), (NotFound, 404), (AlreadyExists, 409),
+              (PoolExhausted, 503), (StoreUnavailable, 503))
+
+
+def _http_status(exc: CoilError) -> int:
+    for cls, status in _STATUS_OF:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
 class HTTPError(CoilError):
     """A request the REST layer refuses: status and one line for the client."""
 
@@ -93,18 +106,8 @@ class RestHandler(RequestHandler):
             if exc.close:
                 self.close_connection = True
             self._error(exc.status, str(exc))
-        except InvalidArgument as exc:
-            self._error(400, exc.one_line())
-        except NotFound as exc:
-            self._error(404, exc.one_line())
-        except AlreadyExists as exc:
-            self._error(409, exc.one_line())
-        except PoolExhausted as exc:
-            self._error(503, exc.one_line())
-        except StoreUnavailable as exc:
-            self._error(503, exc.one_line())
         except CoilError as exc:
-            self._error(500, exc.one_line())
+            self._error(_http_status(exc), exc.one_line())
         except Exception as exc:  # a bug: answer, log, keep serving
             log.exception("REST handler crashed")
             self._error(500, f"internal error: {exc}")
