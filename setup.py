@@ -22,6 +22,22 @@ EXTENSIONS = [
     ("coil.net._netlink", "coil/net/_netlink.pyx"),
 ]
 LAUNCHER_SRC = "coil/_fast/launcher.c"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_protocol_header(directory: str) -> str:
+    """Write protocol.h, the relay protocol's constants for the launcher,
+    from coil/cni/protocol.py (their one owner) into ``directory``."""
+    sys.path.insert(0, HERE)
+    try:
+        from coil.cni import protocol
+    finally:
+        sys.path.remove(HERE)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "protocol.h")
+    with open(path, "w") as f:
+        f.write(protocol.c_header())
+    return path
 
 
 def _extensions():
@@ -73,9 +89,11 @@ class BuildExt(build_ext):
                 from setuptools._distutils.sysconfig import customize_compiler
                 compiler = new_compiler()
                 customize_compiler(compiler)
+            include = os.path.join(self.build_temp, "launcher-include")
+            write_protocol_header(include)
             compiler.compile([LAUNCHER_SRC], output_dir=self.build_temp,
-                                  macros=[("COIL_PYTHON", '"%s"' % python)],
-                                  extra_postargs=["-O2", "-Wall"])
+                             macros=[("COIL_PYTHON", '"%s"' % python)],
+                             include_dirs=[include], extra_postargs=["-O2", "-Wall"])
             obj = compiler.object_filenames([LAUNCHER_SRC], output_dir=self.build_temp)
             compiler.link_executable(obj, "hypercoil", output_dir=self.build_temp)
             shutil.copy2(os.path.join(self.build_temp, "hypercoil"), target)
@@ -86,4 +104,5 @@ class BuildExt(build_ext):
             print(f"warning: native launcher not built ({exc})", file=sys.stderr)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":      # setuptools runs it so; tests import write_protocol_header
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
