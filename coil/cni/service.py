@@ -328,8 +328,7 @@ class CNIService:
 
     def add(self, req):
         ns, pod = req.args["K8S_POD_NAMESPACE"], req.args["K8S_POD_NAME"]
-        existing = {4 if ":" not in a.address else 6: a for a in
-                    self.allocator.lookup_pod(ns, pod, req.container_id)}
+        existing = {a.version: a for a in self.allocator.lookup_pod(ns, pod, req.container_id)}
         host_name = host_veth_name(ns, pod)
         versions = self._versions(req)
         if existing and all(v in existing for v in versions):
@@ -461,7 +460,7 @@ class CNIService:
             raise CNIError(spec.ERR_CHECK_FAILED, exc.one_line()) from None
         except BaseException as exc:
             raise self._cni_error(exc) from None
-        families = sorted({6 if ":" in a else 4 for a in held})
+        families = sorted({ipaddress.ip_address(a).version for a in held})
         if families != self._versions(req):
             raise CNIError(spec.ERR_CHECK_FAILED,
                            f"prevResult has IPv{families} addresses, the configuration asks "

@@ -65,10 +65,6 @@ class HeldBlock:
         return self.bitmap.count() >= self.bitmap.size
 
 
-def _version_of(rec: Address) -> int:
-    return 6 if ":" in rec.address else 4
-
-
 class NodeAllocator:
     """Addresses for the containers of one node.
 
@@ -107,7 +103,7 @@ class NodeAllocator:
             held.bitmap.set(rec.offset)
             held.records[rec.offset] = rec
             held.quarantine.pop(rec.offset, None)
-        self._by_container.setdefault(rec.container_id, {})[_version_of(rec)] = rec
+        self._by_container.setdefault(rec.container_id, {})[rec.version] = rec
         self._note("rec+", rec)
 
     def _forget_record(self, rec: Address):
@@ -117,7 +113,7 @@ class NodeAllocator:
             if rec.offset not in held.pending and rec.offset not in held.quarantine:
                 held.bitmap.free(rec.offset)
         by = self._by_container.get(rec.container_id, {})
-        version = _version_of(rec)
+        version = rec.version
         if by.get(version) == rec:
             del by[version]
             if not by:
