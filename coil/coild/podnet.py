@@ -38,10 +38,37 @@ HOST_VETH_RE = re.compile(r"veth[0-9a-f]{11}")
 RETIRED_PREFIX = "cdel"
 
 
-def host_veth_name(namespace: str, pod: str) -> str:
-    """Stable host-side name: 'veth' + 11 hex digits of a hash of ns/pod."""
+def host_veth_name(container_id: str, ifname: str, network: str) -> str:
+    """Stable host-side name of one attachment: 'veth' + 11 hex digits of
+    SHA-1("<container ID>/<ifname>/<network name>"). Two attachments of one
+    container (two networks, or eth0 and net1) get two names; a retried ADD
+    of the same attachment finds its own."""
+    digest = hashlib.sha1(f"{container_id}/{ifname}/{network}".encode()).hexdigest()
+    return "veth" + digest[:11]
+
+
+def legacy_host_veth_name(namespace: str, pod: str) -> str:
+    """The name coild gave the host end before attachments were keyed
+    (one per pod): 'veth' + 11 hex digits of SHA-1("<namespace>.<pod>")."""
     digest = hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()
     return "veth" + digest[:11]
+
+
+def host_veth_names(rec) -> tuple[str, ...]:
+    """Where the host end of address record ``rec``'s attachment may be:
+    its attachment's name, then the pre-attachment name of its pod (a pair
+    made by an older coild). Callers use the first that exists and routes
+    the record's address, so the older name is never taken from another
+    attachment."""
+    return (host_veth_name(rec.container_id, rec.ifname, rec.network),
+            legacy_host_veth_name(rec.namespace, rec.pod))
+
+
+def _names(host_name) -> tuple[str, ...]:
+    """A host-end name or a sequence of candidate names -> candidates."""
+    if isinstance(host_name, str):
+        return (host_name,) if host_name else ()
+    return tuple(n for n in host_name if n)
 
 
 def retired_name() -> str:
@@ -125,11 +152,12 @@ class PodNetwork:
         return {"host_mac": host_link.mac if host_link else "", "container_mac": pod_link.mac,
                 "container_index": pod_link.index, "mtu": pod_link.mtu}
 
-    def delete(self, netns_path: str | None, ifname: str, host_name: str,
+    def delete(self, netns_path: str | None, ifname: str, host_name,
                addresses: list[str]) -> bool:
-        """Remove the pair. The host end is removed only when it is this
-        container's (it routes one of ``addresses``) or, failing that, through
-        the container's own interface. Safe to repeat; True if something was
+        """Remove the pair. The host end (``host_name``: a name, or candidate
+        names tried in order) is removed only when it is this attachment's
+        (it routes one of ``addresses``) or, failing that, through the
+        container's own interface. Safe to repeat; True if something was
         removed."""
         removed = False
         if netns_path and os.path.exists(netns_path):
@@ -145,18 +173,30 @@ class PodNetwork:
                     os.close(fd)
         if not removed and addresses:
             with self._host_nl() as h:
-                host = h.link_get(host_name)
-                if host is not None and self._routes_to(h, host.index, addresses):
-                    removed = h.link_del(host_name)
+                host = self._host_end(h, host_name, addresses)
+                if host is not None:
+                    removed = h.link_del(host.name)
         return removed
 
-    def retire(self, netns_path: str | None, ifname: str, host_name: str,
+    def _host_end(self, h, host_name, addresses: list[str]):
+        """The first link of ``host_name`` (a name or candidates) that exists
+        and routes one of ``addresses``; None."""
+        if not addresses:
+            return None
+        for name in _names(host_name):
+            link = h.link_get(name)
+            if link is not None and self._routes_to(h, link.index, addresses):
+                return link
+        return None
+
+    def retire(self, netns_path: str | None, ifname: str, host_name,
                addresses: list[str], group: int) -> str:
         """Take the container's veth pair out of service without paying for
         its deletion; the caller deletes link group ``group`` later.
 
-        Only when the host end ``host_name`` is this container's (it routes
-        one of ``addresses``), in this order:
+        Only when the host end ``host_name`` (a name, or candidate names
+        tried in order) is this attachment's (it routes one of
+        ``addresses``), in this order:
         1. the host end is renamed (``cdel...``) and put in link group
            ``group``: from here on a crash still ends in its deletion (coild
            deletes the group when it starts), and ``host_name`` is free for
@@ -174,9 +214,7 @@ class PodNetwork:
         meanwhile (its namespace was deleted) counts as gone. Raises
         NetlinkError."""
         with self._host_nl() as h:
-            host = h.link_get(host_name) if host_name and addresses else None
-            if host is not None and not self._routes_to(h, host.index, addresses):
-                host = None
+            host = self._host_end(h, host_name, addresses)
             if host is not None and not self._retire_link(h, host.index, group=group):
                 host = None                  # gone meanwhile, its routes with it
             if host is not None:
