@@ -32,6 +32,9 @@ GATEWAY6 = "fe80::1"
 SCOPE_LINK = 253
 PROTO_STATIC = 4
 MAIN_TABLE = 254
+#: base metric of the pod-side routes of a pod's later attachment
+#: (IPv6's default metric is 1024: above it, the first attachment wins)
+ATTACHMENT_METRIC = 1024
 #: the host ends coil makes: "veth" + 11 hex digits (see host_veth_name)
 HOST_VETH_RE = re.compile(r"veth[0-9a-f]{11}")
 #: what a retired veth end is renamed to: "cdel" + 11 random hex digits
@@ -69,6 +72,22 @@ def _names(host_name) -> tuple[str, ...]:
     if isinstance(host_name, str):
         return (host_name,) if host_name else ()
     return tuple(n for n in host_name if n)
+
+
+def _route_add_beside(nl, dst, dst_len, oif, gateway, scope):
+    """Add a pod-side route. When another attachment of the pod (Multus:
+    eth0 and net1) has that route already (EEXIST: same destination and
+    metric), this one is added beside it with a metric of its own
+    (ATTACHMENT_METRIC + the interface's index): the first attachment's
+    route keeps the traffic, this one takes over once that is gone."""
+    try:
+        nl.route_add(dst, dst_len, oif=oif, gateway=gateway, scope=scope,
+                     protocol=PROTO_STATIC)
+    except NetlinkError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        nl.route_add(dst, dst_len, oif=oif, gateway=gateway, scope=scope,
+                     protocol=PROTO_STATIC, priority=ATTACHMENT_METRIC + oif)
 
 
 def retired_name() -> str:
@@ -144,10 +163,10 @@ class PodNetwork:
             h.route_add(addr, plen, oif=host_index, scope=SCOPE_LINK, protocol=PROTO_STATIC,
                         replace=True)
             pod_nl.addr_add(pod_link.index, addr, plen, nodad=(plen == 128))
-            pod_nl.route_add(gw, plen, oif=pod_link.index, scope=SCOPE_LINK,
-                             protocol=PROTO_STATIC)
             default = "::" if plen == 128 else "0.0.0.0"
-            pod_nl.route_add(default, 0, oif=pod_link.index, gateway=gw, protocol=PROTO_STATIC)
+            for dst, dst_len, via, scope in ((gw, plen, None, SCOPE_LINK),
+                                             (default, 0, gw, 0)):
+                _route_add_beside(pod_nl, dst, dst_len, pod_link.index, via, scope)
         host_link = h.link_get_index(host_index)
         return {"host_mac": host_link.mac if host_link else "", "container_mac": pod_link.mac,
                 "container_index": pod_link.index, "mtu": pod_link.mtu}
