@@ -19,7 +19,7 @@ REQUIRE_FAST = os.environ.get("COIL_REQUIRE_FAST", "") not in ("", "0")
 
 EXTENSIONS = [
     ("coil._fast.bitmap", "coil/_fast/bitmap.pyx"),
-    ("coil._netlink", "coil/_netlink.pyx"),
+    ("coil.net._netlink", "coil/net/_netlink.pyx"),
 ]
 LAUNCHER_SRC = "coil/_fast/launcher.c"
 

@@ -43,12 +43,12 @@ BACKENDS = ["cython", "python"]
 def _module(name):
     if name == "cython":
         try:
-            return importlib.import_module("coil._netlink")
+            return importlib.import_module("coil.net._netlink")
         except ImportError as exc:
             if os.environ.get("COIL_REQUIRE_FAST", "") not in ("", "0"):
-                pytest.fail(f"coil._netlink is not built: {exc}")
-            pytest.skip(f"coil._netlink is not built: {exc}")
-    return importlib.import_module("coil._netlink_py")
+                pytest.fail(f"coil.net._netlink is not built: {exc}")
+            pytest.skip(f"coil.net._netlink is not built: {exc}")
+    return importlib.import_module("coil.net._netlink_py")
 
 
 @pytest.fixture

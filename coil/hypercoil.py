@@ -68,12 +68,12 @@ def _run(role: str, argv: list[str]) -> int:
 
 def backends() -> dict:
     """Which implementation of each hot path is active."""
-    from coil import bitmap, netlink
+    from coil import bitmap, net
     from coil import launcher_path
     launcher = launcher_path()
     return {
         "bitmap": bitmap.BACKEND,
-        "netlink": netlink.BACKEND,
+        "netlink": net.BACKEND,
         "launcher": launcher or "python (native launcher not built)",
     }
 

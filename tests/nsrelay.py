@@ -8,7 +8,7 @@ that listens on ``127.0.0.1`` of the root namespace, e.g. kube-apiserver.
 network configuration:
 
 * the listening socket is created on the calling thread while it is
-  switched into the namespace (``setns(2)``, see coil/_nsutil.py), bound to
+  switched into the namespace (``setns(2)``, see coil/net/ns.py), bound to
   ``127.0.0.1:0`` there; a socket keeps the namespace it was created in;
 * a relay thread, which stays in the root namespace, accepts connections
   on it and connects each one to ``target`` (a loopback address of the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from coil._nsutil import in_netns
+from coil.net.ns import in_netns
 
 __all__ = ["NetnsRelay"]
 

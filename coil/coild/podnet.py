@@ -24,7 +24,7 @@ import os
 import random
 import re
 
-from coil import netlink
+from coil import net
 from coil.errors import CoilError, NetlinkError, PodNetError
 
 GATEWAY4 = "169.254.1.1"
@@ -115,7 +115,7 @@ class PodNetwork:
     def _host_nl(self):
         # one handle per operation: cheap (~20 us) and safe across threads,
         # which the pyroute2 fallback's handles are not
-        return netlink.open_netlink(self.host_netns)
+        return net.open_netlink(self.host_netns)
 
     @staticmethod
     def _open_netns(path: str) -> int:
@@ -131,7 +131,7 @@ class PodNetwork:
         by an earlier try is replaced. Returns {host_mac, container_mac}."""
         fd = self._open_netns(netns_path)
         try:
-            with netlink.open_netlink(fd) as pod_nl, self._host_nl() as h:
+            with net.open_netlink(fd) as pod_nl, self._host_nl() as h:
                 if pod_nl.link_get(ifname) is not None:
                     raise NetlinkError(f"creating interface {ifname} in {netns_path}",
                                        errno.EEXIST, hint="the container already has this interface")
@@ -186,7 +186,7 @@ class PodNetwork:
                 fd = None
             if fd is not None:
                 try:
-                    with netlink.open_netlink(fd) as pod_nl:
+                    with net.open_netlink(fd) as pod_nl:
                         removed = pod_nl.link_del(ifname)
                 finally:
                     os.close(fd)
@@ -281,7 +281,7 @@ class PodNetwork:
         except NetlinkError:
             return False                          # deleted meanwhile
         try:
-            with netlink.open_netlink(fd) as pod_nl:
+            with net.open_netlink(fd) as pod_nl:
                 if delete:
                     return pod_nl.link_del(ifname)
                 link = pod_nl.link_get(ifname)
@@ -329,7 +329,7 @@ class PodNetwork:
             raise PodNetError(f"network namespace {netns_path} does not exist")
         fd = self._open_netns(netns_path)
         try:
-            with netlink.open_netlink(fd) as pod_nl:
+            with net.open_netlink(fd) as pod_nl:
                 link = pod_nl.link_get(ifname)
                 if link is None:
                     raise PodNetError(f"interface {ifname} is missing in {netns_path}")
@@ -368,7 +368,7 @@ class PodNetwork:
                 host = h.link_get(host_name)
             fd = self._open_netns(netns_path)
             try:
-                with netlink.open_netlink(fd) as pod_nl:
+                with net.open_netlink(fd) as pod_nl:
                     link = pod_nl.link_get(ifname)
             finally:
                 os.close(fd)

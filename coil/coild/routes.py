@@ -15,15 +15,13 @@ unreachable routes of our protocol in the main table are reconciled.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
-import socket
 import threading
 
-from coil import netlink
 from coil.errors import NetlinkError
-
-MAIN_TABLE = 254
+from coil.net import RT_TABLE_MAIN, RTN_UNREACHABLE, family_of, open_netlink
 
 log = logging.getLogger("coild.routes")
 
@@ -45,14 +43,14 @@ class RouteExporter:
         with self._nl() as nl:
             lo = nl.link_get("lo")
             if lo is None:
-                raise NetlinkError("looking up device lo", 19)
+                raise NetlinkError("looking up device lo", errno.ENODEV)
             self._lo = lo.index
             if not lo.up:
                 nl.link_set(lo.index, up=True)
 
     def _nl(self):
         # a handle per operation: the pyroute2 fallback's handles are bound to one thread
-        return netlink.open_netlink(self.netns)
+        return open_netlink(self.netns)
 
     def add(self, cidr: str):
         net = ipaddress.ip_network(cidr)
@@ -60,9 +58,9 @@ class RouteExporter:
             nl.route_add(str(net.network_address), net.prefixlen, oif=self._lo,
                          table=self.table, protocol=self.protocol, replace=True)
             if self.unreachable:
-                nl.route_add(str(net.network_address), net.prefixlen, table=MAIN_TABLE,
+                nl.route_add(str(net.network_address), net.prefixlen, table=RT_TABLE_MAIN,
                              protocol=self.protocol, replace=True,
-                             route_type=netlink.RTN_UNREACHABLE)
+                             route_type=RTN_UNREACHABLE)
 
     def remove(self, cidr: str):
         net = ipaddress.ip_network(cidr)
@@ -73,17 +71,17 @@ class RouteExporter:
 
     def _del_unreachable(self, nl, net):
         # only if it is ours: an unreachable route of our protocol in main
-        for r in nl.route_list(socket.AF_INET6 if net.version == 6 else socket.AF_INET,
-                               table=MAIN_TABLE,
-                               protocol=self.protocol, route_type=netlink.RTN_UNREACHABLE):
+        for r in nl.route_list(family_of(net.network_address),
+                               table=RT_TABLE_MAIN,
+                               protocol=self.protocol, route_type=RTN_UNREACHABLE):
             if r.dst == str(net.network_address) and r.prefixlen == net.prefixlen:
-                nl.route_del(r.dst, r.prefixlen, table=MAIN_TABLE, protocol=self.protocol)
+                nl.route_del(r.dst, r.prefixlen, table=RT_TABLE_MAIN, protocol=self.protocol)
 
     def current_unreachable(self) -> set[str]:
         """The unreachable routes of our protocol in the main table."""
         with self._lock, self._nl() as nl:
-            routes = nl.route_list(0, table=MAIN_TABLE, protocol=self.protocol,
-                                   route_type=netlink.RTN_UNREACHABLE)
+            routes = nl.route_list(0, table=RT_TABLE_MAIN, protocol=self.protocol,
+                                   route_type=RTN_UNREACHABLE)
         return {str(ipaddress.ip_network(f"{r.dst}/{r.prefixlen}")) for r in routes}
 
     def current(self) -> set[str]:

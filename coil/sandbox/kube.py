@@ -250,18 +250,12 @@ class NetnsThread:
                                                 initializer=self._enter)
 
     def _enter(self):
-        from coil._nsutil import _setns
+        from coil.errors import NetlinkError
+        from coil.net.ns import enter_netns
         try:
-            fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            self._error = f"network namespace {self.netns}: {exc.strerror}"
-            return
-        try:
-            err = _setns(fd)
-            if err:
-                self._error = f"entering network namespace {self.netns}: {os.strerror(err)}"
-        finally:
-            os.close(fd)
+            enter_netns(f"/run/netns/{self.netns}")
+        except NetlinkError as exc:
+            self._error = str(exc)
 
     def _run(self, fn, args, kwargs):
         if self._error:

@@ -121,9 +121,9 @@ class Pods:
         """lo up in fresh pod namespaces, in-process (one netlink socket per
         namespace, no fork per pod)."""
         try:
-            from coil import netlink
+            from coil import net
             for ns in netns_names:
-                with netlink.open_netlink(f"/run/netns/{ns}") as nl:
+                with net.open_netlink(f"/run/netns/{ns}") as nl:
                     lo = nl.link_get("lo")
                     nl.link_set(lo.index, up=True)
         except Exception:          # noqa: BLE001 - fall back to ip, one per namespace

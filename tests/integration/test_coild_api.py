@@ -66,7 +66,7 @@ def coild(etcd_server, store, etcd_prefix, tmp_path, node, rundir):
 def tcp(node: Netns, port: int = 9383) -> socket.socket:
     """A TCP connection to coild's --http inside the node namespace (the
     socket keeps the namespace it was created in)."""
-    from coil._nsutil import in_netns
+    from coil.net.ns import in_netns
     with in_netns(node.path):
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
     return s
@@ -382,7 +382,7 @@ def _error_lines(log: str) -> list[str]:
 
 def test_port_in_use_one_line_and_nonzero_exit(etcd_server, store, etcd_prefix, tmp_path,
                                               node, rundir):
-    from coil._nsutil import in_netns
+    from coil.net.ns import in_netns
     with in_netns(node.path):
         squatter = socket.socket()
         squatter.bind(("127.0.0.1", 9383))

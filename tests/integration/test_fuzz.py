@@ -170,7 +170,7 @@ def etcd_dump(n) -> dict:
 def links(netns: Netns) -> list[str]:
     """The namespace's interface names (if_nameindex on this thread, switched
     into the namespace: no process per look)."""
-    from coil._nsutil import in_netns
+    from coil.net.ns import in_netns
     with in_netns(netns.path):
         return sorted(name for _, name in socket.if_nameindex())
 
@@ -556,7 +556,7 @@ def rest_connect(n, listener: str) -> socket.socket:
         s.settimeout(10)
         s.connect(n.coild.api_socket)
         return s
-    from coil._nsutil import in_netns
+    from coil.net.ns import in_netns
     with in_netns(n.netns.path):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)

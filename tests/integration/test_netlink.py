@@ -1,4 +1,4 @@
-"""rtnetlink backends (coil._netlink, Cython; coil._netlink_py, pyroute2).
+"""rtnetlink backends (coil.net._netlink, Cython; coil.net._netlink_py, pyroute2).
 
 Every test runs against both backends and only inside network namespaces
 made by ``netns_factory`` (removed at teardown even on failure). The root
@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from coil._nsutil import in_netns
+from coil.net.ns import in_netns
 from coil.errors import NetlinkError
 
 pytestmark = pytest.mark.root
@@ -51,13 +51,13 @@ def nlmod(request):
     """The backend module under test."""
     if request.param == "cython":
         try:
-            return importlib.import_module("coil._netlink")
+            return importlib.import_module("coil.net._netlink")
         except ImportError as exc:
-            msg = f"coil._netlink (Cython) is not built: {exc}"
+            msg = f"coil.net._netlink (Cython) is not built: {exc}"
             if _require_fast():
                 pytest.fail(msg + " and COIL_REQUIRE_FAST=1")
             pytest.skip(msg)
-    return importlib.import_module("coil._netlink_py")
+    return importlib.import_module("coil.net._netlink_py")
 
 
 def _ip_link_root() -> list[str]:
@@ -191,13 +191,13 @@ def test_constants(nlmod):
 
 
 def test_both_backends_share_types():
-    import coil._netlink_py as py
+    import coil.net._netlink_py as py
     try:
-        import coil._netlink as cy
+        import coil.net._netlink as cy
     except ImportError:
         if _require_fast():
-            pytest.fail("coil._netlink (Cython) is not built and COIL_REQUIRE_FAST=1")
-        pytest.skip("coil._netlink (Cython) is not built")
+            pytest.fail("coil.net._netlink (Cython) is not built and COIL_REQUIRE_FAST=1")
+        pytest.skip("coil.net._netlink (Cython) is not built")
     assert cy.Link is py.Link and cy.Addr is py.Addr and cy.Route is py.Route
 
 
@@ -778,7 +778,7 @@ def test_handle_shared_by_threads(nlmod, netns_factory):
             errors.append(exc)
 
     try:
-        if nlmod.__name__ == "coil._netlink_py":
+        if nlmod.__name__ == "coil.net._netlink_py":
             t = threading.Thread(target=work, args=(0,))
             t.start()
             t.join()
@@ -809,7 +809,7 @@ def test_zz_root_namespace_links_unchanged():
 def test_route_types_unreachable_and_blackhole(nlmod, routed):
     """route_add(route_type=...) and route_list(route_type=...): unreachable
     and blackhole routes need no device; iproute2 shows them as such."""
-    from coil._nsutil import RTN_BLACKHOLE, RTN_UNICAST, RTN_UNREACHABLE
+    from coil.net.types import RTN_BLACKHOLE, RTN_UNICAST, RTN_UNREACHABLE
     nl, index, node = routed
     R, V4, V6 = nlmod.Route, socket.AF_INET, socket.AF_INET6
     nl.route_add("10.70.0.0", 27, protocol=PROTO, route_type=RTN_UNREACHABLE)

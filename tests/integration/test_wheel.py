@@ -86,7 +86,7 @@ def test_wheel_holds_the_launcher_and_no_checkout_paths(installed):
     assert (info["coil/_fast/hypercoil"].external_attr >> 16) & 0o111, "launcher not executable"
     assert "coil/sandbox/data/rbac.yaml" in names
     assert "coil/sandbox/cniexec.py" in names
-    assert any(n.startswith("coil/_netlink") and n.endswith(".so") for n in names)
+    assert any(n.startswith("coil/net/_netlink") and n.endswith(".so") for n in names)
     assert not any(n.startswith("tests/") or n.startswith("deploy/") for n in names)
 
 

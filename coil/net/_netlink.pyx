@@ -2,9 +2,9 @@
 """rtnetlink for coild, the Cython extension.
 
 Builds and parses raw rtnetlink messages itself over an AF_NETLINK socket
-(no pyroute2). Same API as the pure-Python twin ``coil._netlink_py``; see
+(no pyroute2). Same API as the pure-Python twin ``coil.net._netlink_py``; see
 that module for the method list. ``Link``, ``Addr`` and ``Route`` are the
-NamedTuples of ``coil._nsutil``, so both backends return the same types.
+NamedTuples of ``coil.net.types``, so both backends return the same types.
 
 Every change request carries NLM_F_ACK and a fresh sequence number and waits
 for its ACK; dumps are read until NLMSG_DONE (and repeated when the kernel
@@ -13,8 +13,8 @@ with the kernel's errno and a context naming the object.
 
 ``open_netlink(netns)`` creates the socket inside ``netns`` (None, a path
 or an fd) by switching the calling thread with setns(2), creating the
-socket and switching back at once, with ``coil._nsutil.NS_LOCK`` held; the
-socket stays bound to that namespace. Opening costs a few syscalls (no
+socket and switching back at once (``coil.net.ns.in_netns``, the one
+namespace entry of coil); the socket stays bound to that namespace. Opening costs a few syscalls (no
 fork, no subprocess).
 
 A handle may be shared by threads: calls are serialised by a per-handle
@@ -36,9 +36,9 @@ import os as _os
 import socket as _socket
 
 from coil.errors import NetlinkError
-from coil._nsutil import (Link, Addr, Route, NS_LOCK, ns_label, target_label,
-                          RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST,
-                          RT_TABLE_MAIN, RTPROT_STATIC)
+from coil.net.ns import in_netns, ns_label, open_ns_fd, target_label
+from coil.net.types import (Link, Addr, Route, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK,
+                            RT_SCOPE_HOST, RT_TABLE_MAIN, RTPROT_STATIC)
 
 __all__ = ["open_netlink", "Netlink", "Link", "Addr", "Route",
            "RT_SCOPE_UNIVERSE", "RT_SCOPE_LINK", "RT_SCOPE_HOST",
@@ -47,17 +47,8 @@ __all__ = ["open_netlink", "Netlink", "Link", "Addr", "Route",
 # ---------------------------------------------------------------------------
 # libc
 
-cdef extern from "<sched.h>" nogil:
-    int setns(int fd, int nstype)
-    int CLONE_NEWNET
-
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
-
-cdef extern from "<fcntl.h>" nogil:
-    int c_open "open"(const char *path, int flags)
-    int O_RDONLY
-    int O_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -89,7 +80,8 @@ cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
 # ---------------------------------------------------------------------------
-# rtnetlink constants (uapi values; stable ABI)
+# rtnetlink constants (uapi values; stable ABI). Those also named in
+# coil.net.types are compile-time copies here, checked against it on import.
 
 cdef enum:
     NETLINK_ROUTE = 0
@@ -259,10 +251,13 @@ cdef int parse_ip(str text, char *out) except -1:
         b = text.encode("ascii")
     except (UnicodeError, AttributeError):
         return 0
-    family = AF_INET6 if b":" in b else AF_INET
-    if inet_pton(family, b, out) != 1:
+    if b"\0" in b:
         return 0
-    return family
+    if inet_pton(AF_INET, b, out) == 1:
+        return AF_INET
+    if inet_pton(AF_INET6, b, out) == 1:
+        return AF_INET6
+    return 0
 
 cdef bytes ifname_or_none(name):
     """The name as bytes, or None when no link can have it."""
@@ -416,34 +411,21 @@ cdef object parse_route(const char *m, int mlen, int want_table, int want_proto)
                              oif if has_oif else None, gw_text,
                              table, protocol, scope, rtype))
 
+from coil.net import types as _types
+if ((NETLINK_ROUTE, IFF_UP, IFA_F_NODAD, RTN_UNICAST, RT_SCOPE_NOWHERE, IFNAMSIZ)
+        != (_types.NETLINK_ROUTE, _types.IFF_UP, _types.IFA_F_NODAD, _types.RTN_UNICAST,
+            _types.RT_SCOPE_NOWHERE, _types.IFNAMSIZ)):  # pragma: no cover - a build bug
+    raise ImportError("coil.net._netlink: constants differ from coil.net.types")
+
 # ---------------------------------------------------------------------------
 # namespaces and sockets
 
-cdef int open_path(path, str what, int *fd) except -1:
-    """open(path, O_RDONLY|O_CLOEXEC) or NetlinkError naming the path."""
-    cdef bytes b
-    try:
-        b = _os.fsencode(path)
-    except TypeError:
-        raise NetlinkError(f"opening {what} {path!r}", _errno.EINVAL) from None
-    if b"\0" in b:
-        raise NetlinkError(f"opening {what} {path!r}", _errno.EINVAL)
-    fd[0] = c_open(b, O_RDONLY | O_CLOEXEC)
-    if fd[0] < 0:
-        raise NetlinkError(f"opening {what} {ns_label(path)}", errno)
-    return 0
-
 cdef int ns_fd(netns, int *fd) except -1:
-    """fd of a netns given as an int or a path; returns 1 when we opened it."""
-    if isinstance(netns, bool):
-        raise NetlinkError(f"opening network namespace {netns!r}", _errno.EINVAL)
-    if isinstance(netns, int):
-        if netns < 0 or netns > 0x7FFFFFFF:
-            raise NetlinkError(f"opening network namespace fd {netns}", _errno.EBADF)
-        fd[0] = <int>netns
-        return 0
-    open_path(netns, "network namespace", fd)
-    return 1
+    """fd of a netns given as an int or a path (``coil.net.ns.open_ns_fd``);
+    returns 1 when it was opened here (the caller closes it)."""
+    f, owned = open_ns_fd(netns)
+    fd[0] = <int>f
+    return 1 if owned else 0
 
 cdef int new_socket() noexcept nogil:
     """A bound NETLINK_ROUTE socket in the thread's netns, or -errno."""
@@ -463,39 +445,16 @@ cdef int new_socket() noexcept nogil:
     return fd
 
 cdef int socket_in(netns) except -1:
-    """Create the socket inside netns: setns there, create, setns back."""
-    cdef int target = -1, home = -1, fd = -1, rc, e
-    cdef int owned
+    """Create the socket inside netns (``coil.net.ns.in_netns``: setns
+    there, create, setns back)."""
+    cdef int fd
     if netns is None:
         fd = new_socket()
         if fd < 0:
             raise NetlinkError("opening a netlink socket", -fd)
         return fd
-    owned = ns_fd(netns, &target)
-    try:
-        with NS_LOCK:
-            home = c_open(b"/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
-            if home < 0:
-                raise NetlinkError("saving the current network namespace", errno)
-            if setns(target, CLONE_NEWNET) != 0:
-                e = errno
-                close(home)
-                raise NetlinkError(
-                    f"entering network namespace {ns_label(netns)}", e)
-            fd = new_socket()
-            rc = setns(home, CLONE_NEWNET)
-            e = errno
-            close(home)
-            if rc != 0:  # pragma: no cover - cannot happen with a valid fd
-                if fd >= 0:
-                    close(fd)
-                raise NetlinkError(
-                    "returning to the original network namespace", e,
-                    hint="this thread is left in another namespace; "
-                         "restart the process")
-    finally:
-        if owned:
-            close(target)
+    with in_netns(netns):
+        fd = new_socket()
     if fd < 0:
         raise NetlinkError(
             f"opening a netlink socket in network namespace {ns_label(netns)}", -fd)

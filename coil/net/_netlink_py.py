@@ -1,6 +1,6 @@
 """rtnetlink for coild, pure-Python fallback built on pyroute2.
 
-Same API as the Cython extension ``coil._netlink``; ``coil.netlink``
+Same API as the Cython extension ``coil.net._netlink``; ``coil.net``
 chooses between them. Every method raises ``coil.errors.NetlinkError``
 (with the kernel's errno) on failure.
 
@@ -8,7 +8,7 @@ chooses between them. Every method raises ``coil.errors.NetlinkError``
 in ``netns``: None (the calling thread's current namespace), a path such as
 ``/run/netns/NAME``, or an open fd of a network namespace. The socket is
 created by switching the calling thread into the namespace with setns(2),
-creating it and switching back (``coil._nsutil.in_netns``); it is handed to
+creating it and switching back (``coil.net.ns.in_netns``); it is handed to
 pyroute2 with ``use_socket`` so that pyroute2 never forks a helper process
 nor creates another socket behind our back.
 
@@ -48,19 +48,17 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 from pyroute2.netlink.exceptions import NetlinkError as _PyrNetlinkError
 
-from coil._nsutil import (Addr, Link, Route, in_netns, ns_label, open_ns_fd, target_label,
-                          RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_NOWHERE,
-                          RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTPROT_STATIC,
-                          RTN_UNICAST, IFNAMSIZ)
 from coil.errors import NetlinkError
+from coil.net.ns import in_netns, ns_label, open_ns_fd, target_label
+from coil.net.types import (Addr, Link, Route,
+                            IFA_F_NODAD, IFF_UP, IFNAMSIZ, NETLINK_ROUTE,
+                            RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_NOWHERE,
+                            RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST)
 
 __all__ = ["open_netlink", "Netlink", "Link", "Addr", "Route",
            "RT_SCOPE_UNIVERSE", "RT_SCOPE_LINK", "RT_SCOPE_HOST",
            "RTPROT_STATIC", "RT_TABLE_MAIN"]
 
-IFF_UP = 0x1
-IFA_F_NODAD = 0x02
-NETLINK_ROUTE = 0
 _DUMP_RETRIES = 10
 
 
@@ -78,12 +76,13 @@ def _family_of(address: str, context: str):
     """Return (family, max prefix) for an address string or raise EINVAL."""
     if not isinstance(address, str):
         raise NetlinkError(context, _errno.EINVAL)
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        socket.inet_pton(family, address)
-    except (OSError, ValueError):
-        raise NetlinkError(context, _errno.EINVAL) from None
-    return family, (128 if family == socket.AF_INET6 else 32)
+    for family, maxlen in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+        try:
+            socket.inet_pton(family, address)
+        except (OSError, ValueError):
+            continue
+        return family, maxlen
+    raise NetlinkError(context, _errno.EINVAL)
 
 
 def _check_prefix(prefixlen, maxlen: int, context: str) -> None:
