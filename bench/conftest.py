@@ -20,7 +20,6 @@ if "_coil_tests_root_conftest" not in sys.modules:
     sys.modules["_coil_tests_root_conftest"] = _mod
 _tests = sys.modules["_coil_tests_root_conftest"]
 
-EtcdServer = _tests.EtcdServer
 etcd_server = _tests.etcd_server
 etcd_prefix = _tests.etcd_prefix
 etcd_config = _tests.etcd_config

@@ -42,9 +42,7 @@ import gc
 import json
 import os
 import re
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -70,15 +68,9 @@ FULL = {"nodes": 5000, "band": 1000, "flat_held": 20000, "flat_samples": 300, "p
 @pytest.fixture(scope="module")
 def scale_etcd():
     """An etcd of its own: its counters and database size are this benchmark's."""
-    from helpers import EtcdServer
-    tmp = tempfile.mkdtemp(prefix="coil-scale-etcd-")
-    server = EtcdServer(os.path.join(tmp, "data"))
-    try:
-        server.start()
+    from helpers import etcd_in_tmpdir
+    with etcd_in_tmpdir("coil-scale-etcd-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def main() -> int:
             if parts:
                 wanted.setdefault(parts[0], set()).update(parts[1:] or {"*"})
 
-    from coil.coild import cniservice
+    from coil.cni import service as cniservice
     from coil.coild import main as coild_main
 
     def cni_reached(self, point, req):

@@ -8,9 +8,7 @@ start real servers and always stop them, even on failure.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import uuid
 
 import pytest
@@ -19,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 pytest_plugins = ["kube", "strict"]  # kube_apiserver fixture; skips fail under COIL_STRICT=1
 
-from helpers import EtcdServer  # noqa: E402
+from helpers import etcd_in_tmpdir  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,14 +31,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def etcd_server():
     """One etcd for the whole session; tests isolate by key prefix."""
-    tmp = tempfile.mkdtemp(prefix="coil-etcd-")
-    server = EtcdServer(os.path.join(tmp, "data"))
-    try:
-        server.start()
+    with etcd_in_tmpdir("coil-etcd-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -223,6 +223,39 @@ class CNI:
         return r.returncode, data
 
 
+class CoilNode:
+    """A node namespace with its coild (started by ``start``), its CNI client
+    and the pod namespaces a test asks for; ``close`` stops coild by PID and
+    removes every namespace."""
+
+    def __init__(self, workdir: str, etcd_endpoint: str, prefix: str, **coild_kw):
+        self.workdir = workdir
+        self.ns = Netns("node")
+        self.pods: list[Netns] = []
+        self.cni = None
+        self.coild = Coild(self.ns, workdir, etcd_endpoint, prefix, **coild_kw)
+
+    def start(self, **conf):
+        """Start coild and write a coil conflist with ``conf`` as plugin keys."""
+        self.coild.start()
+        self.cni = CNI(self.ns, self.workdir, coil_conflist(self.coild.socket, **conf),
+                       plugin_binary())
+        return self
+
+    def new_pod(self) -> Netns:
+        pod = Netns("pod")
+        self.pods.append(pod)
+        return pod
+
+    def close(self):
+        try:
+            self.coild.stop()
+        finally:
+            for pod in self.pods:
+                pod.delete()
+            self.ns.delete()
+
+
 def coil_conflist(socket_path: str, chain=(), version="1.0.0", **coil_keys) -> dict:
     plugin = {"type": "coil", "socket": socket_path, **coil_keys}
     return {"cniVersion": version, "name": "coil-test", "plugins": [plugin, *chain]}

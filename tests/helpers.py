@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +118,40 @@ class EtcdServer:
     def stop(self):
         stop_process(self.proc, 10)
         self.proc = None
+
+
+@contextlib.contextmanager
+def started_in_tmpdir(prefix: str, make, close: str = "stop"):
+    """Make a server in a fresh temporary directory (``make(dir)``), start it,
+    yield it; stop it (by PID, through its ``close`` method) and remove the
+    directory afterwards, also when starting it failed."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    server = make(tmp)
+    try:
+        server.start()
+        yield server
+    finally:
+        getattr(server, close)()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def etcd_in_tmpdir(prefix: str = "coil-etcd-"):
+    """``started_in_tmpdir`` for one etcd member."""
+    return started_in_tmpdir(prefix, lambda tmp: EtcdServer(os.path.join(tmp, "data")))
+
+
+@contextlib.contextmanager
+def auth_etcd_in_tmpdir(prefix: str = "coil-etcd-auth-"):
+    """One etcd member with authentication enabled: user ``root``, password
+    ``rootpw``."""
+    with etcd_in_tmpdir(prefix) as server:
+        env = dict(os.environ, ETCDCTL_API="3")
+        for cmd in (["user", "add", "root:rootpw"], ["auth", "enable"]):
+            r = subprocess.run(["etcdctl", "--endpoints", server.endpoint, *cmd],
+                               capture_output=True, text=True, env=env, timeout=30)
+            if r.returncode != 0:
+                raise RuntimeError(f"etcdctl {' '.join(cmd)} failed: {r.stderr.strip()}")
+        yield server
 
 
 def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):

@@ -23,14 +23,13 @@ Helpers: ``kubeconfig(token)``, ``api(token)`` (a kubernetes ApiClient),
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 
 import pytest
 
 from coil.sandbox import kube as recipe
-from helpers import REPO, EtcdServer, free_port, stop_process
+from helpers import REPO, EtcdServer, free_port, started_in_tmpdir, stop_process
 
 BUILD_SCRIPT = os.path.join(REPO, "tools", "build-kube-apiserver.sh")
 DEFAULT_BINARY = recipe.DEFAULT_BINARY
@@ -139,11 +138,6 @@ class KubeAPIServer:
 def kube_apiserver():
     """A running kube-apiserver 1.20 with its own etcd, for the whole session."""
     binary = apiserver_binary()
-    workdir = tempfile.mkdtemp(prefix="coil-kube-")
-    server = KubeAPIServer(workdir, binary)
-    try:
-        server.start()
+    with started_in_tmpdir("coil-kube-", lambda workdir: KubeAPIServer(workdir, binary),
+                           close="close") as server:
         yield server
-    finally:
-        server.close()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -6,36 +6,18 @@ daemon coild without starting Python. When the launcher is not built, this
 module does the same relay; it must stay byte-for-byte compatible with the
 C client (same request framing, same outputs, same exit codes).
 
-Relay protocol (coild is the server):
-  request : b"COIL1\\n"
-            b"KEY=VALUE\\0" for each of RELAY_ENV that is set
-            b"\\0"                                (end of the environment)
-            the whole stdin                       (then shutdown(SHUT_WR))
-  response: ASCII decimal exit code (0..255), b"\\n", stdout bytes until EOF
-
-The socket is the top-level "socket" key of the network configuration on
-stdin (default DEFAULT_SOCKET). CNI_COMMAND=VERSION is answered locally.
+The relay protocol (framing, environment keys, default socket, timeouts)
+is coil/cni/protocol.py. CNI_COMMAND=VERSION is answered locally.
 Only os, sys, socket and json are imported.
 """
 
 import os
 import sys
 
-from coil.cni import spec
+from coil.cni import protocol, spec
+from coil.cni.protocol import (CONNECT_TIMEOUT, DEFAULT_CNI_VERSION, DEFAULT_SOCKET,  # noqa: F401
+                               MAX_RESPONSE, MAX_STDIN, RELAY_TIMEOUT)
 
-DEFAULT_SOCKET = "/run/coild.sock"
-DEFAULT_CNI_VERSION = "1.1.0"
-RELAY_MAGIC = b"COIL1\n"
-RELAY_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
-             "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
-RELAY_ENV_B = tuple(key.encode() for key in RELAY_ENV)
-MAX_STDIN = 16 * 1024 * 1024          # larger stdin: ERR_DECODE
-MAX_RESPONSE = 64 * 1024 * 1024       # larger answer: malformed
-# The runtime gives a CNI call 120 s: connect + answer stay under it and
-# above coild's 100 s request deadline (docs/cni.md, "Timeouts"; the same
-# numbers are in coil/_fast/launcher.c).
-CONNECT_TIMEOUT = 5.0                 # seconds coild has to accept
-RELAY_TIMEOUT = 110.0                 # seconds coild has to answer
 SUN_PATH_MAX = 108                    # sizeof(sockaddr_un.sun_path) on Linux
 DETAILS_START = ("start coild on this node or fix the 'socket' key "
                  "of the network configuration")
@@ -162,17 +144,9 @@ def _relay(conf: _Config) -> int:
 
     with sock:
         deadline = monotonic() + RELAY_TIMEOUT
-        env = os.environb
-        request = [RELAY_MAGIC]
-        for key in RELAY_ENV_B:
-            value = env.get(key)
-            if value is not None:
-                request.append(key + b"=" + value + b"\0")
-        request.append(b"\0")
         try:
             sock.settimeout(max(deadline - monotonic(), 0.001))
-            sock.sendall(b"".join(request))
-            sock.sendall(conf.data)
+            sock.sendall(protocol.encode_request(os.environ, conf.data))
         except TimeoutError:
             return _timeout(conf, path, unreachable)
         except OSError:
@@ -206,17 +180,14 @@ def _relay(conf: _Config) -> int:
         except OSError as exc:
             return _error(unreachable, f"lost the connection to coild at "
                           f"{path}: {exc.strerror or exc}", "", conf.cni_version)
-    response = b"".join(chunks)
-
-    newline = response.find(b"\n", 0, 4)
-    head = response[:newline] if newline > 0 else b""
-    if not (head.isdigit() and int(head) <= 255):
+    answer = protocol.decode_response(b"".join(chunks))
+    if answer is None:
         return _error(unreachable, f"malformed answer from coild at {path}",
                       "the answer must start with the exit code and a newline; "
                       "check the coild log", conf.cni_version)
-    if _emit(response[newline + 1:]):
+    if _emit(answer[1]):
         return 1
-    return int(head)
+    return answer[0]
 
 
 def _timeout(conf: _Config, path: str, code: int) -> int:

@@ -1,13 +1,10 @@
 """CNI specification constants shared by the plugin, coild and the tests.
 
-SUPPORTED_VERSIONS is mirrored by the native launcher
-(coil/_fast/launcher.c, SUPPORTED_VERSIONS): change both together.
+SUPPORTED_VERSIONS is owned by the relay protocol (coil/cni/protocol.py).
 """
 
+from coil.cni.protocol import SUPPORTED_VERSIONS  # noqa: F401
 from coil.errors import CoilError
-
-# CNI spec versions the coil plugin speaks, oldest first.
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 # Well-known CNI error codes (CNI spec, "Error").
 ERR_INCOMPATIBLE_VERSION = 1
@@ -57,9 +54,6 @@ def version_tuple(version: str) -> tuple:
         return (0,)
 
 
-SCOPE_LINK = 253          # rtnetlink RT_SCOPE_LINK: the "scope" of a 1.1 route
-
-
 def build_result(cni_version: str, host_name: str, host_mac: str, ifname: str,
                  container_mac: str, netns: str, addresses: list, gateways: dict,
                  mtu: int | None = None, prev: dict | None = None) -> dict:
@@ -69,6 +63,8 @@ def build_result(cni_version: str, host_name: str, host_mac: str, ifname: str,
     default routes via them. From 1.1.0 the container end carries its
     ``mtu``. ``prev``: the prevResult of the plugins before coil in the
     chain; its interfaces, ips, routes and dns come first, unchanged."""
+    # coild's side only: the plugin itself never builds a result
+    from coil.net.types import RT_SCOPE_LINK, host_prefixlen, ip_version
     legacy = version_tuple(cni_version) < (1, 0, 0)
     v11 = version_tuple(cni_version) >= (1, 1, 0)
     prev = prev if isinstance(prev, dict) else {}
@@ -77,18 +73,18 @@ def build_result(cni_version: str, host_name: str, host_mac: str, ifname: str,
     ips, routes = [], []
     onlink = []
     for addr in addresses:
-        v6 = ":" in addr
+        version = ip_version(addr)
+        plen = host_prefixlen(addr)
         gw = gateways[addr]
-        entry = {"address": f"{addr}/{128 if v6 else 32}", "gateway": gw,
-                 "interface": base + 1}
+        entry = {"address": f"{addr}/{plen}", "gateway": gw, "interface": base + 1}
         if legacy:
-            entry = {"version": "6" if v6 else "4", **entry}
+            entry = {"version": str(version), **entry}
         ips.append(entry)
-        route = {"dst": f"{gw}/{128 if v6 else 32}"}
+        route = {"dst": f"{gw}/{plen}"}
         if v11:
-            route["scope"] = SCOPE_LINK
+            route["scope"] = RT_SCOPE_LINK
         onlink.append(route)
-        routes.append({"dst": "::/0" if v6 else "0.0.0.0/0", "gw": gw})
+        routes.append({"dst": "::/0" if version == 6 else "0.0.0.0/0", "gw": gw})
     container = {"name": ifname, "mac": container_mac, "sandbox": netns}
     if v11 and mtu:
         container["mtu"] = mtu

@@ -69,10 +69,6 @@ class HeldBlock:
         return self.bitmap.count() >= self.bitmap.size
 
 
-def _version_of(rec: Address) -> int:
-    return 6 if ":" in rec.address else 4
-
-
 def attachment_matcher(extra: dict | None):
     """The records an ``allocate`` with record fields ``extra`` is
     idempotent against: a CNI ADD's (``origin`` cni) those of its
@@ -445,7 +441,7 @@ class NodeAllocator:
     def _held(self, container_id, version, namespace, pod, match) -> Address | None:
         with self._lock:
             rec = next((r for r in self._by_container.get(container_id, ())
-                        if _version_of(r) == version and match(r)), None)
+                        if r.version == version and match(r)), None)
         if rec is None:
             return None
         if rec.namespace != namespace or rec.pod != pod:

@@ -27,7 +27,7 @@ class Coild:
                  teardown_delay: float = 0.1, liveness_ttl: float = 30.0):
         from coil.coild.allocator import NodeAllocator
         from coil.coild.heartbeat import LivenessKeeper
-        from coil.coild.cniservice import CNIService
+        from coil.cni.service import CNIService
         from coil.coild.metrics import CoildMetrics
         from coil.coild.podnet import PodNetwork
         from coil.coild.pools import PoolResolver

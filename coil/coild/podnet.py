@@ -24,14 +24,12 @@ import os
 import random
 import re
 
-from coil import net
 from coil.errors import CoilError, NetlinkError, PodNetError
+from coil.net import (RT_SCOPE_LINK, RT_TABLE_MAIN, RTPROT_STATIC, host_prefixlen, ip_version,
+                      ns_handle, open_netlink)
 
 GATEWAY4 = "169.254.1.1"
 GATEWAY6 = "fe80::1"
-SCOPE_LINK = 253
-PROTO_STATIC = 4
-MAIN_TABLE = 254
 #: base metric of the pod-side routes of a pod's later attachment
 #: (IPv6's default metric is 1024: above it, the first attachment wins)
 ATTACHMENT_METRIC = 1024
@@ -82,12 +80,12 @@ def _route_add_beside(nl, dst, dst_len, oif, gateway, scope):
     route keeps the traffic, this one takes over once that is gone."""
     try:
         nl.route_add(dst, dst_len, oif=oif, gateway=gateway, scope=scope,
-                     protocol=PROTO_STATIC)
+                     protocol=RTPROT_STATIC)
     except NetlinkError as exc:
         if exc.errno != errno.EEXIST:
             raise
         nl.route_add(dst, dst_len, oif=oif, gateway=gateway, scope=scope,
-                     protocol=PROTO_STATIC, priority=ATTACHMENT_METRIC + oif)
+                     protocol=RTPROT_STATIC, priority=ATTACHMENT_METRIC + oif)
 
 
 def retired_name() -> str:
@@ -95,12 +93,9 @@ def retired_name() -> str:
     return f"{RETIRED_PREFIX}{random.getrandbits(44):011x}"
 
 
-def gateway_for(address: str) -> str:
-    return GATEWAY6 if ":" in address else GATEWAY4
-
-
-def _host_prefix(address: str) -> int:
-    return 128 if ":" in address else 32
+def gateway_for(address) -> str:
+    """The pod's gateway for an address of its version (text or object)."""
+    return GATEWAY6 if ip_version(address) == 6 else GATEWAY4
 
 
 class PodNetwork:
@@ -115,35 +110,24 @@ class PodNetwork:
     def _host_nl(self):
         # one handle per operation: cheap (~20 us) and safe across threads,
         # which the pyroute2 fallback's handles are not
-        return net.open_netlink(self.host_netns)
-
-    @staticmethod
-    def _open_netns(path: str) -> int:
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise NetlinkError(f"opening network namespace {path}", exc.errno) from None
+        return open_netlink(self.host_netns)
 
     def setup(self, netns_path: str, ifname: str, host_name: str, addresses: list[str],
               mtu: int | None = None) -> dict:
         """Create the pair and wire it. On any failure everything made here is
         removed before the error is raised. A host end of the same name left
         by an earlier try is replaced. Returns {host_mac, container_mac}."""
-        fd = self._open_netns(netns_path)
-        try:
-            with net.open_netlink(fd) as pod_nl, self._host_nl() as h:
-                if pod_nl.link_get(ifname) is not None:
-                    raise NetlinkError(f"creating interface {ifname} in {netns_path}",
-                                       errno.EEXIST, hint="the container already has this interface")
-                h.link_del(host_name)     # leftover of an earlier try
-                try:
-                    host_index = h.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
-                    return self._wire(h, pod_nl, host_index, ifname, addresses)
-                except BaseException:
-                    h.link_del(host_name)
-                    raise
-        finally:
-            os.close(fd)
+        with ns_handle(netns_path) as fd, open_netlink(fd) as pod_nl, self._host_nl() as h:
+            if pod_nl.link_get(ifname) is not None:
+                raise NetlinkError(f"creating interface {ifname} in {netns_path}",
+                                   errno.EEXIST, hint="the container already has this interface")
+            h.link_del(host_name)     # leftover of an earlier try
+            try:
+                host_index = h.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
+                return self._wire(h, pod_nl, host_index, ifname, addresses)
+            except BaseException:
+                h.link_del(host_name)
+                raise
 
     @staticmethod
     def _wire(h, pod_nl, host_index, ifname, addresses) -> dict:
@@ -151,20 +135,20 @@ class PodNetwork:
         pod_link = pod_nl.link_get(ifname)
         if pod_link is None:
             raise NetlinkError(f"finding {ifname} in the pod namespace", errno.ENODEV)
-        families = {":" in a for a in addresses}
-        if False in families:
-            h.addr_add(host_index, GATEWAY4, 32, scope=SCOPE_LINK)
-        if True in families:
-            h.addr_add(host_index, GATEWAY6, 64, scope=SCOPE_LINK, nodad=True)
+        versions = {ip_version(a) for a in addresses}
+        if 4 in versions:
+            h.addr_add(host_index, GATEWAY4, 32, scope=RT_SCOPE_LINK)
+        if 6 in versions:
+            h.addr_add(host_index, GATEWAY6, 64, scope=RT_SCOPE_LINK, nodad=True)
         pod_nl.link_set(pod_link.index, up=True)
         for addr in addresses:
-            plen = _host_prefix(addr)
+            plen = host_prefixlen(addr)
             gw = gateway_for(addr)
-            h.route_add(addr, plen, oif=host_index, scope=SCOPE_LINK, protocol=PROTO_STATIC,
+            h.route_add(addr, plen, oif=host_index, scope=RT_SCOPE_LINK, protocol=RTPROT_STATIC,
                         replace=True)
             pod_nl.addr_add(pod_link.index, addr, plen, nodad=(plen == 128))
             default = "::" if plen == 128 else "0.0.0.0"
-            for dst, dst_len, via, scope in ((gw, plen, None, SCOPE_LINK),
+            for dst, dst_len, via, scope in ((gw, plen, None, RT_SCOPE_LINK),
                                              (default, 0, gw, 0)):
                 _route_add_beside(pod_nl, dst, dst_len, pod_link.index, via, scope)
         host_link = h.link_get_index(host_index)
@@ -180,16 +164,10 @@ class PodNetwork:
         removed."""
         removed = False
         if netns_path and os.path.exists(netns_path):
-            try:
-                fd = self._open_netns(netns_path)
-            except NetlinkError:
-                fd = None
-            if fd is not None:
-                try:
-                    with net.open_netlink(fd) as pod_nl:
+            with ns_handle(netns_path, missing_ok=True) as fd:
+                if fd is not None:                # else deleted meanwhile
+                    with open_netlink(fd) as pod_nl:
                         removed = pod_nl.link_del(ifname)
-                finally:
-                    os.close(fd)
         if not removed and addresses:
             with self._host_nl() as h:
                 host = self._host_end(h, host_name, addresses)
@@ -239,7 +217,7 @@ class PodNetwork:
             if host is not None:
                 for addr in addresses:
                     try:
-                        h.route_del(addr, _host_prefix(addr), oif=host.index, table=MAIN_TABLE)
+                        h.route_del(addr, host_prefixlen(addr), oif=host.index, table=RT_TABLE_MAIN)
                     except NetlinkError as exc:
                         if exc.errno not in (errno.ENODEV, errno.ESRCH):
                             raise
@@ -276,23 +254,19 @@ class PodNetwork:
     def _retire_pod_side(self, netns_path, ifname, delete: bool) -> bool:
         if not (netns_path and ifname and os.path.exists(netns_path)):
             return False
-        try:
-            fd = self._open_netns(netns_path)
-        except NetlinkError:
-            return False                          # deleted meanwhile
-        try:
-            with net.open_netlink(fd) as pod_nl:
+        with ns_handle(netns_path, missing_ok=True) as fd:
+            if fd is None:
+                return False                      # deleted meanwhile
+            with open_netlink(fd) as pod_nl:
                 if delete:
                     return pod_nl.link_del(ifname)
                 link = pod_nl.link_get(ifname)
                 return link is not None and self._retire_link(pod_nl, link.index, down=True)
-        finally:
-            os.close(fd)
 
     @staticmethod
     def _routes_to(h, index: int, addresses: list[str]) -> bool:
         wanted = {ipaddress.ip_address(a) for a in addresses}
-        for r in h.route_list(0, table=MAIN_TABLE):
+        for r in h.route_list(0, table=RT_TABLE_MAIN):
             if r.oif == index and r.prefixlen in (32, 128) and ipaddress.ip_address(r.dst) in wanted:
                 return True
         return False
@@ -316,46 +290,43 @@ class PodNetwork:
                 raise PodNetError(f"host interface {host_name} has MTU {host.mtu}, not {mtu}")
             host_addrs = {(ipaddress.ip_address(a.address), a.prefixlen)
                           for a in h.addr_list(host.index)}
-            for gw, plen, v6 in ((GATEWAY4, 32, False), (GATEWAY6, 64, True)):
-                if any((":" in a) == v6 for a in addresses) and \
+            versions = {ip_version(a) for a in addresses}
+            for gw, plen, version in ((GATEWAY4, 32, 4), (GATEWAY6, 64, 6)):
+                if version in versions and \
                         (ipaddress.ip_address(gw), plen) not in host_addrs:
                     raise PodNetError(f"gateway address {gw}/{plen} is missing on {host_name}")
             host_routes = {(ipaddress.ip_address(r.dst), r.prefixlen)
-                           for r in h.route_list(0, table=MAIN_TABLE) if r.oif == host.index}
+                           for r in h.route_list(0, table=RT_TABLE_MAIN) if r.oif == host.index}
         for addr in addresses:
-            if (ipaddress.ip_address(addr), _host_prefix(addr)) not in host_routes:
-                raise PodNetError(f"route {addr}/{_host_prefix(addr)} dev {host_name} is missing")
+            if (ipaddress.ip_address(addr), host_prefixlen(addr)) not in host_routes:
+                raise PodNetError(f"route {addr}/{host_prefixlen(addr)} dev {host_name} is missing")
         if not os.path.exists(netns_path):
             raise PodNetError(f"network namespace {netns_path} does not exist")
-        fd = self._open_netns(netns_path)
-        try:
-            with net.open_netlink(fd) as pod_nl:
-                link = pod_nl.link_get(ifname)
-                if link is None:
-                    raise PodNetError(f"interface {ifname} is missing in {netns_path}")
-                if not link.up:
-                    raise PodNetError(f"interface {ifname} is down in {netns_path}")
-                if container_mac and link.mac.lower() != container_mac.lower():
-                    raise PodNetError(f"interface {ifname} has MAC {link.mac}, prevResult "
-                                      f"says {container_mac}")
-                if mtu and link.mtu != mtu:
-                    raise PodNetError(f"interface {ifname} has MTU {link.mtu}, not {mtu}")
-                have = {(ipaddress.ip_address(a.address), a.prefixlen)
-                        for a in pod_nl.addr_list(link.index)}
-                routes = pod_nl.route_list(0, table=MAIN_TABLE)
-                for addr in addresses:
-                    plen = _host_prefix(addr)
-                    if (ipaddress.ip_address(addr), plen) not in have:
-                        raise PodNetError(f"address {addr}/{plen} is missing on {ifname}")
-                    gw = ipaddress.ip_address(gateway_for(addr))
-                    if not any(r.oif == link.index and r.prefixlen == plen and
-                               ipaddress.ip_address(r.dst) == gw for r in routes):
-                        raise PodNetError(f"route {gw}/{plen} dev {ifname} is missing")
-                    if not any(r.prefixlen == 0 and r.gateway and
-                               ipaddress.ip_address(r.gateway) == gw for r in routes):
-                        raise PodNetError(f"default route via {gw} is missing in {netns_path}")
-        finally:
-            os.close(fd)
+        with open_netlink(netns_path) as pod_nl:
+            link = pod_nl.link_get(ifname)
+            if link is None:
+                raise PodNetError(f"interface {ifname} is missing in {netns_path}")
+            if not link.up:
+                raise PodNetError(f"interface {ifname} is down in {netns_path}")
+            if container_mac and link.mac.lower() != container_mac.lower():
+                raise PodNetError(f"interface {ifname} has MAC {link.mac}, prevResult "
+                                  f"says {container_mac}")
+            if mtu and link.mtu != mtu:
+                raise PodNetError(f"interface {ifname} has MTU {link.mtu}, not {mtu}")
+            have = {(ipaddress.ip_address(a.address), a.prefixlen)
+                    for a in pod_nl.addr_list(link.index)}
+            routes = pod_nl.route_list(0, table=RT_TABLE_MAIN)
+            for addr in addresses:
+                plen = host_prefixlen(addr)
+                if (ipaddress.ip_address(addr), plen) not in have:
+                    raise PodNetError(f"address {addr}/{plen} is missing on {ifname}")
+                gw = ipaddress.ip_address(gateway_for(addr))
+                if not any(r.oif == link.index and r.prefixlen == plen and
+                           ipaddress.ip_address(r.dst) == gw for r in routes):
+                    raise PodNetError(f"route {gw}/{plen} dev {ifname} is missing")
+                if not any(r.prefixlen == 0 and r.gateway and
+                           ipaddress.ip_address(r.gateway) == gw for r in routes):
+                    raise PodNetError(f"default route via {gw} is missing in {netns_path}")
 
     def describe(self, netns_path: str, ifname: str, host_name: str,
                  addresses: list[str]) -> dict | None:
@@ -366,12 +337,8 @@ class PodNetwork:
             self.check(netns_path, ifname, host_name, addresses)
             with self._host_nl() as h:
                 host = h.link_get(host_name)
-            fd = self._open_netns(netns_path)
-            try:
-                with net.open_netlink(fd) as pod_nl:
-                    link = pod_nl.link_get(ifname)
-            finally:
-                os.close(fd)
+            with open_netlink(netns_path) as pod_nl:
+                link = pod_nl.link_get(ifname)
         except CoilError:
             return None
         if host is None or link is None:

@@ -11,7 +11,8 @@ POST and DELETE change state: they are served only on the API socket
 (``--api-socket``, mode 0600, peers checked to be uid 0 with SO_PEERCRED);
 the TCP listener (``--http``) answers them 403. Connections, timeouts and
 body size are bounded by coil.coild.connections.
-The plugin socket speaks the relay protocol of coil.coild.cniservice.
+The plugin socket speaks the relay protocol of coil.cni.protocol; the
+CNI service behind it is coil.cni.service.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from urllib.parse import unquote_to_bytes
 
 from coil import __version__
+from coil.cni import protocol
 from coil.coild.connections import (BoundedHTTPServer, Limits, RequestHandler, error_response,
                                     listen_error, listen_tcp)
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
@@ -43,6 +45,19 @@ _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "release-if-leaked")
+
+
+# typed errors -> HTTP status; the first class that matches wins, anything
+# else derived from CoilError is a 500
+_STATUS_OF = ((InvalidArgument, 400), (NotFound, 404), (AlreadyExists, 409),
+              (PoolExhausted, 503), (StoreUnavailable, 503))
+
+
+def _http_status(exc: CoilError) -> int:
+    for cls, status in _STATUS_OF:
+        if isinstance(exc, cls):
+            return status
+    return 500
 
 
 class HTTPError(CoilError):
@@ -90,18 +105,8 @@ class RestHandler(RequestHandler):
             if exc.close:
                 self.close_connection = True
             self._error(exc.status, str(exc))
-        except InvalidArgument as exc:
-            self._error(400, exc.one_line())
-        except NotFound as exc:
-            self._error(404, exc.one_line())
-        except AlreadyExists as exc:
-            self._error(409, exc.one_line())
-        except PoolExhausted as exc:
-            self._error(503, exc.one_line())
-        except StoreUnavailable as exc:
-            self._error(503, exc.one_line())
         except CoilError as exc:
-            self._error(500, exc.one_line())
+            self._error(_http_status(exc), exc.one_line())
         except Exception as exc:  # a bug: answer, log, keep serving
             log.exception("REST handler crashed")
             self._error(500, f"internal error: {exc}")
@@ -331,14 +336,14 @@ class PluginHandler(socketserver.BaseRequestHandler):
                     break
                 size += len(chunk)
                 if size > MAX_REQUEST:
-                    conn.sendall(b"1\n" + self.server.coild.too_large())
+                    conn.sendall(protocol.encode_response(1, self.server.coild.too_large()))
                     return
                 chunks.append(chunk)
             if not chunks:         # a liveness probe: connected and closed
                 return
             code, body = cni.handle(b"".join(chunks), arrived)
             conn.settimeout(self.server.read_timeout)
-            conn.sendall(f"{code}\n".encode() + body)
+            conn.sendall(protocol.encode_response(code, body))
         except OSError as exc:
             log.warning("plugin connection failed", extra={"error": str(exc)})
 
@@ -403,7 +408,7 @@ class PluginServer(BoundedThreadsMixIn, socketserver.ThreadingMixIn,
                                             "plugin connections; retry")).encode()
         try:
             request.setblocking(False)
-            request.send(b"1\n" + body)
+            request.send(protocol.encode_response(1, body))
         except OSError:
             pass
 

@@ -20,9 +20,17 @@ from coil.net.types import (  # noqa: F401  (re-exported)
     RTPROT_STATIC, Addr, Link, Route, family_of, host_prefixlen, ip_version)
 from coil.net.ns import in_netns, ns_handle  # noqa: F401  (re-exported)
 
-_mod, BACKEND = load("coil.net._netlink", "coil.net._netlink_py")
-open_netlink = _mod.open_netlink
-assert _mod.Link is Link and _mod.Addr is Addr and _mod.Route is Route
+
+def __getattr__(name):
+    # The backend is imported on first use of open_netlink/BACKEND, so that
+    # coil.net.types and coil.net.ns stay cheap to import (pyroute2 is slow
+    # to import, and the CNI plugin's path imports neither backend).
+    if name in ("open_netlink", "BACKEND"):
+        global open_netlink, BACKEND
+        mod, backend = load("coil.net._netlink", "coil.net._netlink_py")
+        open_netlink, BACKEND = mod.open_netlink, backend
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["open_netlink", "BACKEND", "Link", "Addr", "Route",
            "in_netns", "ns_handle", "ip_version", "host_prefixlen", "family_of",

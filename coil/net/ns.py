@@ -99,11 +99,19 @@ def open_ns_fd(netns):
 
 
 @contextlib.contextmanager
-def ns_handle(netns):
+def ns_handle(netns, *, missing_ok: bool = False):
     """``open_ns_fd`` as a context manager: yields the fd and closes it on
     the way out when it was opened here (a path); an fd given is left open.
-    Raises NetlinkError naming the namespace (ENOENT: it does not exist)."""
-    fd, owned = open_ns_fd(netns)
+    Raises NetlinkError naming the namespace (ENOENT: it does not exist);
+    with ``missing_ok`` a namespace that cannot be opened (deleted
+    meanwhile) yields None instead, errors of the block still propagate."""
+    try:
+        fd, owned = open_ns_fd(netns)
+    except NetlinkError:
+        if not missing_ok:
+            raise
+        yield None
+        return
     try:
         yield fd
     finally:

@@ -70,20 +70,24 @@ def up(ctx, nodes, pods, global_pods, name, block_size, parallel, kubernetes, ke
                + ("node-rm NODE | " if kubernetes else "") + "down")
 
 
+def _report(ctx, method: str, render, output: str) -> dict:
+    """Run the sandbox's ``method`` (status or check), print its result as
+    JSON or rendered for humans, and return it."""
+    sb = _sandbox(ctx)
+    try:
+        data = getattr(sb, method)()
+    finally:
+        sb.close()
+    click.echo(json.dumps(data, indent=2) if output == "json" else render(data))
+    return data
+
+
 @cli.command()
 @click.option("-o", "--output", type=click.Choice(["human", "json"]), default="human")
 @click.pass_context
 def status(ctx, output):
     """Pools, blocks per node, pods, table 119 and BGP sessions."""
-    sb = _sandbox(ctx)
-    try:
-        data = sb.status()
-    finally:
-        sb.close()
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
-    else:
-        click.echo(render_status(data))
+    _report(ctx, "status", render_status, output)
 
 
 @cli.command()
@@ -91,15 +95,7 @@ def status(ctx, output):
 @click.pass_context
 def check(ctx, output):
     """Every pod pings a pod on every other node; exit 1 on any failure."""
-    sb = _sandbox(ctx)
-    try:
-        res = sb.check()
-    finally:
-        sb.close()
-    if output == "json":
-        click.echo(json.dumps(res, indent=2))
-    else:
-        click.echo(render_check(res))
+    res = _report(ctx, "check", render_check, output)
     if not res["ok"]:
         raise SystemExit(1)
 

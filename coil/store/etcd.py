@@ -27,6 +27,7 @@ closed as soon as no call uses it any more.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import os
 import threading
@@ -68,6 +69,14 @@ class _TokenExpired(CoilError):
 
     def __init__(self, message: str = "etcd auth token expired"):
         super().__init__(message)
+
+
+def _is_ipv6(host: str) -> bool:
+    """True for an IPv6 literal (which a gRPC target writes in brackets)."""
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False            # a name or an IPv4 address
 
 
 def _brief(exc) -> str:
@@ -230,7 +239,7 @@ class Etcd:
             if u.scheme not in ("http", "https") or not u.hostname:
                 raise InvalidArgument(f"invalid etcd endpoint {url!r}: expected "
                                       "http://HOST:PORT, https://HOST:PORT or unix://PATH")
-            host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+            host = f"[{u.hostname}]" if _is_ipv6(u.hostname) else u.hostname
             out.append((url, f"{host}:{u.port or 2379}", u.scheme == "https"))
         return out
 

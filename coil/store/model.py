@@ -147,6 +147,11 @@ class Address:
     ifname: str = "eth0"         # CNI_IFNAME of the attachment
     release_if_leaked: bool = False   # a REST owner's opt-in to the leak release
 
+    @property
+    def version(self) -> int:
+        """4 or 6: the IP version of ``address`` (parsed)."""
+        return ipaddress.ip_address(self.address).version
+
     def to_json(self) -> dict:
         out = {"address": self.address, "block": self.block, "namespace": self.namespace,
                "pod": self.pod, "container_id": self.container_id,

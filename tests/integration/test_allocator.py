@@ -67,7 +67,7 @@ def test_lost_races_are_conflict_not_exhaustion(store, monkeypatch):
     its write: after the retry bound the allocation fails with Conflict (the
     CNI "try again" code 11), not PoolExhausted, and holds nothing."""
     from coil.cni import spec
-    from coil.coild.cniservice import CNIService
+    from coil.cni.service import CNIService
     store.create_pool("default", "10.52.0.0/16", 8)         # blocks of 256: never full here
     alloc = NodeAllocator(store, "n1")
     alloc.load()

@@ -8,7 +8,6 @@ the etcd prefix untouched.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,22 +15,10 @@ import sys
 
 import pytest
 
-from helpers import REPO, free_port, hypercoil
+from helpers import auth_etcd_in_tmpdir, free_port, hypercoil
 
 
 # -- helpers ---------------------------------------------------------------------
-
-def _tests_conftest():
-    """tests/conftest.py as a module (``conftest`` in sys.modules may be
-    another directory's conftest)."""
-    name = "_coil_tests_root_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tests", "conftest.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules[name] = mod
-    return sys.modules[name]
-
 
 def dump(store) -> dict:
     kvs, _ = store.etcd.get_prefix("")
@@ -463,20 +450,10 @@ def test_etcd_unreachable(ctl, populated):
 # -- credentials -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def auth_etcd(tmp_path_factory):
+def auth_etcd():
     """A second etcd with authentication enabled (user root, password rootpw)."""
-    server_class = _tests_conftest().EtcdServer
-    server = server_class(str(tmp_path_factory.mktemp("auth-etcd") / "data"))
-    try:
-        server.start()
-        env = dict(os.environ, ETCDCTL_API="3")
-        for cmd in (["user", "add", "root:rootpw"], ["auth", "enable"]):
-            r = subprocess.run(["etcdctl", "--endpoints", server.endpoint, *cmd],
-                               capture_output=True, text=True, env=env, timeout=30)
-            assert r.returncode == 0, r.stderr
+    with auth_etcd_in_tmpdir() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
+from harness import CoilNode
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -24,37 +24,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for networ
 @pytest.fixture
 def cluster(etcd_server, store, etcd_prefix, tmp_path):
     """One node: namespace + coild + libcni client; pods made on demand."""
-    class Cluster:
-        pass
-
-    c = Cluster()
+    c = CoilNode(str(tmp_path), etcd_server.unix_endpoint, etcd_prefix)
+    c.node = c.ns
     c.store = store
     c.prefix = etcd_prefix
     c.etcd = etcd_server
-    c.node = Netns("node")
-    c.pods = []
-    c.coild = Coild(c.node, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix)
-    c.cni = None
-
-    def new_pod():
-        p = Netns("pod")
-        c.pods.append(p)
-        return p
-
-    def start(**conf):
-        c.coild.start()
-        c.cni = CNI(c.node, str(tmp_path), coil_conflist(c.coild.socket, **conf), plugin_binary())
-        return c
-
-    c.new_pod = new_pod
-    c.start = start
     try:
         yield c
     finally:
-        c.coild.stop()
-        for p in c.pods:
-            p.delete()
-        c.node.delete()
+        c.close()
 
 
 def add(c, pod, cid, ns="default", name=None):

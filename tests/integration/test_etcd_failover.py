@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from coil.errors import OutcomeUnknown, StoreUnavailable
 from coil.store import IPAMStore
 from coil.store.etcd import Etcd
 from harness import CNI, Coild, Netns, coil_conflist
-from helpers import EtcdCluster, hypercoil, wait_for
+from helpers import EtcdCluster, hypercoil, started_in_tmpdir, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs Debian's etcd")
 
@@ -38,14 +37,9 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs Debi
 def etcd_cluster():
     """Three etcd members on free loopback ports (and UNIX sockets); every
     member is stopped by PID at teardown."""
-    tmp = tempfile.mkdtemp(prefix="coil-etcd3-")
-    cluster = EtcdCluster(tmp, size=3)
-    try:
-        cluster.start()
+    with started_in_tmpdir("coil-etcd3-", lambda tmp: EtcdCluster(tmp, size=3),
+                           close="close") as cluster:
         yield cluster
-    finally:
-        cluster.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_etcd(cluster, prefix, timeout=5.0, endpoints=None) -> Etcd:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import uuid
 
@@ -22,7 +21,7 @@ import pytest
 from coil.config import EtcdConfig
 from coil.store import etcd as etcd_mod
 from coil.store.etcd import Etcd
-from helpers import EtcdServer
+from helpers import auth_etcd_in_tmpdir
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs Debian's etcd")
 
@@ -36,16 +35,8 @@ def etcdctl(server, *args):
 
 @pytest.fixture(scope="module")
 def auth_etcd():
-    tmp = tempfile.mkdtemp(prefix="coil-etcd-auth-")
-    server = EtcdServer(os.path.join(tmp, "data"))
-    try:
-        server.start()
-        etcdctl(server, "user", "add", "root:rootpw")
-        etcdctl(server, "auth", "enable")
+    with auth_etcd_in_tmpdir() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def invalidate_tokens(server):

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
+from harness import Coild, CoilNode, Netns
 from helpers import hypercoil
 from v1store import V1Writer, build_cluster_store, dump
 
@@ -266,27 +266,11 @@ pytestmark_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for n
 @pytest.fixture
 def node1(etcd_server, store, etcd_prefix, tmp_path):
     """node1's namespace and coild (started by the test), pods on demand."""
-    class Node:
-        pass
-
-    n = Node()
-    n.ns = Netns("node")
-    n.pods = []
-    n.coild = Coild(n.ns, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix, node_name="node1")
-
-    def new_pod():
-        p = Netns("pod")
-        n.pods.append(p)
-        return p
-
-    n.new_pod = new_pod
+    n = CoilNode(str(tmp_path), etcd_server.unix_endpoint, etcd_prefix, node_name="node1")
     try:
         yield n
     finally:
-        n.coild.stop()
-        for p in n.pods:
-            p.delete()
-        n.ns.delete()
+        n.close()
 
 
 @pytestmark_root
@@ -294,8 +278,7 @@ def test_coild_serves_v1_pods_after_migration(etcd_server, store, etcd_prefix, t
     held = build_cluster_store(store.etcd)
     r = ctl(etcd_server, etcd_prefix, "migrate", "v1")
     assert r.returncode == 0, r.stderr
-    node1.coild.start()
-    cni = CNI(node1.ns, str(tmp_path), coil_conflist(node1.coild.socket), plugin_binary())
+    cni = node1.start().cni
     # coild learned node1's v1 blocks and published them in table 119
     routes = node1.ns.exec("ip", "route", "show", "table", "119").stdout
     for block in ("10.60.0.0/30", "10.60.0.8/30", "10.61.0.0/29"):

@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from coil.net.ns import in_netns
+from coil.net.ns import enter_netns, in_netns, ns_handle
 from coil.errors import NetlinkError
 
 pytestmark = pytest.mark.root
@@ -173,6 +173,68 @@ def test_in_netns_restores_on_error(netns_factory):
             assert os.readlink("/proc/thread-self/ns/net") != home
             1 / 0
     assert os.readlink("/proc/thread-self/ns/net") == home
+
+
+def test_ns_handle_closes_only_what_it_opened(netns_factory):
+    """coil.net.ns.ns_handle: the one namespace-file opener."""
+    ns = netns_factory()
+    with ns_handle(ns.path) as fd:
+        assert os.fstat(fd).st_ino == os.stat(ns.path).st_ino
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)                       # closed on the way out
+    assert info.value.errno == errno.EBADF
+    mine = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with ns_handle(mine) as fd:
+            assert fd == mine
+        os.fstat(mine)                     # an fd given is left open
+    finally:
+        os.close(mine)
+    missing = ns.path + "-gone"
+    with pytest.raises(NetlinkError) as info:
+        with ns_handle(missing):
+            pass
+    assert info.value.errno == errno.ENOENT and missing in str(info.value)
+    with ns_handle(missing, missing_ok=True) as fd:
+        assert fd is None
+    with pytest.raises(ZeroDivisionError):  # errors of the block still propagate
+        with ns_handle(ns.path, missing_ok=True):
+            1 / 0
+
+
+def test_enter_netns_moves_one_thread_for_good(netns_factory):
+    """coil.net.ns.enter_netns (the sandbox's NetnsThread): the thread stays
+    there and its sockets are made there; the others stay home."""
+    ns = netns_factory()
+    ns.run("ip", "link", "add", "marker0", "type", "veth", "peer", "name", "marker1", check=True)
+    seen = {}
+
+    def worker():
+        enter_netns(ns.path)
+        seen["ino"] = os.stat("/proc/thread-self/ns/net").st_ino
+        from coil.net import open_netlink
+        with open_netlink() as nl:
+            seen["links"] = sorted(link.name for link in nl.link_list())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"ino": os.stat(ns.path).st_ino, "links": ["lo", "marker0", "marker1"]}
+    assert os.stat("/proc/thread-self/ns/net").st_ino != os.stat(ns.path).st_ino
+    with pytest.raises(NetlinkError) as info:
+        enter_netns(ns.path + "-gone")
+    assert info.value.errno == errno.ENOENT and "-gone" in str(info.value)
+
+
+def test_addr_and_route_know_their_version(nlmod, netns_factory):
+    """Addr.version / Route.version come from the kernel's family."""
+    ns = netns_factory()
+    with nlmod.open_netlink(ns.path) as nl:
+        nl.link_set(1, up=True)
+        addrs = {a.address: a.version for a in nl.addr_list(1)}
+        routes = {r.version for r in nl.route_list(table=255)}   # local table
+    assert addrs == {"127.0.0.1": 4, "::1": 6}
+    assert routes == {4, 6}
 
 
 def test_closed_handle_raises(nlmod, netns_factory):

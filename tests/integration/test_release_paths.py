@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
+from harness import CNI, CoilNode, coil_conflist, plugin_binary
 from helpers import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -31,36 +31,13 @@ NET = "coil-test"
 
 @pytest.fixture
 def node(etcd_server, store, etcd_prefix, tmp_path):
-    class Node:
-        pass
-
-    n = Node()
+    n = CoilNode(str(tmp_path), etcd_server.unix_endpoint, etcd_prefix,
+                 extra=["--liveness-ttl", f"{TTL}s"])
     n.store = store
-    n.ns = Netns("node")
-    n.pods = []
-    n.coild = Coild(n.ns, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix,
-                    extra=["--liveness-ttl", f"{TTL}s"])
-    n.cni = None
-
-    def start(**conf):
-        n.coild.start()
-        n.cni = CNI(n.ns, str(tmp_path), coil_conflist(n.coild.socket, **conf), plugin_binary())
-        return n
-
-    def new_pod():
-        p = Netns("pod")
-        n.pods.append(p)
-        return p
-
-    n.start = start
-    n.new_pod = new_pod
     try:
         yield n
     finally:
-        n.coild.stop()
-        for p in n.pods:
-            p.delete()
-        n.ns.delete()
+        n.close()
 
 
 def alive(store, name="node1"):

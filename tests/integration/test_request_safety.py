@@ -22,7 +22,8 @@ import pytest
 from harness import Netns
 
 from coil.coild.allocator import NodeAllocator
-from coil.coild.cniservice import MAGIC, CNIService
+from coil.cni.protocol import MAGIC
+from coil.cni.service import CNIService
 from coil.coild.main import Coild
 from coil.coild.podnet import PodNetwork
 from coil.coild.pools import PoolResolver

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from coil.cni import plugin
-from coil.coild import cniservice
+from coil.cni import service as cniservice
 
 RUNTIME_LIMIT = 120.0      # kubelet/containerd: one CNI call
 LAUNCHER = os.path.join(os.path.dirname(cniservice.__file__), "..", "_fast", "launcher.c")

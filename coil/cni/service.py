@@ -1,8 +1,9 @@
-"""The CNI plugin's work, done inside the warm coild.
+"""The CNI plugin's work, done inside the warm coild (coild mounts it on
+its plugin socket, coil/coild/server.py).
 
 The ``coil`` executable (native launcher, or its pure-Python twin) relays
-the environment and stdin over coild's UNIX socket; this module validates
-them, runs ADD/DEL/CHECK/GC/STATUS and returns (exit code, stdout bytes).
+the environment and stdin over coild's UNIX socket (coil/cni/protocol.py);
+this module validates them, runs ADD/DEL/CHECK/GC/STATUS and returns (exit code, stdout bytes).
 Errors become CNI error objects here and nowhere else.
 """
 
@@ -16,7 +17,7 @@ import re
 import threading
 import time
 
-from coil.cni import spec
+from coil.cni import protocol, spec
 from coil.cni.spec import CNIError
 from coil.coild.podnet import (PodNetError, gateway_for, host_veth_name, host_veth_names,
                                legacy_host_veth_name)
@@ -27,13 +28,10 @@ from coil.store.model import ORIGIN_CNI, now_iso
 
 log = logging.getLogger("coild.cni")
 
-ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
-MAGIC = b"COIL1\n"
-
 # Each request must be answered within this many seconds of its arrival.
 # The runtime (kubelet/containerd) gives a CNI call 120 s; the plugin waits
-# at most 5 s to connect plus 110 s for the answer (coil/cni/plugin.py,
-# coil/_fast/launcher.c), so coild gives up first and rolls back. docs/cni.md
+# at most CONNECT_TIMEOUT to connect plus RELAY_TIMEOUT for the answer
+# (coil/cni/protocol.py), so coild gives up first and rolls back. docs/cni.md
 REQUEST_TIMEOUT = 100.0
 
 
@@ -56,25 +54,14 @@ class CNIRequest:
 
 def decode_frame(data: bytes) -> CNIRequest:
     """Split a relayed request into environment and stdin. Raises CNIError."""
-    if not data.startswith(MAGIC):
+    try:
+        env, stdin = protocol.decode_request(data)
+    except protocol.FrameError as exc:
+        details = ("the plugin and coild versions do not match"
+                   if not data.startswith(protocol.MAGIC) else str(exc))
         raise CNIError(spec.ERR_DECODE, "malformed request from the coil plugin",
-                       "the plugin and coild versions do not match")
-    body = data[len(MAGIC):]
-    env = {}
-    pos = 0
-    while True:
-        end = body.find(b"\0", pos)
-        if end < 0:
-            raise CNIError(spec.ERR_DECODE, "malformed request from the coil plugin",
-                           "environment not terminated")
-        item = body[pos:end]
-        pos = end + 1
-        if not item:
-            break
-        key, sep, value = item.partition(b"=")
-        if sep and key.decode("ascii", "replace") in ENV_KEYS:
-            env[key.decode()] = value.decode("utf-8", "replace")
-    return CNIRequest(env, body[pos:])
+                       details) from None
+    return CNIRequest(env, stdin)
 
 
 # the spec's container ID: alphanumeric first, then alphanumerics, '_', '.', '-'
@@ -340,7 +327,7 @@ class CNIService:
         Repeated for the same attachment, the same result."""
         ns, pod = req.args["K8S_POD_NAMESPACE"], req.args["K8S_POD_NAME"]
         network = req.netconf["name"]
-        existing = {4 if ":" not in a.address else 6: a for a in
+        existing = {a.version: a for a in
                     self.allocator.lookup_attachment(req.container_id, network, req.ifname)
                     if (a.namespace, a.pod) == (ns, pod)}
         host_name = host_veth_name(req.container_id, req.ifname, network)
@@ -492,7 +479,7 @@ class CNIService:
             raise CNIError(spec.ERR_CHECK_FAILED, exc.one_line()) from None
         except BaseException as exc:
             raise self._cni_error(exc) from None
-        families = sorted({6 if ":" in a else 4 for a in held})
+        families = sorted({ipaddress.ip_address(a).version for a in held})
         if families != self._versions(req):
             raise CNIError(spec.ERR_CHECK_FAILED,
                            f"prevResult has IPv{families} addresses, the configuration asks "
