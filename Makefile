@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client bird2 gettext-base golang-go golang-github-appc-cni-dev \
+APT_PACKAGES := etcd-server etcd-client bird2 gettext-base golang-go golang-github-appc-cni-dev musl-tools \
 	containernetworking-plugins iproute2 iputils-ping rsync gcc make python3-venv python3-dev procps openssl dpkg-dev \
 	podman runc busybox-static util-linux
 CNITOOL := tests/cniclient/cnitool

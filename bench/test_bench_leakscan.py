@@ -129,4 +129,5 @@ def test_scan(benchmark, store, n):
     benchmark.extra_info.update(addresses=n, peak_mib=round(peak, 1), plant_s=round(plant_s, 2))
     print(f"\nscan {n:>7} addresses: {mean:.2f}s mean (planting took {plant_s:.1f}s), "
           f"peak {peak:.1f} MiB")
-    assert mean < 10, f"the scan of {n} addresses took {mean:.1f}s"
+    if not benchmark.disabled:      # make bench; make test's smoke run times nothing
+        assert mean < 10, f"the scan of {n} addresses took {mean:.1f}s"

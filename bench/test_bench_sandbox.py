@@ -1,7 +1,8 @@
 """How long ``hypercoil sandbox up`` takes, and what one pod costs.
 
 * 3 nodes x 10 pods: the README's promise, under 15 s on a 2-core machine
-  (asserted; ``check`` must pass too);
+  (asserted by ``make bench``; ``make test``'s smoke run asserts no time;
+  ``check`` must pass in both);
 * 10 nodes x 50 pods (``slow``, not run by ``make test``): total time and
   the per-pod cost (pod phase / pods).
 
@@ -62,10 +63,12 @@ def run_up(benchmark, nodes: int, pods: int, rounds: int, check: bool) -> dict:
 
 def test_up_3_nodes_10_pods(benchmark):
     best = run_up(benchmark, 3, 10, rounds=3, check=True)
-    assert best["seconds"] < 15
+    if not benchmark.disabled:      # make bench; make test's smoke run times nothing
+        assert best["seconds"] < 15
 
 
 @pytest.mark.slow
 def test_up_10_nodes_50_pods(benchmark):
     best = run_up(benchmark, 10, 50, rounds=1, check=False)
-    assert best["seconds"] < 120
+    if not benchmark.disabled:
+        assert best["seconds"] < 120

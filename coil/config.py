@@ -208,6 +208,22 @@ def read_secret(path: str, what: str) -> str:
     return text
 
 
+def endpoints_given(flags: dict, env_prefix: str, config_file: str | None = None,
+                    environ=None, v1_env_prefix: str | None = None) -> bool:
+    """Whether a flag, the environment or the config file names etcd
+    endpoints (the same sources as ``resolve``), rather than the built-in
+    default being used. Raises InvalidArgument for a bad config file."""
+    environ = os.environ if environ is None else environ
+    if flags.get("endpoints") is not None:
+        return True
+    names = [env_prefix + "ENDPOINTS"]
+    if v1_env_prefix:
+        names += [v1_env_prefix + n for n in V1_ENV_NAMES["endpoints"]]
+    if any(environ.get(n) is not None for n in names):
+        return True
+    return load_file(config_file).get(FIELDS["endpoints"][1]) is not None
+
+
 def resolve(flags: dict, env_prefix: str, config_file: str | None = None,
             environ=None, v1_env_prefix: str | None = None) -> EtcdConfig:
     """Merge flags (values None when not given) > environment > file.

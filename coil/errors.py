@@ -118,3 +118,18 @@ class KubernetesError(CoilError):
 
 class PodNetError(CoilError):
     """The pod's network is missing or differs from what it should be."""
+
+
+class SmokeTestFailed(CoilError):
+    """``coilctl smoke`` ran, and the pod network failed it: a ping between
+    the two nodes failed, a pod got no address in time, or an address is
+    outside every coil pool. Exit code 3, like ``ipam check``'s problems."""
+
+    exit_code = 3
+
+
+class Interrupted(CoilError):
+    """Ctrl-C or SIGTERM ended a command after it cleaned up; exit 130 as
+    for any interrupted role."""
+
+    exit_code = 130

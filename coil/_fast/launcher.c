@@ -546,6 +546,30 @@ static void scan_config(json_t *j, const char *data, size_t len)
         j->version_set = 0;
 }
 
+/* The text of an errno value as glibc (and so Python's os.strerror, which
+ * the pure-Python twin prints) words it: the launcher is linked statically
+ * against musl where musl-gcc exists (setup.py), whose wording differs for
+ * these. */
+static const char *error_text(int err)
+{
+    switch (err) {
+    case EIO: return "Input/output error";
+    case ENOMEM: return "Cannot allocate memory";
+    case EMFILE: return "Too many open files";
+    case ENAMETOOLONG: return "File name too long";
+    case ELOOP: return "Too many levels of symbolic links";
+    case ENOTSOCK: return "Socket operation on non-socket";
+    case EADDRINUSE: return "Address already in use";
+    case EADDRNOTAVAIL: return "Cannot assign requested address";
+    case ENETUNREACH: return "Network is unreachable";
+    case ECONNABORTED: return "Software caused connection abort";
+    case ENOTCONN: return "Transport endpoint is not connected";
+    case ETIMEDOUT: return "Connection timed out";
+    case EHOSTUNREACH: return "No route to host";
+    default: return strerror(err);
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* the CNI plugin role                                                      */
 
@@ -556,7 +580,7 @@ static size_t g_version_len = sizeof DEFAULT_CNI_VERSION - 1;
 static int emit(const char *p, size_t n)
 {
     if (write_all(STDOUT_FILENO, p, n) < 0) {
-        fprintf(stderr, "hypercoil: cannot write the answer: %s\n", strerror(errno));
+        fprintf(stderr, "hypercoil: cannot write the answer: %s\n", error_text(errno));
         return 1;
     }
     return 0;
@@ -657,7 +681,7 @@ static int cni_main(void)
                      "larger than %u MiB", MAX_STDIN >> 20);
         else
             snprintf(msg, sizeof msg, "cannot read the network configuration "
-                     "from stdin: %s", strerror(errno));
+                     "from stdin: %s", error_text(errno));
         return cni_error(errno == E2BIG ? ERR_DECODE : ERR_IO, msg, strlen(msg), "");
     }
 
@@ -729,7 +753,7 @@ static int cni_main(void)
         }
     }
     if (err) {
-        snprintf(msg, sizeof msg, ": %s", strerror(err));
+        snprintf(msg, sizeof msg, ": %s", error_text(err));
         return socket_error(unreachable, "coild is not reachable at ", path,
                             path_len, msg, DETAILS_START);
     }
@@ -767,7 +791,7 @@ static int cni_main(void)
         if (errno == ETIMEDOUT)
             goto timeout;
         if (errno != EMSGSIZE) {
-            snprintf(msg, sizeof msg, ": %s", strerror(errno));
+            snprintf(msg, sizeof msg, ": %s", error_text(errno));
             return socket_error(unreachable, "lost the connection to coild at ",
                                 path, path_len, msg, "");
         }
@@ -870,6 +894,6 @@ int main(int argc, char **argv)
         args[n++] = argv[i];
     args[n] = NULL;
     execv(python, args);
-    fprintf(stderr, "hypercoil: cannot start %s: %s\n", python, strerror(errno));
+    fprintf(stderr, "hypercoil: cannot start %s: %s\n", python, error_text(errno));
     return 127;
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 
 import click
@@ -38,6 +40,11 @@ class Ctx:
                     raise
             self._store = store
         return self._store
+
+    def etcd_configured(self) -> bool:
+        """Whether a flag, the environment or the config file names etcd."""
+        return cfg.endpoints_given(self.flags, ENV_PREFIX, self.config_file,
+                                   v1_env_prefix=V1_ENV_PREFIX)
 
     def emit(self, data, human: str):
         click.echo(render.as_json(data) if self.output == "json" else human)
@@ -345,6 +352,108 @@ def ipam_release(obj, report_path, yes, kubeconfig):
     lines = [f"released {len(result['released'])} of {len(entries)} addresses"]
     lines += [f"kept {k['address']}: {k['reason']}" for k in result["kept"]]
     obj.emit(result, "\n".join(lines))
+
+
+@cli.command("smoke")
+@click.option("--node", "nodes", multiple=True, metavar="NODE",
+              help="a node to test; give it twice (--node A --node B) [default: the first "
+                   "two Ready, schedulable nodes by name]")
+@click.option("--namespace", default="default", show_default=True,
+              help="namespace of the test Pods")
+@click.option("--image", default="busybox", show_default=True,
+              help="image with ping and sleep for the test Pods")
+@click.option("--timeout", default="2m", show_default=True, metavar="DURATION",
+              help="give up when the pings have not ended after this long")
+@click.option("--keep", is_flag=True, help="keep the Pods afterwards, for debugging")
+@click.option("--kubeconfig", default=None, metavar="PATH", help=_KUBECONFIG_HELP)
+@click.pass_obj
+def smoke_test(obj, nodes, namespace, image, timeout, keep, kubeconfig):
+    """Pods on two nodes ping each other, both ways. Checks their addresses
+    are in a coil pool (when etcd is configured), prints the result per
+    direction and, on failure, the next diagnostic step. Deletes its Pods
+    afterwards, also on failure, timeout and Ctrl-C, unless --keep. Exit 0:
+    both pings went through; 3: the network failed the test."""
+    from coil.coilctl import smoke
+    from coil.errors import Interrupted, InvalidArgument, SmokeTestFailed
+    limit = cfg.parse_duration(timeout, "--timeout")
+    if limit <= 0:
+        raise InvalidArgument(f"invalid --timeout {timeout!r}: must be positive")
+    smoke.check_node_args(nodes)
+    smoke.validate_namespace(namespace)
+    smoke.validate_image(image)
+    core = _core(kubeconfig)
+    pair = smoke.pick_nodes(core, nodes)
+    smoke.check_namespace(core, namespace)
+    pools, note = None, ("skipped: etcd is not configured (give --etcd-endpoints, "
+                         "COILCTL_ETCD_ENDPOINTS or ~/.coilctl.yml to check the addresses)")
+    if obj.etcd_configured():
+        pools = [(p.name, list(p.subnets)) for p in obj.store.list_pools()]
+        note = f"{len(pools)} pools read from etcd under {obj.store.etcd.prefix}"
+    run = smoke.SmokeRun(core, namespace, image, limit, pools, note)
+    report, cleaned, interrupted = None, None, False
+    try:
+        with _sigterm_interrupts():
+            report = run.run(pair)
+    except KeyboardInterrupt:
+        interrupted = True
+        with _interrupts_deferred():
+            cleaned = run.cleanup(keep)
+        what = ("the Pods were kept (--keep)" if keep else
+                f"deleted {len(cleaned['deleted'])} smoke Pods" if not cleaned["failed"] else
+                f"could not delete {', '.join(cleaned['failed'])}: {cleaned['error']}; "
+                f"{smoke.leftover_hint(namespace, run.selector)}")
+        raise Interrupted(f"interrupted; {what}") from None
+    finally:
+        if cleaned is None:
+            with _interrupts_deferred():
+                cleaned = run.cleanup(keep)
+        if cleaned["failed"] and report is None and not interrupted:
+            click.echo(f"coilctl: could not delete the smoke Pods {', '.join(cleaned['failed'])}"
+                       f" ({cleaned['error']}); "
+                       f"{smoke.leftover_hint(namespace, run.selector)}", err=True)
+    report["cleanup"] = cleaned
+    obj.emit(report, render.smoke_report(report))
+    if not report["ok"]:
+        raise SmokeTestFailed(f"smoke test failed: {report['problems'][0]}"
+                              + (f" (and {len(report['problems']) - 1} more)"
+                                 if len(report["problems"]) > 1 else ""),
+                              hint=f"see the report above and {smoke.DOCS}")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM is handled like Ctrl-C, so that the cleanup runs."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt()
+    try:
+        old = signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:              # not the main thread (an embedding caller)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C and SIGTERM wait until the block ends (the cleanup must finish);
+    one that arrived meanwhile is raised then."""
+    got = []
+    try:
+        old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+               for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        raise KeyboardInterrupt()
 
 
 @cli.group()

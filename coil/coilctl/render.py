@@ -76,3 +76,44 @@ def ipam_report(r: dict) -> str:
     if len(lines) == 1:
         lines.append("no problem found")
     return "\n".join(lines)
+
+
+def smoke_report(r: dict) -> str:
+    """The human report of ``coilctl smoke``."""
+    a, b = r["nodes"]
+    lines = [f"smoke test {r['run']} in namespace {r['namespace']}: nodes {a} and {b}", ""]
+    lines.append(table(["POD", "NODE", "IP", "STATUS", "POOL"],
+                       [[p["name"], p["node"], p["ip"] or "-", p["status"],
+                         (p["pool"] or "NONE") if r["pool_check"]["checked"] and p["ip"]
+                         else "-"] for p in r["pods"]]))
+    lines += ["", table(["FROM", "TO", "ADDRESS", "RESULT"],
+                        [[d["from_node"], d["to_node"], d["to_ip"] or "-",
+                          d["result"] + (f" (exit code {d['exit_code']})"
+                                         if d["result"] == "failed" else "")]
+                         for d in r["directions"]])]
+    pc = r["pool_check"]
+    if not pc["checked"]:
+        lines.append(f"pool check: {pc['note']}")
+    elif pc["outside"]:
+        lines.append(f"pool check: {len(pc['outside'])} addresses in no coil pool ({pc['note']})")
+    else:
+        lines.append(f"pool check: every address is in a coil pool ({pc['note']})")
+    for name, events in sorted((r.get("events") or {}).items()):
+        if events:
+            lines += ["", f"events of {name}:"] + [f"  {e}" for e in events]
+    if r["ok"]:
+        lines.append("result: ok, both directions")
+    else:
+        lines += ["", "result: FAILED"] + [f"  {p}" for p in r["problems"]]
+        lines += ["next steps:"] + [f"  {i}. {s}" for i, s in enumerate(r["next_steps"], 1)]
+    c = r.get("cleanup")
+    if c is not None:
+        if c["kept"]:
+            lines.append(f"Pods kept (--keep); delete them with: kubectl -n {r['namespace']} "
+                         f"delete pod -l {c['selector']}")
+        elif c["failed"]:
+            lines.append(f"could not delete {', '.join(c['failed'])}: {c['error']}; delete them "
+                         f"with: kubectl -n {r['namespace']} delete pod -l {c['selector']}")
+        else:
+            lines.append(f"deleted {len(c['deleted'])} Pods")
+    return "\n".join(lines)

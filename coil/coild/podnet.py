@@ -194,33 +194,47 @@ class PodNetwork:
         Only when the host end ``host_name`` (a name, or candidate names
         tried in order) is this attachment's (it routes one of
         ``addresses``), in this order:
-        1. the host end is renamed (``cdel...``) and put in link group
+        1. its routes to ``addresses`` are deleted (each RTM_DELROUTE names
+           the host end as the output interface, so it deletes only a route
+           through it; that one existed is what makes the host end this
+           attachment's - no dump of the routing table): nothing routes the
+           addresses once this returns, so the caller may release them;
+        2. the host end is renamed (``cdel...``) and put in link group
            ``group``: from here on a crash still ends in its deletion (coild
            deletes the group when it starts), and ``host_name`` is free for
            the pod's next ADD;
-        2. its routes to ``addresses`` are deleted: nothing routes them once
-           this returns, so the caller may release them;
         3. the pod's ``ifname`` (if its namespace is still there) is renamed
            and set down, which flushes its routes: the runtime may ADD the
            same ifname in the same namespace at once.
         When the host end is not found (or is not this container's), the
         pod's ``ifname`` is deleted at once as before (the pair goes with it).
+        A crash between 1 and 2 leaves a host end without routes under its
+        old name: the DEL was not answered, and its retry finds no route
+        through it and deletes the pod's ``ifname`` (the pair with it).
 
         Returns "retired" (the pair waits in ``group``), "deleted" (removed
         now) or "" (nothing was there). Safe to repeat; a link that vanishes
         meanwhile (its namespace was deleted) counts as gone. Raises
         NetlinkError."""
         with self._host_nl() as h:
-            host = self._host_end(h, host_name, addresses)
-            if host is not None and not self._retire_link(h, host.index, group=group):
-                host = None                  # gone meanwhile, its routes with it
-            if host is not None:
+            host = None
+            for name in _names(host_name) if addresses else ():
+                link = h.link_get(name)
+                if link is None:
+                    continue
+                routed = False
                 for addr in addresses:
                     try:
-                        h.route_del(addr, host_prefixlen(addr), oif=host.index, table=RT_TABLE_MAIN)
+                        routed |= h.route_del(addr, host_prefixlen(addr), oif=link.index,
+                                              table=RT_TABLE_MAIN)
                     except NetlinkError as exc:
                         if exc.errno not in (errno.ENODEV, errno.ESRCH):
                             raise
+                if routed:                   # this attachment's: its routes went through it
+                    host = link
+                    break
+            if host is not None and not self._retire_link(h, host.index, group=group):
+                host = None                  # gone meanwhile
         pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)
         if host is not None:
             return "retired"

@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import socketserver
@@ -348,43 +349,89 @@ class PluginHandler(socketserver.BaseRequestHandler):
             log.warning("plugin connection failed", extra={"error": str(exc)})
 
 
-class BoundedThreadsMixIn:
-    """A thread per connection, at most ``max_connections`` at once; one more
-    is answered by ``refuse(sock)`` and closed without a thread."""
+class WorkerPoolMixIn:
+    """Connections served by reused worker threads, at most
+    ``max_connections`` at once; one more is answered by ``refuse(sock)``
+    and closed without a thread. A worker idle for ``idle_timeout`` seconds
+    exits. (A new thread per connection cost coild ~90 us of CPU per CNI
+    call - creation, the start hand-off, its stack mapped and unmapped -
+    about 5 % of a churned pod's; docs/benchmarks.md, "CNI".)"""
 
     max_connections = 256
+    idle_timeout = 30.0
 
-    def _slots(self) -> threading.BoundedSemaphore:
-        if getattr(self, "_slot_sem", None) is None:
-            self._slot_sem = threading.BoundedSemaphore(self.max_connections)
-        return self._slot_sem
+    def _pool_init(self):
+        self._pool_lock = threading.Lock()
+        self._jobs = queue.SimpleQueue()
+        self._busy = 0          # connections accepted and not finished
+        self._idle = 0          # idle workers no queued connection is promised to
+        self._workers = 0
 
     def process_request(self, request, client_address):
-        if not self._slots().acquire(blocking=False):
+        with self._pool_lock:
+            refuse = self._busy >= self.max_connections
+            if not refuse:
+                self._busy += 1
+                spawn = self._idle == 0
+                if spawn:
+                    self._workers += 1
+                else:
+                    self._idle -= 1      # that worker takes this connection
+        if refuse:
             try:
                 self.refuse(request)
             finally:
                 self.shutdown_request(request)
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots().release()
-            raise
+        if spawn:
+            try:
+                threading.Thread(target=self._work, name="plugin-worker", daemon=True).start()
+            except BaseException:
+                with self._pool_lock:
+                    self._busy -= 1
+                    self._workers -= 1
+                self.shutdown_request(request)
+                raise
+        self._jobs.put((request, client_address))
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots().release()
+    def _work(self):
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                with self._pool_lock:
+                    if self._idle > 0:       # nothing promised to this one: exit
+                        self._idle -= 1
+                        self._workers -= 1
+                        return
+                continue
+            if job is None:                  # server_close()
+                return
+            request, client_address = job
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                # free before the connection closes: a plugin that got its
+                # answer (EOF) and calls again finds this worker idle
+                with self._pool_lock:
+                    self._busy -= 1
+                    self._idle += 1
+                self.shutdown_request(request)
+
+    def server_close(self):
+        super().server_close()
+        with self._pool_lock:
+            workers, self._workers, self._idle = self._workers, 0, 0
+        for _ in range(workers):                # each worker ends after its connection
+            self._jobs.put(None)
 
     def refuse(self, request):
         pass
 
 
-class PluginServer(BoundedThreadsMixIn, socketserver.ThreadingMixIn,
-                   socketserver.UnixStreamServer):
-    daemon_threads = True
+class PluginServer(WorkerPoolMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path: str, daemon, max_connections: int = 256,
                  read_timeout: float = 30.0):
@@ -392,6 +439,7 @@ class PluginServer(BoundedThreadsMixIn, socketserver.ThreadingMixIn,
         self.path = path
         self.max_connections = max_connections
         self.read_timeout = read_timeout
+        self._pool_init()
         _claim_socket(path, "--socket")
         old = os.umask(0o077)          # root-only: the socket is created 0600
         try:

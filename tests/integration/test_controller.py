@@ -769,9 +769,13 @@ def test_controller_process_reports_and_releases_leaks(run_controller, store, ad
 
 # -- faults -------------------------------------------------------------------------------
 class _Erroring(BaseHTTPRequestHandler):
-    """An API server that answers every request with 500."""
+    """An API server that answers every request with 500, after ``delay``
+    seconds (a slow or loaded API server)."""
+
+    delay = 0.0
 
     def do_GET(self):
+        time.sleep(self.delay)
         body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                            "message": "etcdserver: request timed out", "code": 500}).encode()
         self.send_response(500)
@@ -784,15 +788,20 @@ class _Erroring(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(params=["unreachable", "http-500"])
+@pytest.fixture(params=["unreachable", "http-500", "slow-500"])
 def broken_api(request):
+    """"slow-500" answers after 2.1 s: two failed calls cannot both end
+    within 4 s, as on a loaded machine (a test that counted the retries of
+    a fixed sleep failed there)."""
     from kubernetes import client
     conf = client.Configuration()
     server = None
     if request.param == "unreachable":
         conf.host = f"https://127.0.0.1:{free_port()}"     # nothing listens there
     else:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Erroring)
+        handler = type("Handler", (_Erroring,),
+                       {"delay": 2.1 if request.param == "slow-500" else 0.0})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         conf.host = f"http://127.0.0.1:{server.server_address[1]}"
     conf.retries = 0
@@ -813,9 +822,23 @@ def test_api_failures_retry_with_backoff_and_free_nothing(store, broken_api, cap
     c = Controller(store, broken_api, scan_interval=3600, address_expiration=60,
                    release_leaked=True)
     c.scan_backoff.initial = c.scan_backoff._next = 0.2
+
+    def retries(msg):
+        return [r for r in list(caplog.records)
+                if r.name.startswith("coil-controller") and r.getMessage() == msg]
+
+    def node_retries():
+        return retries("listing nodes failed; retrying")
+
+    def scan_retries():
+        return retries("leak scan failed: nothing was freed; retrying")
+
     c.start()
     try:
-        time.sleep(4)
+        # counted, not timed: wait for two failures of each loop however
+        # slow the machine (or the API server) is
+        wait_for(lambda: len(node_retries()) >= 2 and len(scan_retries()) >= 2,
+                 timeout=120, what="two retries of the node list and of the leak scan")
         assert c.healthy()
         assert not c.ready()
     finally:
@@ -823,10 +846,7 @@ def test_api_failures_retry_with_backoff_and_free_nothing(store, broken_api, cap
     # nothing freed: not the "ghost" node's block, not the old addresses
     assert block_nodes(store) == ["ghost-node"]
     assert store.etcd.count_prefix("ip/") == 32
-    records = [r for r in caplog.records if r.name.startswith("coil-controller")]
-    node_retries = [r for r in records if r.getMessage() == "listing nodes failed; retrying"]
-    scan_retries = [r for r in records
-                    if r.getMessage() == "leak scan failed: nothing was freed; retrying"]
+    node_retries, scan_retries = node_retries(), scan_retries()
     assert len(node_retries) >= 2 and len(scan_retries) >= 2
     delays = [r.retry_s for r in node_retries]
     assert delays[1] > delays[0]                     # backing off

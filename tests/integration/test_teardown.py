@@ -221,3 +221,22 @@ def test_retire_dual_stack_and_add_again(node):
     assert _ping(node, "10.77.0.6")
     assert pod.run("ping", "-c1", "-W2", "fe80::1%eth0").returncode == 0
     node.podnet.check(pod.path, "eth0", host, addrs)
+
+
+def test_retire_leaves_a_host_end_that_is_not_the_containers(node):
+    """The host end of that name routes another address (another
+    container's): it keeps its name and route, nothing is retired, and the
+    DEL's own pod interface is deleted at once (a route is deleted only
+    through the host end it names, so no dump of the routing table)."""
+    other, other_ip = node.pod(2)
+    host = host_veth_name("default", "p2")
+    mine = node.pod(3)[0]
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    # a DEL naming p2's host end with an address that end does not route
+    assert q.delete(mine.path, "eth0", host, ["10.77.0.99"]) is True
+    assert q.pending() == 0 and q.retired_total == 0
+    assert host in _links(node) and other_ip in _routes(node)
+    assert "eth0" not in _links(mine)             # deleted at once, the pair with it
+    assert not [n for n, line in _links(node).items() if f"group {RETIRED_GROUP}" in line]
+    assert _ping(node, other_ip)
+    node.podnet.check(other.path, "eth0", host, [other_ip])

@@ -404,3 +404,25 @@ def test_every_role_takes_the_password_file(secret_file):
     for command in (coild, controller, coilctl):
         params = {p.name for p in command.params}
         assert "etcd_password_file" in params, command.name
+
+
+def test_endpoints_given_by_any_source_or_none(tmp_path):
+    """``coilctl smoke`` checks pools only when etcd is configured somewhere."""
+    flags = {"endpoints": None}
+    missing = str(tmp_path / "none.yml")
+    assert not cfg.endpoints_given(flags, "COILCTL_ETCD_", missing, environ={},
+                                   v1_env_prefix="COILCTL_")
+    assert cfg.endpoints_given({"endpoints": "http://127.0.0.1:2379"}, "COILCTL_ETCD_", missing,
+                               environ={})
+    assert cfg.endpoints_given(flags, "COILCTL_ETCD_", missing,
+                               environ={"COILCTL_ETCD_ENDPOINTS": "http://e:2379"})
+    assert cfg.endpoints_given(flags, "COILCTL_ETCD_", missing,
+                               environ={"COILCTL_ENDPOINTS": "http://e:2379"},
+                               v1_env_prefix="COILCTL_")
+    assert not cfg.endpoints_given(flags, "COILCTL_ETCD_", missing,
+                                   environ={"COILCTL_ENDPOINTS": "http://e:2379"})
+    f = tmp_path / "c.yml"
+    f.write_text("prefix: /x/\n")
+    assert not cfg.endpoints_given(flags, "COILCTL_ETCD_", str(f), environ={})
+    f.write_text("endpoints: http://e:2379\n")
+    assert cfg.endpoints_given(flags, "COILCTL_ETCD_", str(f), environ={})

@@ -27,6 +27,8 @@ from coil.cni import plugin, spec
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(REPO, "coil", "_fast", "launcher.c")
 CC = shutil.which("cc")
+# what setup.py links the shipped launcher with: musl-gcc -static when there
+MUSL_CC = os.environ.get("COIL_LAUNCHER_CC") or shutil.which("musl-gcc")
 REQUIRE_FAST = os.environ.get("COIL_REQUIRE_FAST", "") not in ("", "0")
 
 DETAILS_START = plugin.DETAILS_START
@@ -35,14 +37,18 @@ DETAILS_START = plugin.DETAILS_START
 # --------------------------------------------------------------------------
 # building the launcher
 
-def _compile(out: str, python: str, *extra: str) -> None:
+def _compile(out: str, python: str, *extra: str, static: bool = False) -> None:
     """cc with the flags setup.py uses (-O2 -Wall, COIL_PYTHON baked in);
-    any compiler output (a warning) fails the test."""
-    if CC is None:
+    ``static``: musl-gcc -static, as setup.py links the shipped launcher.
+    Any compiler output (a warning) fails the test."""
+    cc = MUSL_CC if static else CC
+    if cc is None:
         if REQUIRE_FAST:
-            pytest.fail("no C compiler (cc) but COIL_REQUIRE_FAST=1")
-        pytest.skip("no C compiler (cc); the native launcher cannot be built")
-    cmd = [CC, "-O2", "-Wall", f'-DCOIL_PYTHON="{python}"', *extra, "-o", out, SOURCE]
+            pytest.fail(f"no C compiler ({'musl-gcc' if static else 'cc'}) but "
+                        f"COIL_REQUIRE_FAST=1 (make deps installs it)")
+        pytest.skip("no C compiler; the native launcher cannot be built")
+    cmd = [cc, "-O2", "-Wall", *(["-static"] if static else []),
+           f'-DCOIL_PYTHON="{python}"', *extra, "-o", out, SOURCE]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", f"compiler warnings:\n{proc.stderr}"
@@ -59,7 +65,7 @@ def build_dir():
 @pytest.fixture(scope="module")
 def hypercoil(build_dir) -> str:
     out = os.path.join(build_dir, "hypercoil")
-    _compile(out, sys.executable)
+    _compile(out, sys.executable, static=True)
     os.symlink("hypercoil", os.path.join(build_dir, "coil"))
     return out
 
@@ -68,7 +74,7 @@ def hypercoil(build_dir) -> str:
 def hypercoil_fast_timeout(build_dir) -> str:
     """The same launcher with a 0.5 s relay timeout instead of 120 s."""
     out = os.path.join(build_dir, "hypercoil-t")
-    _compile(out, sys.executable, "-DCOIL_RELAY_TIMEOUT_MS=500")
+    _compile(out, sys.executable, "-DCOIL_RELAY_TIMEOUT_MS=500", static=True)
     os.mkdir(os.path.join(build_dir, "t"))
     os.symlink("../hypercoil-t", os.path.join(build_dir, "t", "coil"))
     return out
@@ -554,6 +560,37 @@ def test_coil_version_is_answered_by_python(hypercoil, build_dir):
     proc = subprocess.run([os.path.join(build_dir, "coil")], input="{}", capture_output=True,
                           text=True, env=dict(os.environ, CNI_COMMAND="VERSION"), timeout=60)
     assert proc.returncode == 0 and "supportedVersions" in json.loads(proc.stdout)
+
+
+def _elf_interpreter(path: str) -> bool:
+    """Whether the ELF executable at ``path`` names a program interpreter
+    (PT_INTERP: it is dynamically linked)."""
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(64)
+        assert head[:4] == b"\x7fELF" and head[4] == 2, "not a 64-bit ELF file"
+        phoff, = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return any(struct.unpack_from("<I", table, i * phentsize)[0] == 3 for i in range(phnum))
+
+
+def test_shipped_launcher_is_static(build_dir):
+    """The launcher the build installs is linked statically (musl): the
+    runtime execs it for every CNI call, and glibc's start-up alone costs
+    ~0.7 ms of CPU per call on a VM (docs/benchmarks.md, "CNI")."""
+    from coil import launcher_path
+    path = launcher_path()
+    if path is None or MUSL_CC is None:
+        if REQUIRE_FAST:
+            pytest.fail("no native launcher, or no musl-gcc (make deps installs musl-tools)")
+        pytest.skip("no native launcher built with musl-gcc")
+    assert not _elf_interpreter(path), f"{path} is dynamically linked"
+    # the check tells the two apart: the default compiler links dynamically
+    dynamic = os.path.join(build_dir, "hypercoil-dynamic")
+    _compile(dynamic, sys.executable)
+    assert _elf_interpreter(dynamic)
 
 
 def test_strict_c99(hypercoil):
