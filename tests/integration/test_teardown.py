@@ -229,7 +229,7 @@ def test_retire_leaves_a_host_end_that_is_not_the_containers(node):
     DEL's own pod interface is deleted at once (a route is deleted only
     through the host end it names, so no dump of the routing table)."""
     other, other_ip = node.pod(2)
-    host = host_veth_name("default", "p2")
+    host = legacy_host_veth_name("default", "p2")
     mine = node.pod(3)[0]
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     # a DEL naming p2's host end with an address that end does not route
