@@ -22,6 +22,24 @@ EXTENSIONS = [
     ("coil.net._netlink", "coil/net/_netlink.pyx"),
 ]
 LAUNCHER_SRC = "coil/_fast/launcher.c"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_protocol_header(directory: str) -> str:
+    """Write protocol.h, the relay protocol's constants for the launcher,
+    from coil/cni/protocol.py (their one owner) into ``directory``."""
+    sys.path.insert(0, HERE)
+    try:
+        from coil.cni import protocol
+    finally:
+        sys.path.remove(HERE)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "protocol.h")
+    with open(path, "w") as f:
+        f.write(protocol.c_header())
+    return path
+
+
 # The launcher is linked statically against musl when musl-gcc is there
 # (Debian's musl-tools; COIL_LAUNCHER_CC overrides): the runtime execs it for
 # every CNI call, and a static musl binary starts in ~0.1 ms of CPU where
@@ -73,7 +91,9 @@ class BuildExt(build_ext):
         os.makedirs(out_dir, exist_ok=True)
         target = os.path.join(out_dir, "hypercoil")
         python = os.environ.get("COIL_LAUNCHER_PYTHON", sys.executable)
-        if LAUNCHER_CC and self._build_launcher_static(target, python):
+        include = os.path.join(self.build_temp, "launcher-include")
+        write_protocol_header(include)
+        if LAUNCHER_CC and self._build_launcher_static(target, python, include):
             return
         try:
             compiler = self.compiler
@@ -83,8 +103,8 @@ class BuildExt(build_ext):
                 compiler = new_compiler()
                 customize_compiler(compiler)
             compiler.compile([LAUNCHER_SRC], output_dir=self.build_temp,
-                                  macros=[("COIL_PYTHON", '"%s"' % python)],
-                                  extra_postargs=["-O2", "-Wall"])
+                             macros=[("COIL_PYTHON", '"%s"' % python)],
+                             include_dirs=[include], extra_postargs=["-O2", "-Wall"])
             obj = compiler.object_filenames([LAUNCHER_SRC], output_dir=self.build_temp)
             compiler.link_executable(obj, "hypercoil", output_dir=self.build_temp)
             shutil.copy2(os.path.join(self.build_temp, "hypercoil"), target)
@@ -94,14 +114,14 @@ class BuildExt(build_ext):
                 raise
             print(f"warning: native launcher not built ({exc})", file=sys.stderr)
 
-    def _build_launcher_static(self, target: str, python: str) -> bool:
+    def _build_launcher_static(self, target: str, python: str, include: str) -> bool:
         """Link the launcher statically with LAUNCHER_CC; False (and a
         warning) when that fails, so that the default compiler is tried."""
         import subprocess
         os.makedirs(self.build_temp, exist_ok=True)
         out = os.path.join(self.build_temp, "hypercoil-static")
         cmd = [LAUNCHER_CC, "-O2", "-Wall", "-static", '-DCOIL_PYTHON="%s"' % python,
-               "-o", out, LAUNCHER_SRC]
+               "-I", include, "-o", out, LAUNCHER_SRC]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"warning: {' '.join(cmd)} failed, linking the launcher with the default "
@@ -112,4 +132,5 @@ class BuildExt(build_ext):
         return True
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":      # setuptools runs it so; tests import write_protocol_header
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})

@@ -13,18 +13,17 @@
  * where ROLE is the basename of argv[0] when that is one of ROLE_NAMES,
  * otherwise argv[1..] are passed as they are ("hypercoil coilctl pool list").
  *
- * Relay protocol (coild is the server; coil/cni/plugin.py is the pure-Python
- * twin of this client and must stay byte-for-byte compatible):
- *   request : "COIL1\n"
- *             "KEY=VALUE\0" for each of RELAY_ENV that is set
- *             "\0"                              (end of the environment)
- *             the whole stdin                   (then shutdown(SHUT_WR))
- *   response: ASCII decimal exit code (0..255), "\n", stdout bytes until EOF
- * The socket is the top-level "socket" key of the network configuration on
- * stdin (default DEFAULT_SOCKET). CNI_COMMAND=VERSION is answered here.
+ * It is a plain relay of the protocol of coil/cni/protocol.py (the one
+ * owner of the framing and the constants; coil/cni/plugin.py is the
+ * pure-Python twin of this client and must stay byte-for-byte compatible):
+ * it finds the top-level "socket" (and "cniVersion", for its own error
+ * objects) of the network configuration on stdin with a minimal scan,
+ * sends the CNI_* environment and stdin to coild and prints its answer.
+ * coild validates everything; CNI_COMMAND=VERSION is answered here.
  *
- * Plain C99 + POSIX, libc only. Built by setup.py with
- *     cc -O2 -Wall -DCOIL_PYTHON="\"/path/to/python\"" launcher.c
+ * Plain C99 + POSIX, libc only. Built by setup.py, which first writes
+ * protocol.h (coil/cni/protocol.py c_header()) into its build directory:
+ *     cc -O2 -Wall -I BUILD -DCOIL_PYTHON="\"/path/to/python\"" launcher.c
  */
 
 #define _POSIX_C_SOURCE 200809L
@@ -43,40 +42,19 @@
 #include <time.h>
 #include <unistd.h>
 
-/* ---- the constants; keep in step with coil/cni/spec.py and plugin.py ---- */
+/* The relay protocol's constants (RELAY_MAGIC, RELAY_ENV_KEYS,
+ * SUPPORTED_VERSIONS, DEFAULT_CNI_VERSION, DEFAULT_SOCKET, MAX_STDIN,
+ * MAX_RESPONSE, COIL_CONNECT_TIMEOUT_MS, COIL_RELAY_TIMEOUT_MS) and the CNI
+ * error codes used here (ERR_IO, ERR_DECODE, ERR_TRY_AGAIN,
+ * ERR_NOT_AVAILABLE): generated from coil/cni/protocol.py by setup.py
+ * (protocol.c_header()), never spelled here. */
+#include "protocol.h"
 
-/* CNI spec versions this plugin speaks (spec.SUPPORTED_VERSIONS). */
-#define SUPPORTED_VERSIONS "\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\""
-#define DEFAULT_CNI_VERSION "1.1.0"
-#define DEFAULT_SOCKET "/run/coild.sock"
-#define RELAY_MAGIC "COIL1\n"
-#define MAX_STDIN (16u * 1024u * 1024u)      /* larger stdin: ERR_DECODE */
-#define MAX_RESPONSE (64u * 1024u * 1024u)   /* larger answer: malformed */
-/* The runtime gives a CNI call 120 s. Connect (5 s) + answer (110 s) stay
- * under that and above coild's own 100 s request deadline, so coild gives
- * up (and rolls back) before we do, and we answer before the runtime kills
- * us. docs/cni.md, "Timeouts". */
-#ifndef COIL_CONNECT_TIMEOUT_MS
-#define COIL_CONNECT_TIMEOUT_MS 5000         /* coild must accept within */
-#endif
-#ifndef COIL_RELAY_TIMEOUT_MS
-#define COIL_RELAY_TIMEOUT_MS 110000         /* coild must answer within */
-#endif
 #ifndef COIL_PYTHON
 #define COIL_PYTHON "/usr/bin/python3"
 #endif
 
-/* CNI error codes (spec.ERR_*) */
-#define ERR_IO 5
-#define ERR_DECODE 6
-#define NOT_AN_OBJECT "network configuration on stdin is not a JSON object"
-#define ERR_TRY_AGAIN 11
-#define ERR_NOT_AVAILABLE 50     /* STATUS: the plugin cannot serve (CNI 1.1) */
-
-static const char *const RELAY_ENV[] = {
-    "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
-    "CNI_IFNAME", "CNI_ARGS", "CNI_PATH", NULL
-};
+static const char *const RELAY_ENV[] = { RELAY_ENV_KEYS, NULL };
 
 /* argv[0] basenames that select a Python role by themselves */
 static const char *const ROLE_NAMES[] = {
@@ -227,31 +205,25 @@ static int wait_fd(int fd, short events, long long deadline)
 }
 
 /* ------------------------------------------------------------------------ */
-/* JSON scanner: validates the document the way Python's json.loads() does  */
-/* and extracts the string values of two top-level keys, decoded.           */
-
-#define JSON_MAX_DEPTH 1000
-#define KEY_CAP 64            /* longer keys are never the ones we look for */
-#define VALUE_CAP 4096
+/* The minimal scan: the last top-level "socket" and "cniVersion" string    */
+/* values, decoded. No validation (coild parses and checks the document);   */
+/* the rules are those of coil/cni/protocol.py scan_netconf(), which the    */
+/* pure-Python plugin uses.                                                 */
 
 typedef struct {
     const unsigned char *p, *end;
-    int depth;
-    /* results */
-    char socket[VALUE_CAP];
-    size_t socket_len;
-    int socket_set, socket_overflow;
-    int is_object;                          /* the whole stdin is one JSON object */
-    char version[VALUE_CAP];
-    size_t version_len;
-    int version_set, version_overflow;
-} json_t;
+} scan_t;
 
-static void skip_ws(json_t *j)
+typedef struct {
+    char *data;                 /* decoded value, malloc'd; NULL: not found */
+    size_t len;
+} value_t;
+
+static void skip_ws(scan_t *s)
 {
-    while (j->p < j->end &&
-           (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
-        j->p++;
+    while (s->p < s->end &&
+           (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+        s->p++;
 }
 
 static int hex4(const unsigned char *p, unsigned *out)
@@ -269,281 +241,166 @@ static int hex4(const unsigned char *p, unsigned *out)
     return 0;
 }
 
-static void put_byte(char *out, size_t cap, size_t *len, int *overflow,
-                     unsigned char c)
+/* Append byte c to out (cap bytes; out may be NULL: count only). */
+static void put_byte(char *out, size_t cap, size_t *len, unsigned char c)
 {
-    if (!out)
-        return;
-    if (*len < cap)
+    if (out && *len < cap)
         out[*len] = (char)c;
-    else
-        *overflow = 1;
     (*len)++;
 }
 
 /* UTF-8 encode (lone surrogates too, like Python's "surrogatepass"). */
-static void put_code_point(char *out, size_t cap, size_t *len, int *ovf,
-                           unsigned cp)
+static void put_code_point(char *out, size_t cap, size_t *len, unsigned cp)
 {
     if (cp < 0x80) {
-        put_byte(out, cap, len, ovf, (unsigned char)cp);
+        put_byte(out, cap, len, (unsigned char)cp);
     } else if (cp < 0x800) {
-        put_byte(out, cap, len, ovf, (unsigned char)(0xC0 | (cp >> 6)));
-        put_byte(out, cap, len, ovf, (unsigned char)(0x80 | (cp & 0x3F)));
+        put_byte(out, cap, len, (unsigned char)(0xC0 | (cp >> 6)));
+        put_byte(out, cap, len, (unsigned char)(0x80 | (cp & 0x3F)));
     } else if (cp < 0x10000) {
-        put_byte(out, cap, len, ovf, (unsigned char)(0xE0 | (cp >> 12)));
-        put_byte(out, cap, len, ovf, (unsigned char)(0x80 | ((cp >> 6) & 0x3F)));
-        put_byte(out, cap, len, ovf, (unsigned char)(0x80 | (cp & 0x3F)));
+        put_byte(out, cap, len, (unsigned char)(0xE0 | (cp >> 12)));
+        put_byte(out, cap, len, (unsigned char)(0x80 | ((cp >> 6) & 0x3F)));
+        put_byte(out, cap, len, (unsigned char)(0x80 | (cp & 0x3F)));
     } else {
-        put_byte(out, cap, len, ovf, (unsigned char)(0xF0 | (cp >> 18)));
-        put_byte(out, cap, len, ovf, (unsigned char)(0x80 | ((cp >> 12) & 0x3F)));
-        put_byte(out, cap, len, ovf, (unsigned char)(0x80 | ((cp >> 6) & 0x3F)));
-        put_byte(out, cap, len, ovf, (unsigned char)(0x80 | (cp & 0x3F)));
+        put_byte(out, cap, len, (unsigned char)(0xF0 | (cp >> 18)));
+        put_byte(out, cap, len, (unsigned char)(0x80 | ((cp >> 12) & 0x3F)));
+        put_byte(out, cap, len, (unsigned char)(0x80 | ((cp >> 6) & 0x3F)));
+        put_byte(out, cap, len, (unsigned char)(0x80 | (cp & 0x3F)));
     }
 }
 
-/* Length of the valid UTF-8 sequence at p (surrogates allowed), 0 if none. */
-static size_t utf8_len(const unsigned char *p, const unsigned char *end)
+/* s->p at '"': decode the string into out (NULL: only its length in *len),
+ * leave s->p after the closing quote. Other bytes are copied as they are.
+ * -1 for an unknown escape or a missing closing quote. */
+static int scan_string(scan_t *s, char *out, size_t cap, size_t *len)
 {
-    unsigned c = p[0];
-    size_t n;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c < 0x80) return 1;
-    else if (c >= 0xC2 && c <= 0xDF) n = 2;
-    else if (c >= 0xE0 && c <= 0xEF) { n = 3; if (c == 0xE0) lo = 0xA0; }
-    else if (c >= 0xF0 && c <= 0xF4) {
-        n = 4;
-        if (c == 0xF0) lo = 0x90;
-        if (c == 0xF4) hi = 0x8F;
-    } else return 0;
-    if ((size_t)(end - p) < n)
-        return 0;
-    if (p[1] < lo || p[1] > hi)
-        return 0;
-    for (size_t i = 2; i < n; i++)
-        if (p[i] < 0x80 || p[i] > 0xBF)
+    *len = 0;
+    s->p++;
+    while (s->p < s->end) {
+        unsigned char c = *s->p++;
+        if (c == '"')
             return 0;
-    return n;
-}
-
-/* j->p at '"'. Scans the string, decoding it into out (may be NULL). */
-static int scan_string(json_t *j, char *out, size_t cap, size_t *len, int *ovf)
-{
-    j->p++;
-    while (j->p < j->end) {
-        unsigned char c = *j->p;
-        if (c == '"') {
-            j->p++;
-            return 0;
-        }
-        if (c < 0x20)
-            return -1;                      /* control characters: invalid */
         if (c != '\\') {
-            size_t n = utf8_len(j->p, j->end);
-            if (n == 0)
-                return -1;
-            for (size_t i = 0; i < n; i++)
-                put_byte(out, cap, len, ovf, j->p[i]);
-            j->p += n;
+            put_byte(out, cap, len, c);
             continue;
         }
-        if (j->end - j->p < 2)
+        if (s->p >= s->end)
             return -1;
-        c = j->p[1];
-        j->p += 2;
+        c = *s->p++;
         switch (c) {
-        case '"': case '\\': case '/': put_byte(out, cap, len, ovf, c); break;
-        case 'b': put_byte(out, cap, len, ovf, '\b'); break;
-        case 'f': put_byte(out, cap, len, ovf, '\f'); break;
-        case 'n': put_byte(out, cap, len, ovf, '\n'); break;
-        case 'r': put_byte(out, cap, len, ovf, '\r'); break;
-        case 't': put_byte(out, cap, len, ovf, '\t'); break;
+        case '"': case '\\': case '/': put_byte(out, cap, len, c); break;
+        case 'b': put_byte(out, cap, len, '\b'); break;
+        case 'f': put_byte(out, cap, len, '\f'); break;
+        case 'n': put_byte(out, cap, len, '\n'); break;
+        case 'r': put_byte(out, cap, len, '\r'); break;
+        case 't': put_byte(out, cap, len, '\t'); break;
         case 'u': {
             unsigned cp, lo;
-            if (j->end - j->p < 4 || hex4(j->p, &cp) < 0)
+            if (s->end - s->p < 4 || hex4(s->p, &cp) < 0)
                 return -1;
-            j->p += 4;
-            if (cp >= 0xD800 && cp <= 0xDBFF && j->end - j->p >= 6 &&
-                j->p[0] == '\\' && j->p[1] == 'u' && hex4(j->p + 2, &lo) == 0 &&
+            s->p += 4;
+            if (cp >= 0xD800 && cp <= 0xDBFF && s->end - s->p >= 6 &&
+                s->p[0] == '\\' && s->p[1] == 'u' && hex4(s->p + 2, &lo) == 0 &&
                 lo >= 0xDC00 && lo <= 0xDFFF) {
                 cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                j->p += 6;
+                s->p += 6;
             }
-            put_code_point(out, cap, len, ovf, cp);
+            put_code_point(out, cap, len, cp);
             break;
         }
         default:
             return -1;
         }
     }
-    return -1;                              /* unterminated */
+    return -1;
 }
 
-static int match_lit(json_t *j, const char *lit)
+/* Skip a value that is not a string: up to the ',' or the '}' that ends it
+ * at the top level (strings and nested brackets are stepped over). */
+static void skip_value(scan_t *s)
 {
-    size_t n = strlen(lit);
-    if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
-        return -1;
-    j->p += n;
-    return 0;
-}
-
-static int is_digit(const json_t *j)
-{
-    return j->p < j->end && *j->p >= '0' && *j->p <= '9';
-}
-
-/* -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)? and Python's extras
- * NaN, Infinity, -Infinity. */
-static int scan_number(json_t *j)
-{
-    if (j->p < j->end && *j->p == '-') {
-        j->p++;
-        if (match_lit(j, "Infinity") == 0)
-            return 0;
-    }
-    if (!is_digit(j))
-        return -1;
-    if (*j->p == '0')
-        j->p++;
-    else
-        while (is_digit(j))
-            j->p++;
-    if (j->end - j->p >= 2 && *j->p == '.' && j->p[1] >= '0' && j->p[1] <= '9') {
-        j->p++;
-        while (is_digit(j))
-            j->p++;
-    }
-    if (j->p < j->end && (*j->p == 'e' || *j->p == 'E')) {
-        const unsigned char *save = j->p;
-        j->p++;
-        if (j->p < j->end && (*j->p == '+' || *j->p == '-'))
-            j->p++;
-        if (!is_digit(j))
-            j->p = save;        /* not an exponent: Python then fails on it */
-        while (is_digit(j))
-            j->p++;
-    }
-    return 0;
-}
-
-static int scan_value(json_t *j);
-
-static int scan_container(json_t *j, int top)
-{
-    int object = *j->p == '{';
-    unsigned char close = object ? '}' : ']';
-    if (++j->depth > JSON_MAX_DEPTH)
-        return -1;
-    j->p++;
-    skip_ws(j);
-    if (j->p < j->end && *j->p == close) {
-        j->p++;
-        j->depth--;
-        return 0;
-    }
-    for (;;) {
-        if (object) {
-            char key[KEY_CAP];
-            size_t klen = 0;
-            int kovf = 0;
-            if (j->p >= j->end || *j->p != '"')
-                return -1;
-            if (scan_string(j, top ? key : NULL, sizeof key, &klen, &kovf) < 0)
-                return -1;
-            skip_ws(j);
-            if (j->p >= j->end || *j->p != ':')
-                return -1;
-            j->p++;
-            skip_ws(j);
-            int is_socket = top && !kovf && klen == 6 && !memcmp(key, "socket", 6);
-            int is_version = top && !kovf && klen == 10 &&
-                             !memcmp(key, "cniVersion", 10);
-            if ((is_socket || is_version) && j->p < j->end && *j->p == '"') {
-                /* the last occurrence wins, as in a Python dict */
-                if (is_socket) {
-                    j->socket_len = 0;
-                    j->socket_overflow = 0;
-                    if (scan_string(j, j->socket, VALUE_CAP, &j->socket_len,
-                                    &j->socket_overflow) < 0)
-                        return -1;
-                    j->socket_set = 1;
-                } else {
-                    j->version_len = 0;
-                    j->version_overflow = 0;
-                    if (scan_string(j, j->version, VALUE_CAP, &j->version_len,
-                                    &j->version_overflow) < 0)
-                        return -1;
-                    j->version_set = 1;
-                }
-            } else {
-                if (is_socket)
-                    j->socket_set = 0;      /* not a string: the default */
-                if (is_version)
-                    j->version_set = 0;
-                if (scan_value(j) < 0)
-                    return -1;
+    int depth = 0;
+    while (s->p < s->end) {
+        unsigned char c = *s->p;
+        if (c == '"') {
+            size_t n;
+            if (scan_string(s, NULL, 0, &n) < 0) {
+                s->p = s->end;
+                return;
             }
-        } else if (scan_value(j) < 0) {
-            return -1;
+            continue;
         }
-        skip_ws(j);
-        if (j->p >= j->end)
-            return -1;
-        if (*j->p == close) {
-            j->p++;
-            j->depth--;
-            return 0;
+        if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            if (depth == 0)
+                return;
+            depth--;
+        } else if (c == ',' && depth == 0) {
+            return;
         }
-        if (*j->p != ',')
-            return -1;
-        j->p++;
-        skip_ws(j);
+        s->p++;
     }
 }
 
-static int scan_value(json_t *j)
+/* Decode the string at s->p into a new value (the last one wins). */
+static int take_string(scan_t *s, value_t *v)
 {
-    if (j->p >= j->end)
+    const unsigned char *start = s->p;
+    size_t len, len2;
+    if (scan_string(s, NULL, 0, &len) < 0)
         return -1;
-    switch (*j->p) {
-    case '"': { size_t n = 0; int o = 0; return scan_string(j, NULL, 0, &n, &o); }
-    case '{': case '[': return scan_container(j, 0);
-    case 't': return match_lit(j, "true");
-    case 'f': return match_lit(j, "false");
-    case 'n': return match_lit(j, "null");
-    case 'N': return match_lit(j, "NaN");
-    case 'I': return match_lit(j, "Infinity");
-    default: return scan_number(j);
-    }
+    char *data = malloc(len + 1);
+    if (!data)
+        return -1;
+    s->p = start;
+    scan_string(s, data, len, &len2);
+    free(v->data);
+    v->data = data;
+    v->len = len;
+    return 0;
 }
 
-/* Parse the configuration; on any syntax error (or a top level that is not
- * an object) nothing is extracted, is_object is 0, and every command but
- * VERSION is answered with ERR_DECODE here: without a configuration the
- * socket of coild is unknown. Exactly like the Python twin. */
-static void scan_config(json_t *j, const char *data, size_t len)
+/* The top-level members of the object on stdin; stops quietly at the first
+ * thing that is not a member (a broken document keeps what came before). */
+static void scan_netconf(const char *data, size_t len, value_t *sock, value_t *version)
 {
-    memset(j, 0, sizeof *j);
-    j->p = (const unsigned char *)data;
-    j->end = j->p + len;
+    scan_t s = { (const unsigned char *)data, (const unsigned char *)data + len };
     if (len >= 3 && !memcmp(data, "\xEF\xBB\xBF", 3))
-        j->p += 3;                          /* json.loads(bytes) skips a BOM */
-    skip_ws(j);
-    int ok = j->p < j->end && *j->p == '{' && scan_container(j, 1) == 0;
-    if (ok) {
-        skip_ws(j);
-        ok = j->p == j->end;
+        s.p += 3;                           /* a UTF-8 BOM, as json.loads skips */
+    skip_ws(&s);
+    if (s.p >= s.end || *s.p != '{')
+        return;
+    s.p++;
+    for (;;) {
+        char key[16];
+        size_t klen;
+        skip_ws(&s);
+        if (s.p >= s.end || *s.p != '"' || scan_string(&s, key, sizeof key, &klen) < 0)
+            return;
+        skip_ws(&s);
+        if (s.p >= s.end || *s.p != ':')
+            return;
+        s.p++;
+        skip_ws(&s);
+        value_t *want = klen == 6 && !memcmp(key, "socket", 6) ? sock
+                      : klen == 10 && !memcmp(key, "cniVersion", 10) ? version : NULL;
+        if (want && s.p < s.end && *s.p == '"') {
+            if (take_string(&s, want) < 0)
+                return;
+        } else {
+            if (want) {                     /* not a string: the default */
+                free(want->data);
+                want->data = NULL;
+                want->len = 0;
+            }
+            skip_value(&s);
+        }
+        skip_ws(&s);
+        if (s.p >= s.end || *s.p != ',')
+            return;
+        s.p++;
     }
-    j->is_object = ok;
-    if (!ok) {
-        j->socket_set = 0;
-        j->version_set = 0;
-    }
-    if (j->socket_set && j->socket_len == 0)
-        j->socket_set = 0;                  /* "" means the default */
-    if (j->version_set && j->version_len == 0)
-        j->version_set = 0;
 }
 
 /* The text of an errno value as glibc (and so Python's os.strerror, which
@@ -670,7 +527,7 @@ static int recv_all(int fd, buf_t *b, long long deadline)
 static int cni_main(void)
 {
     buf_t in = {0};
-    json_t *j;
+    value_t sock = {0}, version = {0};
     char msg[256];
 
     signal(SIGPIPE, SIG_IGN);               /* EPIPE instead; no exec follows */
@@ -685,21 +542,17 @@ static int cni_main(void)
         return cni_error(errno == E2BIG ? ERR_DECODE : ERR_IO, msg, strlen(msg), "");
     }
 
-    j = malloc(sizeof *j);
-    if (!j) {
-        fputs("hypercoil: out of memory\n", stderr);
-        return 1;
-    }
-    scan_config(j, in.data ? in.data : "", in.len);
-    if (j->version_set) {
-        g_version = j->version;
-        g_version_len = j->version_len < VALUE_CAP ? j->version_len : VALUE_CAP;
+    /* "" or not a string: the defaults; coild checks the rest */
+    scan_netconf(in.data ? in.data : "", in.len, &sock, &version);
+    if (version.len) {
+        g_version = version.data;
+        g_version_len = version.len;
     }
     const char *path = DEFAULT_SOCKET;
     size_t path_len = strlen(DEFAULT_SOCKET);
-    if (j->socket_set) {
-        path = j->socket;
-        path_len = j->socket_len < VALUE_CAP ? j->socket_len : VALUE_CAP;
+    if (sock.len) {
+        path = sock.data;
+        path_len = sock.len;
     }
 
     const char *command = getenv("CNI_COMMAND");
@@ -712,9 +565,6 @@ static int cni_main(void)
         return emit(b.data, b.len);
     }
 
-    if (!j->is_object)
-        return cni_error(ERR_DECODE, NOT_AN_OBJECT, sizeof NOT_AN_OBJECT - 1, "");
-
     /* coild out of reach: STATUS answers 50 (the plugin cannot serve, the
        runtime marks the node not ready); every other command 11 (retry) */
     const int unreachable = command && strcmp(command, "STATUS") == 0
@@ -725,7 +575,7 @@ static int cni_main(void)
     memset(&addr, 0, sizeof addr);
     addr.sun_family = AF_UNIX;
     int fd = -1, err = 0;
-    if (j->socket_overflow || path_len > sizeof addr.sun_path) {
+    if (path_len > sizeof addr.sun_path) {
         err = ENAMETOOLONG;
     } else {
         memcpy(addr.sun_path, path, path_len);

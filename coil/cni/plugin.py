@@ -8,7 +8,7 @@ C client (same request framing, same outputs, same exit codes).
 
 The relay protocol (framing, environment keys, default socket, timeouts)
 is coil/cni/protocol.py. CNI_COMMAND=VERSION is answered locally.
-Only os, sys, socket and json are imported.
+Only os, sys and socket are imported.
 """
 
 import os
@@ -24,39 +24,32 @@ DETAILS_START = ("start coild on this node or fix the 'socket' key "
 
 
 class _Config:
-    """The two top-level keys the relay needs, and whether stdin is one JSON
-    object at all (if not, every command but VERSION is answered with
-    ERR_DECODE here: the socket of coild is unknown)."""
+    """stdin and the two top-level keys the relay needs (bytes, as the
+    minimal scan of protocol.scan_netconf decoded them; the defaults when
+    absent, empty or not strings). Nothing else is checked here: coild
+    validates the document and answers a CNI error object."""
 
-    __slots__ = ("data", "socket", "cni_version", "is_object")
+    __slots__ = ("data", "socket", "cni_version")
 
     def __init__(self, data: bytes):
-        import json
         self.data = data
-        self.socket = DEFAULT_SOCKET
-        self.cni_version = DEFAULT_CNI_VERSION
-        self.is_object = False
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(doc, dict):
-            return
-        self.is_object = True
-        value = doc.get("socket")
-        if isinstance(value, str) and value:
-            self.socket = value
-        value = doc.get("cniVersion")
-        if isinstance(value, str) and value:
-            self.cni_version = value
+        sock, version = protocol.scan_netconf(data)
+        self.socket = sock or DEFAULT_SOCKET.encode()
+        self.cni_version = version or DEFAULT_CNI_VERSION.encode()
 
 
-NOT_AN_OBJECT = "network configuration on stdin is not a JSON object"
+_CONTROL = tuple((bytes([c]), {0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0C: b"\\f",
+                               0x0D: b"\\r"}.get(c, b"\\u%04x" % c)) for c in range(0x20))
 
 
-def _encode(text: str) -> bytes:
-    # "surrogatepass" keeps lone surrogates as the C launcher encodes them
-    return text.encode("utf-8", "surrogatepass")
+def _json_str(text: bytes) -> bytes:
+    """``text`` as the inside of a JSON string, escaped like the launcher's
+    buf_put_json (json.dumps with ensure_ascii=False); other bytes as they are."""
+    text = text.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    for raw, esc in _CONTROL:
+        if raw in text:
+            text = text.replace(raw, esc)
+    return text
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -74,13 +67,17 @@ def _emit(data: bytes) -> int:
     return 0
 
 
-def _dumps(obj) -> bytes:
-    import json
-    return _encode(json.dumps(obj, ensure_ascii=False, separators=(",", ":"))) + b"\n"
+def error_bytes(code: int, msg: bytes, details: bytes, cni_version: bytes) -> bytes:
+    """A CNI error object as the launcher prints it (spec.error_object's keys,
+    compact, one line)."""
+    return (b'{"cniVersion":"%s","code":%d,"msg":"%s","details":"%s"}\n'
+            % (_json_str(cni_version), code, _json_str(msg), _json_str(details)))
 
 
-def _error(code: int, msg: str, details: str, cni_version: str) -> int:
-    _emit(_dumps(spec.error_object(code, msg, details, cni_version)))
+def _error(code: int, msg, details: str, cni_version: bytes) -> int:
+    if isinstance(msg, str):
+        msg = msg.encode()
+    _emit(error_bytes(code, msg, details.encode(), cni_version))
     return 1
 
 
@@ -100,21 +97,21 @@ def _read_stdin() -> bytes:
 def main(argv=None) -> int:
     """Serve one CNI call; argv is ignored (CNI passes everything in the
     environment and on stdin)."""
+    default_version = DEFAULT_CNI_VERSION.encode()
     try:
         data = _read_stdin()
     except OverflowError:
         return _error(spec.ERR_DECODE, "network configuration on stdin is larger "
-                      f"than {MAX_STDIN >> 20} MiB", "", DEFAULT_CNI_VERSION)
+                      f"than {MAX_STDIN >> 20} MiB", "", default_version)
     except OSError as exc:
         return _error(spec.ERR_IO, "cannot read the network configuration from "
-                      f"stdin: {exc.strerror}", "", DEFAULT_CNI_VERSION)
+                      f"stdin: {exc.strerror}", "", default_version)
 
     conf = _Config(data)
     if os.environ.get("CNI_COMMAND") == "VERSION":
-        return _emit(_dumps({"cniVersion": conf.cni_version,
-                             "supportedVersions": list(spec.SUPPORTED_VERSIONS)}))
-    if not conf.is_object:
-        return _error(spec.ERR_DECODE, NOT_AN_OBJECT, "", conf.cni_version)
+        versions = ",".join(f'"{v}"' for v in protocol.SUPPORTED_VERSIONS).encode()
+        return _emit(b'{"cniVersion":"%s","supportedVersions":[%s]}\n'
+                     % (_json_str(conf.cni_version), versions))
     return _relay(conf)
 
 
@@ -128,19 +125,18 @@ def _relay(conf: _Config) -> int:
     from time import monotonic
 
     path = conf.socket
-    raw_path = _encode(path)
     sock = None
     try:
-        if len(raw_path) > SUN_PATH_MAX:
+        if len(path) > SUN_PATH_MAX:
             raise OSError(36, os.strerror(36))     # ENAMETOOLONG, as in C
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)     # a full listen queue must not block for ever
-        sock.connect(raw_path)
+        sock.connect(path)
     except OSError as exc:
         if sock is not None:
             sock.close()
-        return _error(unreachable, f"coild is not reachable at {path}: "
-                      f"{exc.strerror or exc}", DETAILS_START, conf.cni_version)
+        return _error(unreachable, b"coild is not reachable at " + path + b": "
+                      + _reason(exc), DETAILS_START, conf.cni_version)
 
     with sock:
         deadline = monotonic() + RELAY_TIMEOUT
@@ -178,11 +174,11 @@ def _relay(conf: _Config) -> int:
         except TimeoutError:
             return _timeout(conf, path, unreachable)
         except OSError as exc:
-            return _error(unreachable, f"lost the connection to coild at "
-                          f"{path}: {exc.strerror or exc}", "", conf.cni_version)
+            return _error(unreachable, b"lost the connection to coild at " + path
+                          + b": " + _reason(exc), "", conf.cni_version)
     answer = protocol.decode_response(b"".join(chunks))
     if answer is None:
-        return _error(unreachable, f"malformed answer from coild at {path}",
+        return _error(unreachable, b"malformed answer from coild at " + path,
                       "the answer must start with the exit code and a newline; "
                       "check the coild log", conf.cni_version)
     if _emit(answer[1]):
@@ -190,8 +186,12 @@ def _relay(conf: _Config) -> int:
     return answer[0]
 
 
-def _timeout(conf: _Config, path: str, code: int) -> int:
-    return _error(code, f"coild at {path} did not answer within "
-                  f"{int(RELAY_TIMEOUT)} s",
+def _reason(exc: OSError) -> bytes:
+    return str(exc.strerror or exc).encode()
+
+
+def _timeout(conf: _Config, path: bytes, code: int) -> int:
+    return _error(code, b"coild at " + path + b" did not answer within %d s"
+                  % int(RELAY_TIMEOUT),
                   "coild may be overloaded or hung; check the coild log",
                   conf.cni_version)

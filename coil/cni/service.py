@@ -215,8 +215,15 @@ class CNIService:
             raise CNIError(spec.ERR_INVALID_ENV, "CNI_COMMAND is not set")
         try:
             conf = json.loads(req.stdin) if req.stdin.strip() else None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CNIError(spec.ERR_DECODE, f"network configuration on stdin is not valid JSON: {exc}")
+        except (ValueError, RecursionError) as exc:
+            # the plugin relays stdin unchecked: this is the answer to a
+            # document that is not JSON, in the cniVersion it seems to name
+            version = protocol.scan_netconf(req.stdin)[1]
+            if version:
+                req.version = version.decode("utf-8", "replace")
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise CNIError(spec.ERR_DECODE,
+                           f"network configuration on stdin is not valid JSON: {why}") from None
         if req.command == "VERSION" and conf is None:
             return
         if not isinstance(conf, dict):

@@ -219,6 +219,8 @@ class SmokeRun:
                                    label_selector=self.selector, resource_version=self._rv,
                                    timeout_seconds=max(1, math.ceil(remaining)),
                                    _request_timeout=(k8s.REQUEST_TIMEOUT[0], remaining + 5)):
+                    if ev["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+                        continue            # a BOOKMARK (never asked for) carries no Pod
                     pod = ev["object"]
                     self._rv = pod.metadata.resource_version
                     if ev["type"] == "DELETED":

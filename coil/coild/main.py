@@ -12,6 +12,8 @@ import time
 import click
 
 from coil import config as cfg
+from coil.cni.protocol import DEFAULT_SOCKET
+from coil.coild import DEFAULT_API_SOCKET
 from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
 from coil.errors import CoilError, InvalidArgument
 
@@ -220,9 +222,9 @@ def _positive(value: str, flag: str) -> float:
 @etcd_options
 @click.option("--http", default="127.0.0.1:9383", show_default=True,
               help="REST endpoint HOST:PORT (empty to disable)")
-@click.option("--socket", "socket_path", default="/run/coild.sock", show_default=True,
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True,
               help="UNIX socket the coil plugin talks to (root-only)")
-@click.option("--api-socket", default="/run/coild-api.sock", show_default=True,
+@click.option("--api-socket", default=DEFAULT_API_SOCKET, show_default=True,
               help="root-only UNIX socket serving the whole REST API, including POST and "
                    "DELETE /ip (empty to disable)")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536),

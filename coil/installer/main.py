@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 
+from coil.cni.protocol import DEFAULT_SOCKET
 from coil.errors import CoilError, InvalidArgument, KubernetesError, UsageError
 
 log = logging.getLogger("coil-installer")
@@ -64,7 +65,7 @@ DEFAULT_NETCONF = {
     "cniVersions": ["1.0.0", "1.1.0"],
     "name": "k8s-pod-network",
     "plugins": [
-        {"type": "coil", "socket": "/run/coild/coild.sock"},
+        {"type": "coil", "socket": DEFAULT_SOCKET},
         {"type": "portmap", "capabilities": {"portMappings": True}},
         {"type": "bandwidth", "capabilities": {"bandwidth": True}},
     ],

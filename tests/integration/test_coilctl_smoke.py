@@ -11,11 +11,14 @@ namespace, and its phase set to Succeeded or Failed from the exit code.
 When a Pod is deleted it runs the CNI DEL and removes the namespace; a
 graceful deletion is finished with a grace-0 delete, as a kubelet does.
 
-The two nodes are joined by a veth pair on private addresses; each routes
-the pool's subnet to the other (its own Pods' /32 routes and its blocks'
-``unreachable`` routes are more specific), as static routes. Nothing
-touches the root network namespace; coilctl runs there but only talks to
-the API server and etcd on loopback.
+Routing between the nodes, two ways: ``static`` (a veth pair on private
+addresses; each node routes the pool's subnet to the other, its own Pods'
+/32 routes and its blocks' ``unreachable`` routes being more specific), and
+``bird`` (docs/install.md's top-of-rack layout: a switch namespace running
+BIRD, both nodes running BIRD from deploy/bird/bird-tor.conf.tmpl, which
+carries the blocks coild puts in table 119). Nothing touches the root
+network namespace; coilctl runs there but only talks to the API server and
+etcd on loopback.
 """
 
 from __future__ import annotations
@@ -206,11 +209,97 @@ def ip(ns: Netns, *args):
     return ns.exec("ip", *args)
 
 
+TOR, NODE_ADDRESSES = "172.30.0.1", ("172.30.0.11", "172.30.0.12")
+TOR_BIRD = """
+router id 172.30.0.1;
+log "LOG" all;
+protocol device { }
+protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }
+template bgp node { local 172.30.0.1 as 65001; connect retry time 2;
+  ipv4 { import all; export all; }; }
+protocol bgp n1 from node { neighbor 172.30.0.11 as 64601; }
+protocol bgp n2 from node { neighbor 172.30.0.12 as 64601; }
+"""
+
+
+class Bird:
+    """BIRD inside a namespace, stopped by PID."""
+
+    def __init__(self, ns: Netns, workdir: str, conf: str):
+        self.ctl = os.path.join(workdir, "bird.ctl")
+        self.log = os.path.join(workdir, "bird.log")
+        conf = conf.replace("log syslog {", f'log "{self.log}" {{').replace('"LOG"',
+                                                                              f'"{self.log}"')
+        path = os.path.join(workdir, "bird.conf")
+        with open(path, "w") as f:
+            f.write(conf)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "bird", "-f", "-c", path,
+                                      "-s", self.ctl], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wire_static(a, b):
+    """A veth pair between the nodes; each routes the pool to the other (its
+    own Pods' /32s and its blocks' unreachable routes are more specific)."""
+    ip(a.ns, "link", "add", "smoke0", "type", "veth", "peer", "name", "smoke0",
+       "netns", b.ns.name)
+    for n, addr, peer in ((a, LINK[0], LINK[1]), (b, LINK[1], LINK[0])):
+        ip(n.ns, "addr", "add", f"{addr}/30", "dev", "smoke0")
+        ip(n.ns, "link", "set", "smoke0", "up")
+        ip(n.ns, "route", "add", POOL, "via", peer, "dev", "smoke0")
+
+
+def wire_bird(a, b, tmp_path, made: list):
+    """docs/install.md's top-of-rack layout: a switch namespace (bridge,
+    BIRD, eBGP AS 65001) and both nodes on it, each running BIRD from
+    deploy/bird/bird-tor.conf.tmpl (rack AS 64601), which exports the
+    blocks coild puts in table 119."""
+    tor = Netns("tor")
+    made.append(tor)
+    ip(tor, "link", "add", "br0", "type", "bridge")
+    ip(tor, "addr", "add", f"{TOR}/24", "dev", "br0")
+    ip(tor, "link", "set", "br0", "up")
+    tor.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    for i, (n, addr) in enumerate(zip((a, b), NODE_ADDRESSES)):
+        ip(tor, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0",
+           "netns", n.ns.name)
+        ip(tor, "link", "set", f"p{i}", "master", "br0", "up")
+        ip(n.ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        ip(n.ns, "link", "set", "eth0", "up")
+    birds = {}
+    d = tmp_path / "bird-tor"
+    d.mkdir()
+    made.append(Bird(tor, str(d), TOR_BIRD))
+    for n, addr in zip((a, b), NODE_ADDRESSES):
+        r = subprocess.run([os.path.join(REPO, "deploy", "bird", "render.sh"),
+                            "bird-tor.conf.tmpl"], capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, NODE_ADDRESS=addr, NODE_AS="64601",
+                                    TOR_ADDRESS=TOR, TOR_AS="65001",
+                                    POOL_PREFIXES=f"{POOL}{{24,32}}"))
+        assert r.returncode == 0, r.stderr
+        d = tmp_path / f"bird-{n.name}"
+        d.mkdir()
+        birds[n.name] = Bird(n.ns, str(d), r.stdout)
+        made.append(birds[n.name])
+    return birds
+
+
 @pytest.fixture
-def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
+def cluster(request, kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
     """Two Ready Nodes, each a network namespace running coild and played
-    by the kubelet stand-in, routed to each other; a namespace for the Pods."""
+    by the kubelet stand-in, routed to each other (``static``, or ``bird``
+    by indirect parametrisation); a namespace for the Pods."""
     from kubernetes.client.exceptions import ApiException
+    routing = getattr(request, "param", "static")
     core = kube_apiserver.core()
     store.create_pool("default", POOL, 3)
     tag = uuid.uuid4().hex[:6]
@@ -218,7 +307,8 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
     nodes: dict[str, CoilNode] = {}
     namespace = f"coiltest-smoke-{tag}"
     kubelet = None
-    c = SimpleNamespace()
+    made: list = []             # BIRDs and the switch namespace, stopped/removed at the end
+    c = SimpleNamespace(baseline=set(), birds={})
     try:
         for name in names:
             work = str(tmp_path / name)
@@ -228,12 +318,10 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
             nodes[name] = n
             n.ns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         a, b = nodes[names[0]], nodes[names[1]]
-        ip(a.ns, "link", "add", "smoke0", "type", "veth", "peer", "name", "smoke0",
-           "netns", b.ns.name)
-        for n, addr, peer in ((a, LINK[0], LINK[1]), (b, LINK[1], LINK[0])):
-            ip(n.ns, "addr", "add", f"{addr}/30", "dev", "smoke0")
-            ip(n.ns, "link", "set", "smoke0", "up")
-            ip(n.ns, "route", "add", POOL, "via", peer, "dev", "smoke0")
+        if routing == "static":
+            wire_static(a, b)
+        else:
+            c.birds = wire_bird(a, b, tmp_path, made)
         for name, n in nodes.items():
             n.start()
             core.create_node({"metadata": {"name": name}})
@@ -243,6 +331,19 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
                  "lastTransitionTime": now()}]}})
             # the node lifecycle controller's part: admission tainted the new Node not-ready
             core.patch_node(name, {"spec": {"taints": None}})
+        if routing == "bird":
+            # a cluster already running Pods: each node holds a block and BGP has
+            # carried it to the other node before the smoke test starts
+            warm = {}
+            for i, n in enumerate((a, b)):
+                pod = n.new_pod()
+                rc, out = n.cni.call("add", pod, f"warm{i}", "default", f"warm-{i}")
+                assert rc == 0, out
+                warm[n.name] = (pod, str(ipaddress.ip_interface(out["ips"][0]["address"]).ip))
+            c.baseline = {w[1] for w in warm.values()}
+            wait_for(lambda: warm[a.name][0].exec("ping", "-c", "1", "-W", "1", warm[b.name][1],
+                                                  check=False).returncode == 0,
+                     timeout=90, interval=1, what="BGP to carry both blocks")
         core.create_namespace({"metadata": {"name": namespace}})
         kubelet = KubeletStandIn(core, nodes)
         c.core, c.nodes, c.a, c.b = core, nodes, a, b
@@ -260,12 +361,18 @@ def cluster(kube_apiserver, etcd_server, etcd_prefix, store, tmp_path):
                 pass
         if kubelet is not None:
             kubelet.close()
+        for thing in made:
+            if isinstance(thing, Bird):
+                thing.stop()
         for name, n in nodes.items():
             n.close()
             try:
                 core.delete_node(name)
             except ApiException:
                 pass
+        for thing in made:
+            if isinstance(thing, Netns):
+                thing.delete()
 
 
 def coilctl(c, *args, etcd=True, output="json", timeout=120):
@@ -296,7 +403,8 @@ def assert_all_gone(c):
                              c.kubelet.seen, c.kubelet.stopping) from None
     wait_for(lambda: c.kubelet.netns_count() == 0 and not c.kubelet.sandboxes, timeout=60,
              what="the stand-in kubelet to tear the sandboxes down")
-    wait_for(lambda: not c.store.all_addresses()[0], timeout=30, what="addresses to be freed")
+    wait_for(lambda: {a.address for a in c.store.all_addresses()[0]} <= c.baseline, timeout=30,
+             what="addresses to be freed")
     assert not c.kubelet.errors, c.kubelet.errors
 
 
@@ -336,6 +444,27 @@ def test_pods_on_two_nodes_ping_each_other(cluster):
     assert f"nodes {c.a.name} and {c.b.name}" in r.stdout
     assert "pool check: skipped: etcd is not configured" in r.stdout
     assert "result: ok, both directions" in r.stdout and "deleted 4 Pods" in r.stdout
+    assert_all_gone(c)
+
+
+@pytest.mark.parametrize("cluster", ["bird"], indirect=True)
+def test_pods_ping_each_other_over_bgp_and_fail_when_a_session_is_lost(cluster):
+    c = cluster
+    r, rep = coilctl(c)
+    assert r.returncode == 0, (r.stderr, r.stdout, c.kubelet.errors)
+    assert [d["result"] for d in rep["directions"]] == ["ok", "ok"]
+    assert {p["node"] for p in rep["pods"]} == {c.a.name, c.b.name}
+    assert_all_gone(c)
+
+    # node B's BIRD stops: the switch withdraws B's block from A, and B forgets A's
+    c.birds[c.b.name].stop()
+    wait_for(lambda: "proto bird" not in c.a.ns.exec("ip", "route", "show").stdout,
+             timeout=60, what="node A to lose the routes learned by BGP")
+    r, rep = coilctl(c, "--node", c.a.name, "--node", c.b.name)
+    assert r.returncode == 3, (r.stderr, r.stdout)
+    one_line_error(r, "smoke test failed: ping from node")
+    assert [d["result"] for d in rep["directions"]] == ["failed", "failed"]
+    assert any("birdc show route for" in s for s in rep["next_steps"])
     assert_all_gone(c)
 
 

@@ -300,7 +300,7 @@ def test_bad_input_is_rejected_cleanly(cluster):
     cluster.start()
     pod = cluster.new_pod()
     cases = [
-        (base_env(pod), "{not json", 6, "not a JSON object"),
+        (base_env(pod), conf(cluster)[:-1] + ", not json", 6, "not valid JSON"),
         (base_env(pod), conf(cluster, cniVersion="9.9.9"), 1, "9.9.9"),
         (base_env(pod, CNI_ARGS="K8S_POD_NAMESPACE=default"), conf(cluster), 4, "K8S_POD_NAME"),
         (base_env(pod, CNI_ARGS="garbage"), conf(cluster), 4, "garbage"),
@@ -314,6 +314,36 @@ def test_bad_input_is_rejected_cleanly(cluster):
         assert rc != 0, (env, stdin)
         assert err["code"] == code and needle in err["msg"], (err, needle)
         assert leftovers(cluster) == ([], {})
+    assert pod.links() == ["lo"]
+
+
+def test_malformed_json_is_answered_by_coild(cluster):
+    """The plugin relays stdin unchecked (it only scans for the top-level
+    "socket"); coild answers a document that is not JSON with one line, a
+    CNI error object with code 6 (decode failure) in the cniVersion the
+    document seems to name, exit 1, and nothing made."""
+    cluster.store.create_pool("default", "10.39.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    head = conf(cluster, cniVersion="0.4.0")[:-1]
+    cases = [head + ", broken", head + "} trailing", head + ', "n": [1, 2',
+             head + ', "deep": ' + "[" * 100000 + "]" * 100000 + "}",
+             head + ', "s": "\udcff"}', head + ', "k": "\\q"}']
+    for stdin in cases:
+        for command in ("ADD", "DEL", "CHECK"):
+            r = subprocess.run(["ip", "netns", "exec", cluster.node.name,
+                                os.path.join(cluster.cni.bin, "coil")],
+                               input=stdin.encode("utf-8", "surrogateescape"),
+                               capture_output=True, timeout=30,
+                               env={"PATH": os.environ["PATH"], "CNI_PATH": cluster.cni.bin,
+                                    **base_env(pod, CNI_COMMAND=command)})
+            assert r.returncode == 1 and r.stderr == b"", (stdin[-40:], r)
+            assert r.stdout.count(b"\n") <= 1 and b"\n" not in r.stdout.rstrip(b"\n")
+            err = json.loads(r.stdout)
+            assert err["code"] == 6, (stdin[-40:], err)
+            assert err["msg"].startswith("network configuration on stdin is not valid JSON: ")
+            assert err["cniVersion"] == "0.4.0"
+    assert leftovers(cluster) == ([], {})
     assert pod.links() == ["lo"]
 
 

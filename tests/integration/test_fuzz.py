@@ -44,6 +44,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from coil.cni import protocol
 from harness import Coild, Netns, plugin_binary
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -257,7 +258,7 @@ def plugin_requests(draw, socket_path: str, pod_path: str, default_socket_live: 
     sock = draw(st.sampled_from(["keep"] * 6 + ["drop", "missing", "junk"]))
     socket_bad = False
     if sock == "drop":
-        del conf["socket"]           # the default /run/coild.sock: no coild there
+        del conf["socket"]           # the default socket: no coild there
         socket_bad = not default_socket_live
     elif sock == "missing":
         conf["socket"] = draw(missing_path)
@@ -470,7 +471,7 @@ def test_plugin_bad_input(node):
 
     @fuzz_settings(1000)
     @given(req=plugin_requests(node.coild.socket, node.pod.path,
-                               os.path.exists("/run/coild.sock")))
+                               os.path.exists(protocol.DEFAULT_SOCKET)))
     def campaign(req):
         env, stdin, bad = req
         rc, out, err = run_plugin(node, env, stdin)

@@ -17,6 +17,7 @@ import yaml
 
 from helpers import REPO, free_port
 
+from coil.cni import protocol
 from coil.errors import InvalidArgument
 
 TAINT = "coil.cybozu.com/bootstrap"
@@ -68,7 +69,7 @@ def test_installs_coil_and_the_default_conflist(dirs):
     coil = dirs["bin"] / "coil"
     assert coil.stat().st_mode & 0o777 == 0o755
     assert json.loads(conflist(dirs).read_text()) == DEFAULT_NETCONF
-    assert DEFAULT_NETCONF["plugins"][0]["socket"] == "/run/coild/coild.sock"
+    assert DEFAULT_NETCONF["plugins"][0]["socket"] == protocol.DEFAULT_SOCKET
     assert conflist(dirs).stat().st_mode & 0o777 == 0o644
     for rel in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
         assert (dirs["proc"] / rel).read_text().strip() == "1"

@@ -20,9 +20,11 @@ import glob
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import uuid
 import zipfile
 
@@ -135,6 +137,45 @@ def test_cni_version_from_the_launcher(installed, tmp_path):
     out = json.loads(r.stdout)
     assert out["cniVersion"] == "1.0.0"
     assert "1.0.0" in out["supportedVersions"] and "0.4.0" in out["supportedVersions"]
+
+
+def test_wheel_launcher_is_compiled_with_the_protocol(installed, tmp_path):
+    """setup.py generated protocol.h for the wheel's launcher: it sends the
+    protocol's frame and falls back to the protocol's default socket."""
+    from coil.cni import protocol
+    venv, _, site = installed
+    plugin = tmp_path / "coil"
+    os.symlink(os.path.join(site, "coil", "_fast", "hypercoil"), plugin)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "c.sock")
+    server.bind(path)
+    server.listen(1)
+    got = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+            got.append(b"".join(chunks))
+            conn.sendall(protocol.encode_response(0, b"ok"))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    stdin = b'{"socket": "%s", not json' % path.encode()      # relayed unchecked
+    try:
+        r = subprocess.run([str(plugin)], input=stdin, capture_output=True, timeout=60,
+                           cwd="/", env=dict(_env(venv), CNI_COMMAND="ADD"))
+        thread.join(30)
+    finally:
+        server.close()
+    assert (r.returncode, r.stdout) == (0, b"ok"), r
+    assert got == [protocol.encode_request({"CNI_COMMAND": "ADD"}, stdin)]
+    if not os.path.exists(protocol.DEFAULT_SOCKET):
+        r = run(venv, str(plugin), env=dict(_env(venv), CNI_COMMAND="ADD"), input="{}")
+        assert json.loads(r.stdout)["msg"].startswith(
+            f"coild is not reachable at {protocol.DEFAULT_SOCKET}: ")
 
 
 @pytest.mark.root

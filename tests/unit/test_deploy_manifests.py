@@ -97,7 +97,8 @@ def test_coild_daemonset_is_consistent():
     assert installer["command"] == ["hypercoil", "coil-installer"]
     # the plugin socket: coild's flag, the mounted host directory, the conflist
     socket = _arg(coild, "--socket")
-    assert socket == "/run/coild/coild.sock"
+    from coil.cni.protocol import DEFAULT_SOCKET
+    assert socket == DEFAULT_SOCKET
     mounts = {m["mountPath"]: m["name"] for m in coild["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mounts["/run/coild"]]["hostPath"]["path"] == "/run/coild"

@@ -22,7 +22,8 @@ import threading
 
 import pytest
 
-from coil.cni import plugin, spec
+import coil
+from coil.cni import plugin, protocol, spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(REPO, "coil", "_fast", "launcher.c")
@@ -37,18 +38,31 @@ DETAILS_START = plugin.DETAILS_START
 # --------------------------------------------------------------------------
 # building the launcher
 
+def _include_dir(build_dir: str) -> str:
+    """protocol.h written the way setup.py writes it."""
+    sys.path.insert(0, REPO)
+    try:
+        from setup import write_protocol_header
+    finally:
+        sys.path.remove(REPO)
+    include = os.path.join(build_dir, "include")
+    write_protocol_header(include)
+    return include
+
+
 def _compile(out: str, python: str, *extra: str, static: bool = False) -> None:
-    """cc with the flags setup.py uses (-O2 -Wall, COIL_PYTHON baked in);
-    ``static``: musl-gcc -static, as setup.py links the shipped launcher.
-    Any compiler output (a warning) fails the test."""
+    """cc with the flags setup.py uses (-O2 -Wall, COIL_PYTHON baked in, the
+    generated protocol.h); ``static``: musl-gcc -static, as setup.py links
+    the shipped launcher. Any compiler output (a warning) fails the test."""
     cc = MUSL_CC if static else CC
     if cc is None:
         if REQUIRE_FAST:
             pytest.fail(f"no C compiler ({'musl-gcc' if static else 'cc'}) but "
                         f"COIL_REQUIRE_FAST=1 (make deps installs it)")
         pytest.skip("no C compiler; the native launcher cannot be built")
+    include = _include_dir(os.path.dirname(out))
     cmd = [cc, "-O2", "-Wall", *(["-static"] if static else []),
-           f'-DCOIL_PYTHON="{python}"', *extra, "-o", out, SOURCE]
+           f'-DCOIL_PYTHON="{python}"', "-I", include, *extra, "-o", out, SOURCE]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", f"compiler warnings:\n{proc.stderr}"
@@ -223,11 +237,73 @@ def test_version_is_answered_locally(client, stdin, version):
     assert proc.stderr == b""
 
 
-def test_supported_versions_constant_matches_spec():
+# --------------------------------------------------------------------------
+# the protocol's constants come from coil/cni/protocol.py only
+
+def test_launcher_spells_no_protocol_constant():
+    """launcher.c takes its protocol constants from the generated protocol.h:
+    a copy of one of them in the C source fails here (CNI_COMMAND itself is
+    read by name: VERSION and STATUS are the spec's)."""
     with open(SOURCE) as f:
-        line = next(l for l in f if l.startswith("#define SUPPORTED_VERSIONS"))
-    listed = re.findall(r'\\"([^\\"]*)\\"', line)
-    assert tuple(listed) == spec.SUPPORTED_VERSIONS
+        source = f.read()
+    assert '#include "protocol.h"' in source
+    names = re.findall(r"^#define (\w+)", protocol.c_header(), re.M)
+    assert {"RELAY_MAGIC", "DEFAULT_SOCKET", "SUPPORTED_VERSIONS", "RELAY_ENV_KEYS",
+            "COIL_RELAY_TIMEOUT_MS"} <= set(names)
+    redefined = [n for n in names if re.search(rf"^\s*#\s*define\s+{n}\b", source, re.M)]
+    assert redefined == []
+    values = [protocol.MAGIC.decode().strip(), protocol.DEFAULT_SOCKET,
+              *protocol.SUPPORTED_VERSIONS[:-1], *protocol.ENV_KEYS[1:],
+              str(int(protocol.RELAY_TIMEOUT * 1000)), str(protocol.MAX_STDIN)]
+    assert [v for v in values if v in source] == []
+
+
+def test_generated_header_carries_the_protocol(build_dir):
+    with open(os.path.join(_include_dir(build_dir), "protocol.h")) as f:
+        header = f.read()
+    assert header == protocol.c_header()
+    defines = dict(re.findall(r"^#define (\w+) (.+)$", header, re.M))
+    assert defines["DEFAULT_SOCKET"] == f'"{protocol.DEFAULT_SOCKET}"'
+    assert defines["RELAY_MAGIC"] == '"COIL1\\n"'
+    assert re.findall(r'\\"([^\\"]*)\\"', defines["SUPPORTED_VERSIONS"]) == \
+        list(spec.SUPPORTED_VERSIONS)
+    assert re.findall(r'"(\w+)"', defines["RELAY_ENV_KEYS"]) == list(protocol.ENV_KEYS)
+    assert int(defines["COIL_CONNECT_TIMEOUT_MS"]) == protocol.CONNECT_TIMEOUT * 1000
+    assert int(defines["COIL_RELAY_TIMEOUT_MS"]) == protocol.RELAY_TIMEOUT * 1000
+    assert (int(defines["ERR_DECODE"]), int(defines["ERR_TRY_AGAIN"]),
+            int(defines["ERR_NOT_AVAILABLE"])) == (spec.ERR_DECODE, spec.ERR_TRY_AGAIN,
+                                                   spec.ERR_NOT_AVAILABLE)
+
+
+def test_built_launcher_speaks_the_protocol(sock_dir):
+    """The launcher setup.py built (make core) sends protocol.MAGIC and the
+    ENV_KEYS, answers VERSION with protocol.SUPPORTED_VERSIONS and falls
+    back to protocol.DEFAULT_SOCKET."""
+    exe = coil.launcher_path()
+    if exe is None:
+        if REQUIRE_FAST:
+            pytest.fail("the native launcher was not built but COIL_REQUIRE_FAST=1")
+        pytest.skip("the native launcher was not built")
+    link = os.path.join(sock_dir, "coil")
+    os.symlink(exe, link)
+    proc = subprocess.run([link], input=b"{}", env=_env(CNI_COMMAND="VERSION"),
+                          capture_output=True, timeout=30)
+    assert json.loads(proc.stdout)["supportedVersions"] == list(protocol.SUPPORTED_VERSIONS)
+    server = FakeCoild(os.path.join(sock_dir, "c.sock"), reply=b"0\n")
+    try:
+        stdin = conf(server.path)
+        env = {k: f"v{i}" for i, k in enumerate(protocol.ENV_KEYS)}
+        proc = subprocess.run([link], input=stdin, env=_env(**env), capture_output=True,
+                              timeout=30)
+        assert proc.returncode == 0, proc
+    finally:
+        server.close()
+    assert server.requests == [protocol.encode_request(env, stdin)]
+    if not os.path.exists(protocol.DEFAULT_SOCKET):
+        proc = subprocess.run([link], input=b"{}", env=_env(CNI_COMMAND="ADD"),
+                              capture_output=True, timeout=30)
+        assert json.loads(proc.stdout)["msg"].startswith(
+            f"coild is not reachable at {protocol.DEFAULT_SOCKET}: ")
 
 
 # --------------------------------------------------------------------------
@@ -240,6 +316,19 @@ def test_missing_coild(client, sock_dir):
     assert proc.stdout == error_bytes(
         spec.ERR_TRY_AGAIN, f"coild is not reachable at {path}: {os.strerror(errno.ENOENT)}",
         DETAILS_START, "0.4.0")
+
+
+@pytest.mark.parametrize("command,code", [("ADD", 11), ("DEL", 11), ("CHECK", 11),
+                                          ("GC", 11), ("STATUS", 50)])
+def test_unreachable_code_per_command(client, sock_dir, command, code):
+    """coild out of reach: 11 (try again) for ADD/DEL/CHECK/GC; STATUS 50
+    (the plugin cannot serve: the runtime marks the node not ready)."""
+    path = os.path.join(sock_dir, "absent.sock")
+    proc = client.run(conf(path, version="1.1.0"), CNI_COMMAND=command)
+    assert proc.returncode == 1
+    assert proc.stdout == error_bytes(
+        code, f"coild is not reachable at {path}: {os.strerror(errno.ENOENT)}",
+        DETAILS_START, "1.1.0")
 
 
 def test_refused_connection(client, sock_dir):
@@ -288,13 +377,32 @@ def test_default_socket(client):
         assert out["cniVersion"] == version, stdin
 
 
-@pytest.mark.parametrize("stdin", [b'{"socket":"/elsewhere.sock", broken',
-                                   b'["socket", "/elsewhere.sock"]', b"", b"42"])
-def test_not_an_object_is_a_decode_error(client, stdin):
-    """Without a configuration the socket is unknown: answered locally."""
+@pytest.mark.parametrize("tail", [b', broken', b',"x":[1,2', b'}} trailing', b',"n":NaN}',
+                                  b',"a":"\\q"}', b',"s":"\xff\xfe\x01"}', b'}' + b"[" * 5000])
+def test_malformed_json_is_relayed_to_coild(client, coild, tail):
+    """The plain relay: a document that is not valid JSON goes to coild as
+    it is (coild answers the CNI error object, which the plugin prints)."""
+    server = coild(reply=b'1\n{"cniVersion": "0.4.0", "code": 6, "msg": "not JSON"}')
+    stdin = b'{"cniVersion":"0.4.0","socket":"%s"' % server.path.encode() + tail
+    proc = client.run(stdin, CNI_COMMAND="ADD")
+    assert (proc.returncode, proc.stdout) == (1, b'{"cniVersion": "0.4.0", "code": 6, '
+                                                 b'"msg": "not JSON"}')
+    assert server.requests == [b"COIL1\nCNI_COMMAND=ADD\0\0" + stdin]
+
+
+@pytest.mark.parametrize("stdin", [b'["socket", "/elsewhere.sock"]', b"", b"42", b"not json",
+                                   b'{"cniVersion":"0.4.0" "socket":"/elsewhere.sock"}'])
+def test_no_socket_found_means_the_default(client, stdin):
+    """Not an object, or broken before the socket key: the default socket
+    (no coild there: error 11 naming it, in the version the scan found)."""
+    if os.path.exists(protocol.DEFAULT_SOCKET):
+        pytest.skip(f"{protocol.DEFAULT_SOCKET} exists on this machine")
     proc = client.run(stdin, CNI_COMMAND="ADD")
     assert proc.returncode == 1
-    assert proc.stdout == error_bytes(spec.ERR_DECODE, plugin.NOT_AN_OBJECT)
+    version = "0.4.0" if stdin.startswith(b'{"cniVersion"') else "1.1.0"
+    assert proc.stdout == error_bytes(
+        spec.ERR_TRY_AGAIN, f"coild is not reachable at {protocol.DEFAULT_SOCKET}: "
+        f"{os.strerror(errno.ENOENT)}", DETAILS_START, version)
 
 
 def test_stdin_too_large(client):
@@ -439,9 +547,52 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(data)
 
 
-def test_scanner_agrees_with_python_json(hypercoil, build_dir, sock_dir):
-    """Differential test of the C JSON scanner: on valid and on broken
-    documents it picks the same socket and cniVersion as json.loads()."""
+def _json_view(data: bytes) -> tuple:
+    """(socket, cniVersion) the way a JSON parser sees a valid document."""
+    doc = json.loads(data)
+    pick = [doc.get(k) for k in ("socket", "cniVersion")]
+    return tuple(v.encode("utf-8", "surrogatepass") if isinstance(v, str) and v else None
+                 for v in pick)
+
+
+def test_scan_agrees_with_json_on_valid_documents():
+    """On valid JSON the minimal scan finds what json.loads finds: nested
+    keys and string values that contain "socket" never count, escapes are
+    decoded, the last duplicate wins, a non-string means the default."""
+    rng = random.Random(7)
+    for _ in range(2000):
+        doc = _random_doc(rng, "/t.sock", "/d.sock")
+        text = json.dumps(doc, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 1])).encode("utf-8", "surrogatepass")
+        sock, version = protocol.scan_netconf(text)
+        assert (sock or None, version or None) == _json_view(text), text
+    for text in [b'{"socket":"/a","\\u0073ocket":"/b"}', b'{"socket":"/a","socket":7}',
+                 b'\xef\xbb\xbf {"socket" : "\\/x\\ud83d\\ude00\\u00fc"}',
+                 b'{"a":{"socket":"/n"},"b":["socket","/n"],"c":"\\"socket\\":\\"/n\\""}',
+                 b'{"s":"\\ud800","socket":"\\ud800\\u0041"}']:
+        sock, version = protocol.scan_netconf(text)
+        assert (sock or None, version or None) == _json_view(text), text
+
+
+def test_scan_stops_quietly_on_broken_documents():
+    scan = protocol.scan_netconf
+    assert scan(b'{"socket":"/a", broken') == (b"/a", None)
+    # brackets are counted, not matched
+    assert scan(b'{"x":[1,{"socket":"/n"}}, "socket":"/a"}') == (b"/a", None)
+    assert scan(b'{"socket":"/a" "socket":"/b"}') == (b"/a", None)
+    assert scan(b'{"socket":"/a\\q"}') == (None, None)              # unknown escape
+    assert scan(b'{"socket":"/a') == (None, None)                    # unterminated
+    assert scan(b'{"socket":"\\u12"}') == (None, None)
+    assert scan(b'{"x":"unterminated, "socket":"/a"}') == (None, None)
+    assert scan(b'["socket","/a"]') == (None, None)
+    assert scan(b'') == (None, None)
+    assert scan(b'{"socket":"\xff\x01/a"}') == (b"\xff\x01/a", None)   # bytes as they are
+
+
+def test_scanner_agrees_with_the_python_twin(hypercoil, build_dir, sock_dir):
+    """Differential test of the C scan against protocol.scan_netconf (the
+    pure-Python plugin's) on valid and on broken documents: the same socket
+    and cniVersion, so the same bytes on stdout."""
     rng = random.Random(20240517)
     target = os.path.join(sock_dir, "t.sock")
     decoy = os.path.join(sock_dir, "d.sock")
@@ -449,34 +600,31 @@ def test_scanner_agrees_with_python_json(hypercoil, build_dir, sock_dir):
     for i in range(600):
         doc = _random_doc(rng, target, decoy)
         text = json.dumps(doc, ensure_ascii=rng.random() < 0.5,
-                          indent=rng.choice([None, 1])).encode()
+                          indent=rng.choice([None, 1])).encode("utf-8", "surrogatepass")
         cases.append(text if i % 3 == 0 else _mutate(rng, text))
     cases += [b"\xef\xbb\xbf" + json.dumps({"socket": target}).encode(),
               b'{"socket":"%s","n":NaN,"i":-Infinity,"j":Infinity}' % target.encode(),
               b'{"socket":"%s","n":01}' % target.encode(),
-              b'{"socket":"%s","n":1.}' % target.encode(),
-              b'{"socket":"%s","n":1e}' % target.encode(),
               b'{"socket":"%s","s":"\xed\xa0\x80"}' % target.encode(),
-              b'{"socket":"%s","s":"\xc0\xaf"}' % target.encode(),
               b'{"socket":"%s"} x' % target.encode(),
               b'{"socket":"%s",}' % target.encode(),
-              b'{"socket":"%s"}' % (b"\\ud800" + target.encode())]
+              b'{"socket":"%s"}' % (b"\\ud800" + target.encode()),
+              b'{"socket":"%s\\u' % target.encode(),
+              b'{"socket":"%s\\' % target.encode(),
+              b'{"x":"\\ud83d\\u00', b'{"cniVersion":"\\ud83d\\ude0"}']
     coil = os.path.join(build_dir, "coil")
     mismatches = []
     for data in cases:
-        expected = plugin._Config(data)
+        sock, version = protocol.scan_netconf(data)
+        want = plugin.error_bytes(
+            spec.ERR_TRY_AGAIN, b"coild is not reachable at "
+            + (sock or protocol.DEFAULT_SOCKET.encode()) + b": ", b"",
+            version or protocol.DEFAULT_CNI_VERSION.encode())
+        want = want[:want.index(b': ","details"') + 2]       # up to the errno text
         proc = subprocess.run([coil], input=data, env=_env(CNI_COMMAND="ADD"),
-                              capture_output=True, timeout=30)
-        out = json.loads(proc.stdout.decode("utf-8", "surrogatepass"))
-        if not expected.is_object:
-            want = (plugin.NOT_AN_OBJECT, spec.ERR_DECODE)
-            got = (out["msg"], out["code"])
-        else:
-            want = (expected.socket, expected.cni_version)
-            prefix = "coild is not reachable at "
-            got = (out["msg"][len(prefix):].rsplit(": ", 1)[0], out["cniVersion"])
-        if got != want:
-            mismatches.append((data, want, got))
+                              capture_output=True, timeout=30, cwd=sock_dir)
+        if not proc.stdout.startswith(want):
+            mismatches.append((data, want, proc.stdout))
     assert not mismatches, mismatches[:5]
 
 
@@ -596,13 +744,15 @@ def test_shipped_launcher_is_static(build_dir):
 def test_strict_c99(hypercoil):
     """Also clean as strict C99 with extra warnings."""
     proc = subprocess.run([CC, "-std=c99", "-pedantic", "-Wall", "-Wextra", "-O2",
-                           "-fsyntax-only", '-DCOIL_PYTHON="/usr/bin/python3"', SOURCE],
+                           "-fsyntax-only", '-DCOIL_PYTHON="/usr/bin/python3"',
+                           "-I", _include_dir(os.path.dirname(hypercoil)), SOURCE],
                           capture_output=True, text=True)
     assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_python_twin_imports_stay_minimal():
-    """The fallback plugin imports only os, sys, socket and json."""
+    """The fallback plugin imports only os, sys and socket (no json: the
+    minimal scan of coil/cni/protocol.py finds the socket)."""
     code = ("import sys; before = set(sys.modules); import coil.cni.plugin; "
             "print(sorted(set(sys.modules) - before))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

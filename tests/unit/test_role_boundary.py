@@ -67,10 +67,11 @@ def test_sandbox_error_goes_through_the_boundary(tmp_path):
 def test_plugin_errors_stay_cni_error_objects():
     """The CNI plugin answers on stdout with an error object (CNI spec), not
     through the stderr line."""
-    r = hypercoil("coil", input="{not json", env={"CNI_COMMAND": "ADD"})
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    r = hypercoil("coil", input='{"socket": "/nonexistent/coild.sock", not json',
+                  env={"CNI_COMMAND": "ADD"})
+    assert r.returncode == 1 and r.stderr == ""
     err = json.loads(r.stdout)
-    assert err["code"] == 6
+    assert err["code"] == 11 and "/nonexistent/coild.sock" in err["msg"]
 
 
 def test_every_exception_class_derives_from_coil_error():
