@@ -33,6 +33,7 @@ from urllib.parse import unquote_to_bytes
 
 from coil import __version__
 from coil.cni import protocol
+from coil.coild import DEFAULT_API_SOCKET
 from coil.coild.connections import (BoundedHTTPServer, Limits, RequestHandler, error_response,
                                     listen_error, listen_tcp)
 from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
@@ -160,7 +161,7 @@ class RestHandler(RequestHandler):
     def _dispatch(self):
         method = self.command
         if method in ("POST", "DELETE") and not self.server.may_change:
-            sock = self.server.api_socket or "/run/coild-api.sock"
+            sock = self.server.api_socket or DEFAULT_API_SOCKET
             raise HTTPError(403, f"{method} is served only on coild's root-only API socket "
                                  f"(--api-socket), e.g. as root: curl --unix-socket {sock} "
                                  f"-X {method} http://localhost/ip...", close=True)

@@ -122,6 +122,8 @@ cdef enum:
     IFLA_GROUP = 27
     IFLA_NET_NS_FD = 28
     IFLA_EXT_MASK = 29
+    IFLA_NUM_TX_QUEUES = 31
+    IFLA_NUM_RX_QUEUES = 32
     IFLA_INFO_KIND = 1
     IFLA_INFO_DATA = 2
     VETH_INFO_PEER = 1
@@ -674,6 +676,12 @@ cdef class Netlink:
 
         The peer is created directly inside ``peer_netns`` (path or fd) when
         given. Returns the index of ``name``.
+
+        Both ends get one TX and one RX queue (IFLA_NUM_TX/RX_QUEUES): that
+        is what a veth uses anyway, and without them the kernel creates one
+        queue per CPU and then cuts the real number down to one, which waits
+        for an RCU grace period while it holds the RTNL lock (every other
+        netlink change on the host waits meanwhile).
         """
         cdef str context = f"creating veth {name}/{peer_name}"
         cdef bytes b_name = ifname_bytes(name, context)
@@ -695,6 +703,8 @@ cdef class Netlink:
             off = put_str(req, off, IFLA_IFNAME, b_name, len(b_name))
             if c_mtu:
                 off = put_u32(req, off, IFLA_MTU, c_mtu)
+            off = put_u32(req, off, IFLA_NUM_TX_QUEUES, 1)
+            off = put_u32(req, off, IFLA_NUM_RX_QUEUES, 1)
             linkinfo = off
             off += 4
             off = put_str(req, off, IFLA_INFO_KIND, b"veth", 4)
@@ -707,6 +717,8 @@ cdef class Netlink:
             off = put_str(req, off, IFLA_IFNAME, b_peer, len(b_peer))
             if c_mtu:
                 off = put_u32(req, off, IFLA_MTU, c_mtu)
+            off = put_u32(req, off, IFLA_NUM_TX_QUEUES, 1)
+            off = put_u32(req, off, IFLA_NUM_RX_QUEUES, 1)
             if nsfd >= 0:
                 off = put_u32(req, off, IFLA_NET_NS_FD, <uint32_t>nsfd)
             wr16(req + peer + 2, VETH_INFO_PEER)

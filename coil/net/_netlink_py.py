@@ -253,8 +253,10 @@ class Netlink:
         context = f"creating veth {name}/{peer_name}"
         _check_ifname(name, context)
         _check_ifname(peer_name, context)
-        peer = {"ifname": peer_name}
-        spec = {"ifname": name, "kind": "veth", "peer": peer}
+        # one TX/RX queue each, as the Cython backend (no RCU wait under RTNL)
+        peer = {"ifname": peer_name, "num_tx_queues": 1, "num_rx_queues": 1}
+        spec = {"ifname": name, "kind": "veth", "peer": peer, "num_tx_queues": 1,
+                "num_rx_queues": 1}
         if mtu is not None:
             spec["mtu"] = mtu
             peer["mtu"] = mtu

@@ -291,6 +291,19 @@ def test_veth_add_peer_in_other_namespace(nlmod, two, by_fd):
     assert _link_names(pod) == {"lo", "eth0"}
 
 
+def test_veth_add_makes_one_queue_per_end(nlmod, two):
+    """One TX and one RX queue on both ends (what a veth uses): the kernel's
+    default, a queue per CPU cut down to one after creation, waits for an
+    RCU grace period under the RTNL lock."""
+    node, pod = two
+    with nlmod.open_netlink(node.path) as nl:
+        nl.veth_add("veth-q", "eth0", peer_netns=pod.path)
+    for ns, name in ((node, "veth-q"), (pod, "eth0")):
+        words = ns.run("ip", "-d", "link", "show", name, check=True).stdout.split()
+        assert words[words.index("numtxqueues") + 1] == "1", (name, words)
+        assert words[words.index("numrxqueues") + 1] == "1", (name, words)
+
+
 def test_veth_add_same_namespace_and_default_mtu(nlmod, netns_factory):
     ns = netns_factory()
     with nlmod.open_netlink(ns.path) as nl:

@@ -72,3 +72,26 @@ def test_every_mention_in_docs_and_deploy():
                         wrong.append(f"{os.path.relpath(path, REPO)}:{n}: {m.group(0)}")
     assert wrong == []
     assert seen >= 5         # the pages that name it: coild.md, cni.md, coil-installer.md, ...
+
+
+# -- the root-only REST socket: one default too ---------------------------------------
+API_SOCKET = re.compile(r"/run/[\w./-]*api\.sock")
+
+
+def test_api_socket_default_is_the_daemonsets():
+    from coil.coild import DEFAULT_API_SOCKET
+    from coil.coild.main import cli
+    (opt,) = [p for p in cli.params if p.name == "api_socket"]
+    assert opt.default == DEFAULT_API_SOCKET == "/run/coild/api.sock"
+    # next to the plugin socket, in the directory the DaemonSet mounts
+    assert os.path.dirname(DEFAULT_API_SOCKET) == os.path.dirname(protocol.DEFAULT_SOCKET)
+    wrong = []
+    for path in (glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True)
+                 + glob.glob(os.path.join(REPO, "deploy", "*.yaml"))
+                 + [os.path.join(REPO, "README.md")]):
+        with open(path, errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                # the sandbox's per-node sockets live in its state directory
+                wrong += [f"{os.path.relpath(path, REPO)}:{n}: {m.group(0)}"
+                          for m in API_SOCKET.finditer(line) if m.group(0) != DEFAULT_API_SOCKET]
+    assert wrong == []

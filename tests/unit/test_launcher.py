@@ -318,6 +318,19 @@ def test_missing_coild(client, sock_dir):
         DETAILS_START, "0.4.0")
 
 
+@pytest.mark.parametrize("command,code", [("ADD", 11), ("DEL", 11), ("CHECK", 11),
+                                          ("GC", 11), ("STATUS", 50)])
+def test_unreachable_code_per_command(client, sock_dir, command, code):
+    """coild out of reach: 11 (try again) for ADD/DEL/CHECK/GC; STATUS 50
+    (the plugin cannot serve: the runtime marks the node not ready)."""
+    path = os.path.join(sock_dir, "absent.sock")
+    proc = client.run(conf(path, version="1.1.0"), CNI_COMMAND=command)
+    assert proc.returncode == 1
+    assert proc.stdout == error_bytes(
+        code, f"coild is not reachable at {path}: {os.strerror(errno.ENOENT)}",
+        DETAILS_START, "1.1.0")
+
+
 def test_refused_connection(client, sock_dir):
     path = os.path.join(sock_dir, "dead.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -738,7 +751,8 @@ def test_strict_c99(hypercoil):
 
 
 def test_python_twin_imports_stay_minimal():
-    """The fallback plugin imports only os, sys, socket and json."""
+    """The fallback plugin imports only os, sys and socket (no json: the
+    minimal scan of coil/cni/protocol.py finds the socket)."""
     code = ("import sys; before = set(sys.modules); import coil.cni.plugin; "
             "print(sorted(set(sys.modules) - before))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
