@@ -39,6 +39,7 @@ class LivenessKeeper:
         self.healthy = False           # the last renewal (or creation) succeeded
         self.errors = 0                # failed renewals since start
         self.recreated = 0             # leases made again after they expired
+        self.rewritten = 0             # records written again under our live lease
 
     def ensure(self):
         """Make a lease and (re)write the record under it. Raises
@@ -63,6 +64,20 @@ class LivenessKeeper:
             self.lease_id = 0
             self.recreated += 1
             self.ensure()
+            self.healthy = True
+            return
+        # a live lease alone proves nothing: the record may have been
+        # written under another lease (a second coild of this node name that
+        # started and stopped: its lease lapses) or deleted. Then it would
+        # vanish while this coild runs, and coil-controller could free the
+        # blocks of a live node: write it again under our lease.
+        kv = liveness.read(self.etcd, self.node)
+        if kv is None or kv.lease != self.lease_id:
+            log.warning("liveness record missing or under another lease; writing it again",
+                        extra={"node": self.node, "lease": f"{self.lease_id:x}",
+                               "found_lease": f"{kv.lease:x}" if kv is not None else None})
+            liveness.claim(self.etcd, self.node, self.lease_id, now_iso())
+            self.rewritten += 1
         self.healthy = True
 
     def run(self):

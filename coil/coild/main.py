@@ -58,12 +58,38 @@ class Coild:
 
     def start(self, http: str | None, socket_path: str, api_socket: str | None = None,
               limits=None):
-        """Load state, reconcile table 119, then open the servers.
+        """Claim the listeners, load state, reconcile table 119, then serve.
+
+        The REST listener and the API socket are bound, and the plugin
+        socket checked, before anything is written or removed: a second
+        coild started by mistake (same node, a port or socket in use) stops
+        there, before it could rewrite the liveness record, remove table 119
+        routes or delete the veths of pods it does not know.
 
         Raises AlreadyExists (an address or socket in use), InvalidArgument."""
         from coil.coild.connections import Limits
-        from coil.coild.server import ApiSocketServer, PluginServer, RestServer, serve_in_thread
+        from coil.coild.server import ApiSocketServer, RestServer, _claim_socket
         limits = limits or Limits()
+        bound = []                       # (server, thread name): bound, not served yet
+        try:
+            if api_socket:
+                bound.append((ApiSocketServer(api_socket, self, limits), "api"))
+            if http:
+                host, _, port = http.rpartition(":")
+                bound.append((RestServer((host.strip("[]") or "127.0.0.1", int(port)), self,
+                                         limits, api_socket=api_socket), "rest"))
+            _claim_socket(socket_path, "--socket")  # refuses when a coild listens there
+            self._start(bound, socket_path, limits)
+        except BaseException:
+            for server, _ in bound:
+                if server not in self._servers:
+                    server.server_close()
+            raise
+        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
+                                         "api_socket": api_socket})
+
+    def _start(self, bound, socket_path, limits):
+        from coil.coild.server import PluginServer, serve_in_thread
         from coil.errors import StoreUnavailable
         delay = 0.5
         from coil.store.v1 import refuse_if_v1
@@ -93,16 +119,9 @@ class Coild:
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),
                                         "routes_removed": sorted(removed)})
-        if api_socket:
-            api = ApiSocketServer(api_socket, self, limits)
-            self._servers.append(api)
-            serve_in_thread(api, "api")
-        if http:
-            host, _, port = http.rpartition(":")
-            rest = RestServer((host.strip("[]") or "127.0.0.1", int(port)), self, limits,
-                              api_socket=api_socket)
-            self._servers.append(rest)
-            serve_in_thread(rest, "rest")
+        for server, name in bound:
+            self._servers.append(server)
+            serve_in_thread(server, name)
         # the plugin socket last: once it answers, every listener does
         plugin = PluginServer(socket_path, self, max_connections=limits.max_connections)
         self._servers.append(plugin)
@@ -110,8 +129,6 @@ class Coild:
         self.pools.start()
         threading.Thread(target=self.liveness.run, name="liveness", daemon=True).start()
         self.ready = True
-        log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
-                                         "api_socket": api_socket})
 
     def status(self) -> dict:
         """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->
