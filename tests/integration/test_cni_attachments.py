@@ -275,3 +275,35 @@ def test_old_record_del_after_the_pod_namespace_is_gone(cluster):
     pod.delete()
     assert raw_call(cluster, env, json.dumps(conf)) == (0, None)
     assert leftovers(cluster) == ([], {})
+
+
+def test_rest_addresses_are_no_attachment(cluster):
+    """A REST address (``POST /ip``, origin rest) of a container that also
+    has a CNI attachment: each is its own; ``DELETE /ip`` frees only the
+    REST one (the pod keeps its address and veth), CNI DEL only the CNI
+    one."""
+    cluster.store.create_pool("default", "10.77.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    res = attach(cluster.cni, pod, "c1", "eth0")
+    ip = pod_ip(res)
+    status, body = cluster.coild.rest("POST", "/ip", {"pod-namespace": "default",
+                                                      "pod-name": "web", "container-id": "c1"})
+    assert status == 200 and body["address"] != ip
+    rest_ip = body["address"]
+    held = etcd_ips(cluster.store)
+    assert (held[ip].origin, held[rest_ip].origin) == ("cni", "rest")
+    status, body = cluster.coild.rest("GET", "/ip/default/web/c1")
+    assert status == 200 and sorted(body["addresses"]) == sorted([ip, rest_ip])
+    assert cluster.coild.rest("DELETE", "/ip/default/web/c1") == (
+        200, {"address": rest_ip, "status": 200})
+    assert list(etcd_ips(cluster.store)) == [ip] and ping(cluster.node, ip)
+    assert cluster.coild.rest("DELETE", "/ip/default/web/c1")[0] == 404
+    assert cluster.cni.call("check", pod, "c1", "default", "web") == (0, None)
+    # and the other way round: CNI DEL leaves a REST address alone
+    rest_ip = cluster.coild.rest("POST", "/ip", {"pod-namespace": "default", "pod-name": "web",
+                                                 "container-id": "c1"})[1]["address"]
+    assert cluster.cni.call("del", pod, "c1", "default", "web") == (0, None)
+    assert list(etcd_ips(cluster.store)) == [rest_ip]
+    assert cluster.coild.rest("DELETE", "/ip/default/web/c1")[0] == 200
+    assert leftovers(cluster) == ([], {})
