@@ -5,6 +5,9 @@ It is a join over two sets, linear in the number of addresses and Pods:
 - **leaked**: an address held in etcd that no Pod has (``status.podIPs``)
   and that was assigned longer ago than the expiration, unless the Pod the
   record names exists and has no address yet (Pending, IP not posted).
+  A secondary CNI attachment's address (ifname other than eth0, e.g.
+  Multus's net1) is in no ``status.podIPs``: it is judged by its Pod
+  instead, and never leaked while the Pod the record names exists.
   Reported; freed only when asked (``--release-leaked``) and only after two
   scans at least ``min_gap`` apart both found the very same record (same
   mod revision) leaked, each with a transaction guarded by that revision,
@@ -34,11 +37,15 @@ import time
 from dataclasses import dataclass, field
 
 from coil.controller.watcher import collect_pages, iter_pages
+from coil.store.model import ORIGIN_CNI
 
 log = logging.getLogger("coil-controller.scan")
 
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"     # coil's own created_at format (27 characters)
 TERMINATED = ("Succeeded", "Failed")
+#: the interface of a Pod's cluster network (the runtime's CNI_IFNAME); the
+#: addresses of other attachments (Multus) are not in ``status.podIPs``
+PRIMARY_IFNAME = "eth0"
 MAX_DETAIL_LOGS = 200               # per kind and scan; the counts are always logged
 
 
@@ -126,10 +133,13 @@ class Leak:
 
 
 def find_leaks(addresses, held_ips, now: float, expiration: float,
-               waiting_pods=frozenset()) -> list[Leak]:
+               waiting_pods=frozenset(), live_pods=frozenset()) -> list[Leak]:
     """Addresses not in ``held_ips`` and assigned more than ``expiration``
     seconds before ``now``, except those whose record names a Pod in
-    ``waiting_pods`` ((namespace, name) of Pods without an IP yet). One
+    ``waiting_pods`` ((namespace, name) of Pods without an IP yet), and
+    those of a secondary CNI attachment (an ifname other than eth0:
+    Multus's net1, whose address is in no ``status.podIPs``) whose record
+    names a Pod in ``live_pods`` ((namespace, name) of every Pod). One
     pass, one set lookup per address."""
     cutoff = iso_cutoff(now, expiration)
     cutoff_ts = now - expiration
@@ -138,6 +148,9 @@ def find_leaks(addresses, held_ips, now: float, expiration: float,
         if a.address in held_ips:
             continue
         if waiting_pods and (a.namespace, a.pod) in waiting_pods:
+            continue
+        if live_pods and a.origin == ORIGIN_CNI and a.ifname != PRIMARY_IFNAME and \
+                (a.namespace, a.pod) in live_pods:
             continue
         c = a.created_at
         if len(c) == 27 and c[26] == "Z" and c[10] == "T":
@@ -225,7 +238,7 @@ class LeakScanner:
             self.metrics.set_capacity(pools, blocks, in_use)
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
-        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting)
+        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting, pods.names)
         etcd_ips = {a.address for a in addresses}
         networks = [n for p in pools for n in p.subnets]
         unknown = find_unknown(pods.active, etcd_ips, networks)
