@@ -4,7 +4,10 @@ It is a join over two sets, linear in the number of addresses and Pods:
 
 - **leaked**: an address held in etcd that no Pod has (``status.podIPs``)
   and that was assigned longer ago than the expiration, unless the Pod the
-  record names exists and has no address yet (Pending, IP not posted).
+  record names exists and has no address yet (Pending, IP not posted), or
+  the record is a secondary attachment (``ifname`` other than ``eth0``,
+  e.g. a Multus network) of a Pod that exists: ``status.podIPs`` lists the
+  primary network's addresses only, so it cannot tell such a record leaked.
   Reported; freed only when asked (``--release-leaked``) and only after two
   scans at least ``min_gap`` apart both found the very same record (same
   mod revision) leaked, each with a transaction guarded by that revision,
@@ -125,12 +128,16 @@ class Leak:
     age: float | None        # seconds; None when created_at is missing or malformed
 
 
+PRIMARY_IFNAME = "eth0"     # the kubelet's CNI_IFNAME: the network status.podIPs reports
+
+
 def find_leaks(addresses, held_ips, now: float, expiration: float,
-               waiting_pods=frozenset()) -> list[Leak]:
+               waiting_pods=frozenset(), existing_pods=frozenset()) -> list[Leak]:
     """Addresses not in ``held_ips`` and assigned more than ``expiration``
     seconds before ``now``, except those whose record names a Pod in
-    ``waiting_pods`` ((namespace, name) of Pods without an IP yet). One
-    pass, one set lookup per address."""
+    ``waiting_pods`` ((namespace, name) of Pods without an IP yet), and
+    secondary attachments (``ifname`` not ``eth0``) of a Pod in
+    ``existing_pods``. One pass, one set lookup per address."""
     cutoff = iso_cutoff(now, expiration)
     cutoff_ts = now - expiration
     leaks = []
@@ -138,6 +145,9 @@ def find_leaks(addresses, held_ips, now: float, expiration: float,
         if a.address in held_ips:
             continue
         if waiting_pods and (a.namespace, a.pod) in waiting_pods:
+            continue
+        if existing_pods and a.ifname != PRIMARY_IFNAME and \
+                (a.namespace, a.pod) in existing_pods:
             continue
         c = a.created_at
         if len(c) == 27 and c[26] == "Z" and c[10] == "T":
@@ -225,7 +235,8 @@ class LeakScanner:
             self.metrics.set_capacity(pools, blocks, in_use)
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
-        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting)
+        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting,
+                           pods.names)
         etcd_ips = {a.address for a in addresses}
         networks = [n for p in pools for n in p.subnets]
         unknown = find_unknown(pods.active, etcd_ips, networks)
