@@ -19,7 +19,8 @@ import time
 
 from coil.cni import protocol, spec
 from coil.cni.spec import CNIError
-from coil.coild.podnet import PodNetError, gateway_for, host_veth_name
+from coil.coild.podnet import (PodNetError, gateway_for, host_veth_name, host_veth_names,
+                               legacy_host_veth_name)
 from coil.coild.serial import KeyedLocks
 from coil.errors import (AlreadyExists, CoilError, Conflict, InvalidArgument, NetlinkError,
                          NotFound, PoolExhausted, StoreUnavailable)
@@ -327,17 +328,27 @@ class CNIService:
         return {"cniVersion": req.version, "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
 
     def add(self, req):
+        """CNI ADD of the attachment (CNI_CONTAINERID, CNI_IFNAME) within
+        the network ``name``: its own addresses and its own host veth
+        (``host_veth_name``), whatever other attachments the container has.
+        Repeated for the same attachment, the same result."""
         ns, pod = req.args["K8S_POD_NAMESPACE"], req.args["K8S_POD_NAME"]
-        existing = {a.version: a for a in self.allocator.lookup_pod(ns, pod, req.container_id)}
-        host_name = host_veth_name(ns, pod)
+        network = req.netconf["name"]
+        existing = {a.version: a for a in
+                    self.allocator.lookup_attachment(req.container_id, network, req.ifname)
+                    if (a.namespace, a.pod) == (ns, pod)}
+        host_name = host_veth_name(req.container_id, req.ifname, network)
         versions = self._versions(req)
         if existing and all(v in existing for v in versions):
             # a repeated ADD (the runtime retried, or two raced): when the pod
-            # is wired exactly so, answer the same result again
+            # is wired exactly so, answer the same result again (a pair an
+            # older coild made carries its pod's older host-end name)
             addrs = [existing[v].address for v in versions]
-            info = self.podnet.describe(req.netns, req.ifname, host_name, addrs)
-            if info is not None:
-                return self._result(req, host_name, info, addrs)
+            for name in dict.fromkeys([host_name] + [n for a in existing.values()
+                                                     for n in host_veth_names(a)]):
+                info = self.podnet.describe(req.netns, req.ifname, name, addrs)
+                if info is not None:
+                    return self._result(req, name, info, addrs)
         fresh = []
         addrs = []
         wired = False
@@ -387,22 +398,31 @@ class CNIService:
             raise CNIError(spec.ERR_NO_POOL, exc.one_line()) from None
 
     def delete(self, req):
+        """CNI DEL of one attachment: removes its host veth and pod
+        interface and releases its addresses only; the container's other
+        attachments (other networks, other ifnames) and REST addresses
+        stay. A configuration without a usable ``name`` (DEL is
+        best-effort) matches the container's attachment of that ifname in
+        any network."""
+        network = req.netconf.get("name")
+        if not isinstance(network, str) or not network:
+            network = None
         try:
             # a slot whose write had an unknown outcome is read back first;
             # when it cannot be, "try again": a DEL answered now would leave
             # a record that may have committed behind for good
-            addrs = self.allocator.resolve(req.container_id)
+            addrs = [a for a in self.allocator.resolve(req.container_id)
+                     if a.of_attachment(network, req.ifname)]
         except BaseException as exc:
             raise self._cni_error(exc) from None
-        # the records name the pod the ADD wired; CNI_ARGS only without them
-        ns = addrs[0].namespace if addrs else req.args.get("K8S_POD_NAMESPACE", "")
-        pod = addrs[0].pod if addrs else req.args.get("K8S_POD_NAME", "")
         # an ifname no ADD could have used: only the host end (by its routes)
         netns = req.netns or None if not invalid_ifname(req.ifname) else None
+        # the host end: the records' attachment name, or the pod's older name
+        # (made by an older coild); only one that routes these addresses
+        names = list(dict.fromkeys(n for a in addrs for n in host_veth_names(a)))
         try:
-            if ns and pod:
-                self.teardown.delete(netns, req.ifname, host_veth_name(ns, pod),
-                                     [a.address for a in addrs])
+            if addrs:
+                self.teardown.delete(netns, req.ifname, names, [a.address for a in addrs])
             elif netns:
                 self.teardown.delete(req.netns, req.ifname, "", [])
             for rec in addrs:
@@ -446,12 +466,18 @@ class CNIService:
         if not got:
             raise CNIError(spec.ERR_CHECK_FAILED,
                            f"prevResult names no address on {req.ifname}")
-        host_name = host_veth_name(ns, pod)
-        host = next((i for i in ifaces if i.get("name") == host_name and not i.get("sandbox")),
-                    None)
+        network = req.netconf["name"]
+        # the attachment's host end; a pair made by an older coild has its
+        # pod's older name, which prevResult then names
+        host_ifaces = {i.get("name"): i for i in ifaces if not i.get("sandbox")}
+        host_name = host_veth_name(req.container_id, req.ifname, network)
+        if host_name not in host_ifaces:
+            legacy = legacy_host_veth_name(ns, pod)
+            host_name = legacy if legacy in host_ifaces else host_name
+        host = host_ifaces.get(host_name)
         try:
             self.allocator.resolve(req.container_id)     # unknown outcomes first
-            held = self._reservations(req.container_id, ns, pod, got)
+            held = self._reservations(req.container_id, ns, pod, got, network, req.ifname)
             self.podnet.check(req.netns, req.ifname, host_name, sorted(got),
                               mtu=req.netconf.get("mtu"),
                               host_mac=(host or {}).get("mac") or "",
@@ -467,10 +493,10 @@ class CNIService:
                            f"for IPv{self._versions(req)}")
         return None
 
-    def _reservations(self, container_id, ns, pod, addresses) -> list:
+    def _reservations(self, container_id, ns, pod, addresses, network, ifname) -> list:
         """The addresses of ``addresses`` that etcd records for this
-        container (a read per address). Raises CNIError 104 for one that is
-        not reserved for it."""
+        attachment (a read per address). Raises CNIError 104 for one that
+        is not reserved for it."""
         store = self.pools.store
         out = []
         for address in addresses:
@@ -481,9 +507,10 @@ class CNIService:
                                f"{address} is in no pool: it is not reserved") from None
             rec = store.get_address(str(block), int(addr) - int(block.network_address))
             if rec is None or rec.container_id != container_id or \
-                    (rec.namespace, rec.pod) != (ns, pod):
+                    (rec.namespace, rec.pod) != (ns, pod) or not rec.of_attachment(network, ifname):
                 raise CNIError(spec.ERR_CHECK_FAILED,
-                               f"{address} is not reserved for container {container_id} in etcd",
+                               f"{address} is not reserved for container {container_id} "
+                               f"{ifname} of network {network} in etcd",
                                "DEL and ADD the pod again")
             out.append(address)
         return sorted(out)
@@ -535,7 +562,7 @@ class CNIService:
     def _gc_free(self, rec, network: str):
         """Remove one stale attachment. Returns the exception, or None."""
         try:
-            self.podnet.delete(None, "", host_veth_name(rec.namespace, rec.pod), [rec.address])
+            self.podnet.delete(None, "", host_veth_names(rec), [rec.address])
             self.allocator.release_address(rec)
         except Exception as exc:      # noqa: BLE001 - GC goes on with the others
             text = exc.one_line() if isinstance(exc, CoilError) else repr(exc)

@@ -171,7 +171,7 @@ class SmokeRun:
         return f"coil-smoke-{self.id}-{role}"
 
     def manifest(self, role: str, node: str, command: list[str]) -> dict:
-        return {
+        pod = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.name(role), "namespace": self.namespace,
                          "labels": {MANAGED_BY[0]: MANAGED_BY[1], RUN_LABEL: self.id,
@@ -182,19 +182,34 @@ class SmokeRun:
                 "terminationGracePeriodSeconds": GRACE_SECONDS,
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
-                "containers": [{
-                    "name": "smoke", "image": self.image, "command": command,
-                    # ping needs a raw socket; CRI-O drops NET_RAW by default
-                    "securityContext": {"capabilities": {"add": ["NET_RAW"]}},
-                }],
+                "containers": [{"name": "smoke", "image": self.image, "command": command}],
             },
         }
+        if command[0] == "ping":
+            # ping needs a raw socket; CRI-O drops NET_RAW by default
+            pod["spec"]["containers"][0]["securityContext"] = {
+                "capabilities": {"add": ["NET_RAW"]}}
+        return pod
 
     def _create(self, role: str, node: str, command: list[str]):
         name = self.name(role)
         self.created.append(name)       # before the request: cleanup must know it
-        _call(f"creating Pod {self.namespace}/{name}", self.core.create_namespaced_pod,
-              self.namespace, self.manifest(role, node, command))
+        what = f"creating Pod {self.namespace}/{name}"
+        try:
+            self.core.create_namespaced_pod(self.namespace, self.manifest(role, node, command),
+                                            _request_timeout=k8s.REQUEST_TIMEOUT)
+        except k8s.transient_errors() as exc:
+            err = k8s.to_coil_error(exc, what)
+            if 400 <= err.status < 500:
+                self.created.remove(name)   # refused: nothing of ours by that name exists
+            if err.status == 403 and "PodSecurity" in err.message:
+                err.hint = (f"the Pod Security level of namespace {self.namespace} forbids "
+                            f"the NET_RAW capability ping needs: give --namespace of a "
+                            f"namespace labelled pod-security.kubernetes.io/enforce=privileged")
+            elif err.status == 403:
+                err.hint = (f"the kubeconfig's user may not create Pods in {self.namespace}; "
+                            f"docs/coilctl.md#smoke-test lists the permissions needed")
+            raise err from None
 
     # -- following the Pods ---------------------------------------------------------
     def _relist(self):

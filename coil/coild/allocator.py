@@ -10,7 +10,11 @@ Invariants (docs/design.md, "The allocator's cache"):
 - One container at a time: ``allocate`` calls of one container ID run one
   after the other (the CNI service also runs whole requests of a container
   one at a time, its DEL's ``release_address`` included); a retried
-  ``allocate`` returns the address the container already holds.
+  ``allocate`` returns the address the attachment already holds. An
+  attachment is what the record fields ``origin``/``network``/``ifname``
+  name (``Address.of_attachment``): one container may hold several (CNI
+  attachments of two networks or two ifnames, and REST addresses), each
+  with its own addresses.
 - Unknown outcomes are read back: when etcd may or may not have committed a
   write (``OutcomeUnknown``), the key is read back and its record (which
   names the container, or the node for a block) decides. An address write
@@ -40,7 +44,7 @@ from coil.bitmap import Bitmap
 from coil.coild.serial import KeyedLocks
 from coil.errors import (AlreadyExists, BlockLost, Conflict, InvalidArgument, NotFound,
                          OutcomeUnknown, PoolExhausted, StoreUnavailable)
-from coil.store.model import Address, Block, IPAMStore
+from coil.store.model import ORIGIN_CNI, ORIGIN_REST, Address, Block, IPAMStore
 
 log = logging.getLogger("coild.allocator")
 
@@ -65,6 +69,23 @@ class HeldBlock:
         return self.bitmap.count() >= self.bitmap.size
 
 
+def attachment_matcher(extra: dict | None):
+    """The records an ``allocate`` with record fields ``extra`` is
+    idempotent against: a CNI ADD's (``origin`` cni) those of its
+    attachment (network, ifname), a REST ``POST /ip``'s the REST ones;
+    without an origin (coild's own callers, tests) those of ``ifname``
+    (default eth0) of any kind."""
+    extra = extra or {}
+    origin = extra.get("origin", "")
+    ifname = extra.get("ifname", "eth0")
+    if origin == ORIGIN_CNI:
+        network = extra.get("network", "")
+        return lambda rec: rec.of_attachment(network, ifname)
+    if origin == ORIGIN_REST:
+        return Address.of_rest
+    return lambda rec: rec.ifname == ifname
+
+
 class NodeAllocator:
     """Addresses for the containers of one node.
 
@@ -78,7 +99,7 @@ class NodeAllocator:
         self.node = node
         self._lock = threading.RLock()
         self._blocks: dict[str, HeldBlock] = {}          # cidr -> HeldBlock
-        self._by_container: dict[str, dict[int, Address]] = {}  # container id -> {4|6: Address}
+        self._by_container: dict[str, list[Address]] = {}  # container id -> its records
         self._block_locks: dict[tuple, threading.Lock] = {}
         self._containers = KeyedLocks()
         self._load_lock = threading.Lock()                # one load() at a time
@@ -103,7 +124,9 @@ class NodeAllocator:
             held.bitmap.set(rec.offset)
             held.records[rec.offset] = rec
             held.quarantine.pop(rec.offset, None)
-        self._by_container.setdefault(rec.container_id, {})[rec.version] = rec
+        recs = self._by_container.setdefault(rec.container_id, [])
+        recs[:] = [r for r in recs if (r.block, r.offset) != (rec.block, rec.offset)]
+        recs.append(rec)
         self._note("rec+", rec)
 
     def _forget_record(self, rec: Address):
@@ -112,11 +135,10 @@ class NodeAllocator:
             del held.records[rec.offset]
             if rec.offset not in held.pending and rec.offset not in held.quarantine:
                 held.bitmap.free(rec.offset)
-        by = self._by_container.get(rec.container_id, {})
-        version = rec.version
-        if by.get(version) == rec:
-            del by[version]
-            if not by:
+        recs = self._by_container.get(rec.container_id)
+        if recs is not None and rec in recs:
+            recs.remove(rec)
+            if not recs:
                 del self._by_container[rec.container_id]
         self._note("rec-", rec)
 
@@ -272,10 +294,10 @@ class NodeAllocator:
                     held.bitmap.free(offset)
 
     def _reindex(self):
-        index: dict[str, dict[int, Address]] = {}
+        index: dict[str, list[Address]] = {}
         for held in self._blocks.values():
             for rec in held.records.values():
-                index.setdefault(rec.container_id, {})[held.version] = rec
+                index.setdefault(rec.container_id, []).append(rec)
         self._by_container = index
 
     def _remove_route(self, block: Block):
@@ -320,8 +342,14 @@ class NodeAllocator:
             return {c: dict(h.quarantine) for c, h in self._blocks.items() if h.quarantine}
 
     def lookup(self, container_id: str) -> list[Address]:
+        """Every address the container holds, of all its attachments."""
         with self._lock:
-            return list(self._by_container.get(container_id, {}).values())
+            return list(self._by_container.get(container_id, ()))
+
+    def lookup_attachment(self, container_id: str, network: str | None,
+                          ifname: str) -> list[Address]:
+        """The addresses of one CNI attachment (``Address.of_attachment``)."""
+        return [a for a in self.lookup(container_id) if a.of_attachment(network, ifname)]
 
     def lookup_pod(self, namespace: str, pod: str, container_id: str) -> list[Address]:
         return [a for a in self.lookup(container_id) if a.namespace == namespace and a.pod == pod]
@@ -370,8 +398,12 @@ class NodeAllocator:
                 self._moved(held, block, fenced, now)
 
     def resolve(self, container_id: str) -> list[Address]:
-        """The container's addresses, after reading back (fencing) its slots
-        whose write had an unknown outcome. DEL and CHECK call it first.
+        """The container's addresses (all its attachments: the caller picks
+        its own), after reading back (fencing) the container's slots whose
+        write had an unknown outcome. DEL and CHECK call it first.
+        Quarantined slots are kept per container, not per attachment: a
+        DEL of one attachment also waits for a slot of another one of the
+        same container to be decided, which is safe (never too early).
         Raises StoreUnavailable when a slot cannot be resolved now: the
         caller answers "try again" (a DEL that succeeded now would leave a
         record that may have committed behind)."""
@@ -384,28 +416,32 @@ class NodeAllocator:
         """Assign one IPv``version`` address of ``pool`` to the container.
         ``extra``: optional record fields (origin, network, ifname, ...).
 
-        Idempotent: when the container (same namespace and pod) holds an
-        address of that version already, that address is returned.
-        Raises AlreadyExists when the container ID holds one for another
+        Idempotent per attachment: when the attachment that ``extra`` names
+        (``attachment_matcher``) holds an address of that version already
+        (same namespace and pod), that address is returned; another
+        attachment of the same container gets an address of its own.
+        Raises AlreadyExists when the attachment holds one for another
         pod, PoolExhausted, NotFound (pool), StoreUnavailable (also when
         the outcome of the write stayed unknown: the slot stays reserved
         and a retry resolves it).
         """
         if version not in (4, 6):
             raise InvalidArgument(f"invalid address version {version}")
+        match = attachment_matcher(extra)
         with self._containers.hold(container_id):
-            held_addr = self._held(container_id, version, namespace, pod)
+            held_addr = self._held(container_id, version, namespace, pod, match)
             if held_addr is not None:
                 return held_addr
             self._resolve_quarantine(container_id)
-            held_addr = self._held(container_id, version, namespace, pod)
+            held_addr = self._held(container_id, version, namespace, pod, match)
             if held_addr is not None:
                 return held_addr
             return self._allocate(pool, version, namespace, pod, container_id, extra)
 
-    def _held(self, container_id, version, namespace, pod) -> Address | None:
+    def _held(self, container_id, version, namespace, pod, match) -> Address | None:
         with self._lock:
-            rec = self._by_container.get(container_id, {}).get(version)
+            rec = next((r for r in self._by_container.get(container_id, ())
+                        if r.version == version and match(r)), None)
         if rec is None:
             return None
         if rec.namespace != namespace or rec.pod != pod:

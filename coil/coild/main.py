@@ -109,10 +109,12 @@ class Coild:
         added, removed = self.routes.sync(b.cidr for b in self.allocator.blocks())
         # DELs answered before a crash may have left retired veths: delete
         # them, and any coil veth whose address record is gone, before serving
-        from coil.coild.podnet import host_veth_name
+        # (each record keeps its attachment's host-end name and its pod's
+        # older name: a pair made before attachments were keyed)
+        from coil.coild.podnet import host_veth_names
         self.teardown.start()
-        self.teardown.reconcile({host_veth_name(r.namespace, r.pod)
-                                 for r in self.allocator.records()})
+        self.teardown.reconcile({name for r in self.allocator.records()
+                                 for name in host_veth_names(r)})
         log.info("state loaded", extra={"node": self.node, "blocks": len(self.allocator.blocks()),
                                         "addresses": self.allocator.count(),
                                         "routes_added": sorted(added),

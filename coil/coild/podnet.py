@@ -30,16 +30,62 @@ from coil.net import (RT_SCOPE_LINK, RT_TABLE_MAIN, RTPROT_STATIC, host_prefixle
 
 GATEWAY4 = "169.254.1.1"
 GATEWAY6 = "fe80::1"
+#: base metric of the pod-side routes of a pod's later attachment
+#: (IPv6's default metric is 1024: above it, the first attachment wins)
+ATTACHMENT_METRIC = 1024
 #: the host ends coil makes: "veth" + 11 hex digits (see host_veth_name)
 HOST_VETH_RE = re.compile(r"veth[0-9a-f]{11}")
 #: what a retired veth end is renamed to: "cdel" + 11 random hex digits
 RETIRED_PREFIX = "cdel"
 
 
-def host_veth_name(namespace: str, pod: str) -> str:
-    """Stable host-side name: 'veth' + 11 hex digits of a hash of ns/pod."""
+def host_veth_name(container_id: str, ifname: str, network: str) -> str:
+    """Stable host-side name of one attachment: 'veth' + 11 hex digits of
+    SHA-1("<container ID>/<ifname>/<network name>"). Two attachments of one
+    container (two networks, or eth0 and net1) get two names; a retried ADD
+    of the same attachment finds its own."""
+    digest = hashlib.sha1(f"{container_id}/{ifname}/{network}".encode()).hexdigest()
+    return "veth" + digest[:11]
+
+
+def legacy_host_veth_name(namespace: str, pod: str) -> str:
+    """The name coild gave the host end before attachments were keyed
+    (one per pod): 'veth' + 11 hex digits of SHA-1("<namespace>.<pod>")."""
     digest = hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()
     return "veth" + digest[:11]
+
+
+def host_veth_names(rec) -> tuple[str, ...]:
+    """Where the host end of address record ``rec``'s attachment may be:
+    its attachment's name, then the pre-attachment name of its pod (a pair
+    made by an older coild). Callers use the first that exists and routes
+    the record's address, so the older name is never taken from another
+    attachment."""
+    return (host_veth_name(rec.container_id, rec.ifname, rec.network),
+            legacy_host_veth_name(rec.namespace, rec.pod))
+
+
+def _names(host_name) -> tuple[str, ...]:
+    """A host-end name or a sequence of candidate names -> candidates."""
+    if isinstance(host_name, str):
+        return (host_name,) if host_name else ()
+    return tuple(n for n in host_name if n)
+
+
+def _route_add_beside(nl, dst, dst_len, oif, gateway, scope):
+    """Add a pod-side route. When another attachment of the pod (Multus:
+    eth0 and net1) has that route already (EEXIST: same destination and
+    metric), this one is added beside it with a metric of its own
+    (ATTACHMENT_METRIC + the interface's index): the first attachment's
+    route keeps the traffic, this one takes over once that is gone."""
+    try:
+        nl.route_add(dst, dst_len, oif=oif, gateway=gateway, scope=scope,
+                     protocol=RTPROT_STATIC)
+    except NetlinkError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        nl.route_add(dst, dst_len, oif=oif, gateway=gateway, scope=scope,
+                     protocol=RTPROT_STATIC, priority=ATTACHMENT_METRIC + oif)
 
 
 def retired_name() -> str:
@@ -101,19 +147,20 @@ class PodNetwork:
             h.route_add(addr, plen, oif=host_index, scope=RT_SCOPE_LINK, protocol=RTPROT_STATIC,
                         replace=True)
             pod_nl.addr_add(pod_link.index, addr, plen, nodad=(plen == 128))
-            pod_nl.route_add(gw, plen, oif=pod_link.index, scope=RT_SCOPE_LINK,
-                             protocol=RTPROT_STATIC)
             default = "::" if plen == 128 else "0.0.0.0"
-            pod_nl.route_add(default, 0, oif=pod_link.index, gateway=gw, protocol=RTPROT_STATIC)
+            for dst, dst_len, via, scope in ((gw, plen, None, RT_SCOPE_LINK),
+                                             (default, 0, gw, 0)):
+                _route_add_beside(pod_nl, dst, dst_len, pod_link.index, via, scope)
         host_link = h.link_get_index(host_index)
         return {"host_mac": host_link.mac if host_link else "", "container_mac": pod_link.mac,
                 "container_index": pod_link.index, "mtu": pod_link.mtu}
 
-    def delete(self, netns_path: str | None, ifname: str, host_name: str,
+    def delete(self, netns_path: str | None, ifname: str, host_name,
                addresses: list[str]) -> bool:
-        """Remove the pair. The host end is removed only when it is this
-        container's (it routes one of ``addresses``) or, failing that, through
-        the container's own interface. Safe to repeat; True if something was
+        """Remove the pair. The host end (``host_name``: a name, or candidate
+        names tried in order) is removed only when it is this attachment's
+        (it routes one of ``addresses``) or, failing that, through the
+        container's own interface. Safe to repeat; True if something was
         removed."""
         removed = False
         if netns_path and os.path.exists(netns_path):
@@ -123,22 +170,34 @@ class PodNetwork:
                         removed = pod_nl.link_del(ifname)
         if not removed and addresses:
             with self._host_nl() as h:
-                host = h.link_get(host_name)
-                if host is not None and self._routes_to(h, host.index, addresses):
-                    removed = h.link_del(host_name)
+                host = self._host_end(h, host_name, addresses)
+                if host is not None:
+                    removed = h.link_del(host.name)
         return removed
 
-    def retire(self, netns_path: str | None, ifname: str, host_name: str,
+    def _host_end(self, h, host_name, addresses: list[str]):
+        """The first link of ``host_name`` (a name or candidates) that exists
+        and routes one of ``addresses``; None."""
+        if not addresses:
+            return None
+        for name in _names(host_name):
+            link = h.link_get(name)
+            if link is not None and self._routes_to(h, link.index, addresses):
+                return link
+        return None
+
+    def retire(self, netns_path: str | None, ifname: str, host_name,
                addresses: list[str], group: int) -> str:
         """Take the container's veth pair out of service without paying for
         its deletion; the caller deletes link group ``group`` later.
 
-        Only when the host end ``host_name`` is this container's (it routes
-        one of ``addresses``), in this order:
+        Only when the host end ``host_name`` (a name, or candidate names
+        tried in order) is this attachment's (it routes one of
+        ``addresses``), in this order:
         1. its routes to ``addresses`` are deleted (each RTM_DELROUTE names
            the host end as the output interface, so it deletes only a route
            through it; that one existed is what makes the host end this
-           container's - no dump of the routing table): nothing routes the
+           attachment's - no dump of the routing table): nothing routes the
            addresses once this returns, so the caller may release them;
         2. the host end is renamed (``cdel...``) and put in link group
            ``group``: from here on a crash still ends in its deletion (coild
@@ -158,18 +217,22 @@ class PodNetwork:
         meanwhile (its namespace was deleted) counts as gone. Raises
         NetlinkError."""
         with self._host_nl() as h:
-            host = h.link_get(host_name) if host_name and addresses else None
-            if host is not None:
+            host = None
+            for name in _names(host_name) if addresses else ():
+                link = h.link_get(name)
+                if link is None:
+                    continue
                 routed = False
                 for addr in addresses:
                     try:
-                        routed |= h.route_del(addr, host_prefixlen(addr), oif=host.index,
+                        routed |= h.route_del(addr, host_prefixlen(addr), oif=link.index,
                                               table=RT_TABLE_MAIN)
                     except NetlinkError as exc:
                         if exc.errno not in (errno.ENODEV, errno.ESRCH):
                             raise
-                if not routed:               # not this container's (or gone meanwhile)
-                    host = None
+                if routed:                   # this attachment's: its routes went through it
+                    host = link
+                    break
             if host is not None and not self._retire_link(h, host.index, group=group):
                 host = None                  # gone meanwhile
         pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)

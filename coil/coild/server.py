@@ -242,9 +242,13 @@ class RestHandler(RequestHandler):
     def _delete_ip(self, ns, pod, cid):
         validate_owner(ns, pod, cid)
         d = self.server.coild
-        addrs = [a for a in d.allocator.resolve(cid) if (a.namespace, a.pod) == (ns, pod)]
+        # only the REST API's own addresses: a CNI attachment's are freed by
+        # its CNI DEL (or GC), which also removes the veth that routes them
+        addrs = [a for a in d.allocator.resolve(cid)
+                 if (a.namespace, a.pod) == (ns, pod) and a.of_rest()]
         if not addrs:
-            raise NotFound(f"no address for {ns}/{pod} container {cid}")
+            raise NotFound(f"no address taken through the REST API for {ns}/{pod} "
+                           f"container {cid}")
         for rec in addrs:
             d.allocator.release_address(rec)
         self._send(200, {"address": addrs[0].address, "status": 200})

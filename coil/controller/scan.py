@@ -4,10 +4,10 @@ It is a join over two sets, linear in the number of addresses and Pods:
 
 - **leaked**: an address held in etcd that no Pod has (``status.podIPs``)
   and that was assigned longer ago than the expiration, unless the Pod the
-  record names exists and has no address yet (Pending, IP not posted), or
-  the record is a secondary attachment (``ifname`` other than ``eth0``,
-  e.g. a Multus network) of a Pod that exists: ``status.podIPs`` lists the
-  primary network's addresses only, so it cannot tell such a record leaked.
+  record names exists and has no address yet (Pending, IP not posted).
+  A secondary CNI attachment's address (ifname other than eth0, e.g.
+  Multus's net1) is in no ``status.podIPs``: it is judged by its Pod
+  instead, and never leaked while the Pod the record names exists.
   Reported; freed only when asked (``--release-leaked``) and only after two
   scans at least ``min_gap`` apart both found the very same record (same
   mod revision) leaked, each with a transaction guarded by that revision,
@@ -37,11 +37,15 @@ import time
 from dataclasses import dataclass, field
 
 from coil.controller.watcher import collect_pages, iter_pages
+from coil.store.model import ORIGIN_CNI
 
 log = logging.getLogger("coil-controller.scan")
 
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"     # coil's own created_at format (27 characters)
 TERMINATED = ("Succeeded", "Failed")
+#: the interface of a Pod's cluster network (the runtime's CNI_IFNAME); the
+#: addresses of other attachments (Multus) are not in ``status.podIPs``
+PRIMARY_IFNAME = "eth0"
 MAX_DETAIL_LOGS = 200               # per kind and scan; the counts are always logged
 
 
@@ -128,16 +132,15 @@ class Leak:
     age: float | None        # seconds; None when created_at is missing or malformed
 
 
-PRIMARY_IFNAME = "eth0"     # the kubelet's CNI_IFNAME: the network status.podIPs reports
-
-
 def find_leaks(addresses, held_ips, now: float, expiration: float,
-               waiting_pods=frozenset(), existing_pods=frozenset()) -> list[Leak]:
+               waiting_pods=frozenset(), live_pods=frozenset()) -> list[Leak]:
     """Addresses not in ``held_ips`` and assigned more than ``expiration``
     seconds before ``now``, except those whose record names a Pod in
     ``waiting_pods`` ((namespace, name) of Pods without an IP yet), and
-    secondary attachments (``ifname`` not ``eth0``) of a Pod in
-    ``existing_pods``. One pass, one set lookup per address."""
+    those of a secondary CNI attachment (an ifname other than eth0:
+    Multus's net1, whose address is in no ``status.podIPs``) whose record
+    names a Pod in ``live_pods`` ((namespace, name) of every Pod). One
+    pass, one set lookup per address."""
     cutoff = iso_cutoff(now, expiration)
     cutoff_ts = now - expiration
     leaks = []
@@ -146,8 +149,8 @@ def find_leaks(addresses, held_ips, now: float, expiration: float,
             continue
         if waiting_pods and (a.namespace, a.pod) in waiting_pods:
             continue
-        if existing_pods and a.ifname != PRIMARY_IFNAME and \
-                (a.namespace, a.pod) in existing_pods:
+        if live_pods and a.origin == ORIGIN_CNI and a.ifname != PRIMARY_IFNAME and \
+                (a.namespace, a.pod) in live_pods:
             continue
         c = a.created_at
         if len(c) == 27 and c[26] == "Z" and c[10] == "T":
@@ -235,8 +238,7 @@ class LeakScanner:
             self.metrics.set_capacity(pools, blocks, in_use)
         pods = list_pod_ips(self.core, self.page_size)      # raises: scan aborted
         now = self.clock()
-        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting,
-                           pods.names)
+        leaks = find_leaks(addresses, pods.held, now, self.expiration, pods.waiting, pods.names)
         etcd_ips = {a.address for a in addresses}
         networks = [n for p in pools for n in p.subnets]
         unknown = find_unknown(pods.active, etcd_ips, networks)

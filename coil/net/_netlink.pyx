@@ -139,6 +139,7 @@ cdef enum:
     RTA_OIF = 4
     RTA_GATEWAY = 5
     RTA_TABLE = 15
+    RTA_PRIORITY = 6
     RTN_UNICAST = 1
     RT_SCOPE_NOWHERE = 255
 
@@ -949,7 +950,7 @@ cdef class Netlink:
 
     cdef int _route_req(self, int cmd, int flags, dst, prefixlen, oif, gateway,
                         table, protocol, int scope, int rtype,
-                        str context) except -1:
+                        str context, priority=None) except -1:
         cdef char req[REQ_SIZE]
         cdef char ip[16]
         cdef char gw[16]
@@ -992,14 +993,19 @@ cdef class Netlink:
                     or parse_ip(gateway, gw) != family):
                 raise NetlinkError(context, _errno.EINVAL)
             off = put_attr(req, off, RTA_GATEWAY, gw, alen)
+        if priority is not None:
+            if not isinstance(priority, int) or not 0 <= priority <= 0xFFFFFFFF:
+                raise NetlinkError(context, _errno.EINVAL)
+            off = put_u32(req, off, RTA_PRIORITY, <uint32_t>priority)
         rc = self._xfer(req, off, P_NONE, None)
         return rc
 
     def route_add(self, dst, prefixlen, *, oif=None, gateway=None,
                   table=RT_TABLE_MAIN, protocol=RTPROT_STATIC, scope=0,
-                  replace=False, route_type=RTN_UNICAST):
+                  replace=False, route_type=RTN_UNICAST, priority=None):
         """Add (or with ``replace=True`` replace) a route; ``route_type`` is
-        the rtm_type (unicast 1, blackhole 6, unreachable 7)."""
+        the rtm_type (unicast 1, blackhole 6, unreachable 7); ``priority``
+        its metric (None: the kernel's default)."""
         cdef int rc
         if not isinstance(route_type, int) or not 1 <= route_type <= 11:
             verb = "replacing" if replace else "adding"
@@ -1010,7 +1016,8 @@ cdef class Netlink:
                                  NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
                                  dst, prefixlen, oif, gateway, table, protocol,
                                  scope, <int>route_type,
-                                 f"replacing route {dst}/{prefixlen} to table {table}")
+                                 f"replacing route {dst}/{prefixlen} to table {table}",
+                                 priority)
             if rc:
                 raise NetlinkError(f"replacing route {dst}/{prefixlen} to table {table}", rc)
         else:
@@ -1018,7 +1025,8 @@ cdef class Netlink:
                                  NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
                                  dst, prefixlen, oif, gateway, table, protocol,
                                  scope, <int>route_type,
-                                 f"adding route {dst}/{prefixlen} to table {table}")
+                                 f"adding route {dst}/{prefixlen} to table {table}",
+                                 priority)
             if rc:
                 raise NetlinkError(f"adding route {dst}/{prefixlen} to table {table}", rc)
 

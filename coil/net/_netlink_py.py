@@ -415,7 +415,7 @@ class Netlink:
     def route_add(self, dst: str, prefixlen: int, *, oif=None, gateway=None,
                   table: int = RT_TABLE_MAIN, protocol: int = RTPROT_STATIC,
                   scope: int = RT_SCOPE_UNIVERSE, replace: bool = False,
-                  route_type: int = RTN_UNICAST) -> None:
+                  route_type: int = RTN_UNICAST, priority=None) -> None:
         verb = "replacing" if replace else "adding"
         context = f"{verb} route {dst}/{prefixlen} to table {table}"
         family, maxlen = _family_of(dst, context)
@@ -432,6 +432,10 @@ class Netlink:
             if _family_of(gateway, context)[0] != family:
                 raise NetlinkError(context, _errno.EINVAL)
             spec["gateway"] = gateway
+        if priority is not None:
+            if not isinstance(priority, int) or not 0 <= priority <= 0xFFFFFFFF:
+                raise NetlinkError(context, _errno.EINVAL)
+            spec["priority"] = priority
         self._call(context, "route", "replace" if replace else "add", **spec)
 
     def route_del(self, dst: str, prefixlen: int, *, table: int = RT_TABLE_MAIN,

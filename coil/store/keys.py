@@ -11,8 +11,13 @@ All keys are relative to the configured prefix (default ``/coil/``).
                                    "origin", "network", "ifname", "release_if_leaked"}
     node-alive/<node>             {"pid", "since"}     under the node's coild lease
 
-Address records written before ``origin``/``network``/``ifname`` existed
-read as origin unknown, network unknown, ifname ``eth0`` (see docs/schema.md).
+An address record's ``container_id``, ``network`` and ``ifname`` name the
+CNI attachment it belongs to: the spec's key (container ID, ifname) within
+the network name (``Address.of_attachment``); one container may hold
+records of several attachments. ``origin`` rest records belong to no CNI
+attachment. Address records written before ``origin``/``network``/``ifname``
+existed read as origin unknown, network unknown, ifname ``eth0``: the eth0
+attachment of any network (see docs/schema.md).
 
 A free block has no key: taking one is a create guarded by
 ``version(block/...) == 0``, so nodes taking blocks never rewrite a shared

@@ -164,6 +164,28 @@ class Address:
             out["release_if_leaked"] = True
         return out
 
+    @property
+    def legacy(self) -> bool:
+        """Written before records named their attachment (no ``origin``):
+        read as ifname ``eth0`` of any network."""
+        return not self.origin
+
+    def of_attachment(self, network: str | None, ifname: str) -> bool:
+        """Whether this record belongs to the CNI attachment (its container
+        ID, ``ifname``) within network ``network`` (None: any network, for
+        a DEL whose configuration has no name). A record written by CNI ADD
+        names its network and ifname; a legacy record (no origin) counts as
+        ``eth0`` of every network; a REST record is no CNI attachment."""
+        if self.legacy:
+            return self.ifname == ifname
+        return (self.origin == ORIGIN_CNI and self.ifname == ifname
+                and (network is None or self.network == network))
+
+    def of_rest(self) -> bool:
+        """Whether the REST API owns this record: made by ``POST /ip``, or
+        legacy (no origin: v1's REST and CNI records were one kind)."""
+        return self.origin != ORIGIN_CNI
+
 
 ORIGIN_CNI = "cni"
 ORIGIN_REST = "rest"

@@ -213,7 +213,9 @@ def test_missing_cni_version_is_0_1_0_and_incompatible(cluster):
 def test_del_is_best_effort(cluster):
     """Malformed CNI_ARGS, a conflist edited since the ADD (both families
     off, a bad mtu, no name) or an unusable ifname never make DEL fail:
-    it removes what the records say and succeeds."""
+    it removes what the records of the attachment say and succeeds. An
+    unusable ifname names no attachment an ADD could have made: that DEL
+    succeeds and leaves the container's eth0 attachment alone."""
     cluster.store.create_pool("default", "10.66.0.0/24", 4)
     cluster.start()
     pods = [cluster.new_pod() for _ in range(4)]
@@ -232,10 +234,13 @@ def test_del_is_best_effort(cluster):
     for env, stdin in cases:
         rc, out = raw_call(cluster, env, stdin)
         assert (rc, out) == (0, None), (env, out)
-    assert etcd_ips(cluster.store) == {}
+    assert [a.container_id for a in etcd_ips(cluster.store).values()] == ["c3"]
     for i in range(3):
         assert "eth0" not in pods[i].links()
-    # the last one's host end went by its routes; nothing routes its address
+    assert "eth0" in pods[3].links()
+    assert cluster.cni.call("del", pods[3], "c3", "default", "p3") == (0, None)
+    assert etcd_ips(cluster.store) == {}
+    # the last one's host end went too; nothing routes its address
     r = cluster.node.exec("ip", "route", "show", check=False)
     assert not [line for line in r.stdout.splitlines()
                 if line.startswith("10.66.0.") and " dev veth" in line], r.stdout

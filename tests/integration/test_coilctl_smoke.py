@@ -659,3 +659,34 @@ def test_bad_arguments_name_the_value_and_create_nothing(kube_only, case):
     one_line_error(r, needle)
     assert r.stdout == ""
     assert smoke_pods(c) == []
+
+
+def test_a_refused_pod_creation_is_one_line_and_leaves_nothing(kube_only, kube_apiserver):
+    """A user who may read nodes and namespaces but not create Pods: the
+    API server's 403 ends the run with one line, and no Pod exists."""
+    c = kube_only
+    name = f"coiltest-smoke-{uuid.uuid4().hex[:6]}"
+    kube_apiserver.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": name, "namespace": c.namespace}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": name},
+         "rules": [{"apiGroups": [""], "resources": ["nodes", "namespaces"],
+                    "verbs": ["get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": c.namespace}]},
+    ])
+    token = kube_apiserver.service_account_token(c.namespace, name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COILCTL", "KUBECONFIG"))}
+    env["HOME"] = c.home
+    r = subprocess.run([sys.executable, "-m", "coil", "coilctl", "smoke", "--kubeconfig",
+                        kube_apiserver.kubeconfig(token), "--namespace", c.namespace,
+                        "--node", c.ready, "--node", c.ready2],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    one_line_error(r, "HTTP 403")
+    assert "may not create Pods in " + c.namespace in r.stderr
+    assert smoke_pods(c) == []

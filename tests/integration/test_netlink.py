@@ -639,6 +639,37 @@ def test_route_add_existing_keeps_errno(nlmod, routed):
     assert str(info.value) == "adding route 10.1.0.0/27 to table 119: File exists"
 
 
+def test_route_priority_adds_beside_an_existing_route(nlmod, routed, netns_factory):
+    """``priority`` (RTA_PRIORITY, the metric): the same destination through
+    a second link is EEXIST at the same metric and fine at its own (what a
+    pod's second attachment does with its gateway and default routes)."""
+    nl, index, node = routed
+    other = netns_factory()
+    index2 = nl.veth_add("vethrt2", "eth0", peer_netns=other.path)
+    nl.link_set(index2, up=True)
+    L = nlmod.RT_SCOPE_LINK
+    for gw, plen, default in (("169.254.1.2", 32, "0.0.0.0"), ("fe80::2", 128, "::")):
+        nl.route_add(gw, plen, oif=index, scope=L, table=TABLE, protocol=PROTO)
+        nl.route_add(default, 0, oif=index, gateway=gw, table=TABLE, protocol=PROTO)
+        with pytest.raises(NetlinkError) as info:
+            nl.route_add(gw, plen, oif=index2, scope=L, table=TABLE, protocol=PROTO)
+        assert info.value.errno == errno.EEXIST
+        nl.route_add(gw, plen, oif=index2, scope=L, table=TABLE, protocol=PROTO,
+                     priority=1024 + index2)
+        with pytest.raises(NetlinkError) as info:
+            nl.route_add(default, 0, oif=index2, gateway=gw, table=TABLE, protocol=PROTO)
+        assert info.value.errno == errno.EEXIST
+        nl.route_add(default, 0, oif=index2, gateway=gw, table=TABLE, protocol=PROTO,
+                     priority=1024 + index2)
+    out = node.run("ip", "route", "show", "table", str(TABLE)).stdout
+    assert f"default via 169.254.1.2 dev vethrt2 proto 30 metric {1024 + index2}" in out
+    out6 = node.run("ip", "-6", "route", "show", "table", str(TABLE)).stdout
+    assert f"default via fe80::2 dev vethrt2 proto 30 metric {1024 + index2}" in out6
+    with pytest.raises(NetlinkError) as info:
+        nl.route_add("10.1.0.0", 27, oif=index, table=TABLE, protocol=PROTO, priority=-1)
+    assert info.value.errno == errno.EINVAL
+
+
 def test_route_replace(nlmod, routed, netns_factory):
     nl, index, node = routed
     other = netns_factory()

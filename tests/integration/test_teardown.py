@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from coil.coild.podnet import PodNetwork, host_veth_name
+from coil.coild.podnet import PodNetwork, legacy_host_veth_name
 from coil.coild.teardown import RETIRED_GROUP, TeardownQueue
 
 pytestmark = pytest.mark.root
@@ -52,7 +52,7 @@ def node(netns_factory):
     def pod(i, ns=None, ip=None):
         ns = ns or netns_factory(lo_up=True)
         ip = ip or f"10.77.0.{i}"
-        podnet.setup(ns.path, "eth0", host_veth_name("default", f"p{i}"), [ip])
+        podnet.setup(ns.path, "eth0", legacy_host_veth_name("default", f"p{i}"), [ip])
         pods[i] = (ns, ip)
         return ns, ip
 
@@ -62,12 +62,12 @@ def node(netns_factory):
 
 
 def _retire(queue, i, ns, ip):
-    return queue.delete(ns.path, "eth0", host_veth_name("default", f"p{i}"), [ip])
+    return queue.delete(ns.path, "eth0", legacy_host_veth_name("default", f"p{i}"), [ip])
 
 
 def test_retire_frees_names_and_routes_at_once(node):
     pod, ip = node.pod(1)
-    host = host_veth_name("default", "p1")
+    host = legacy_host_veth_name("default", "p1")
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     assert _retire(q, 1, pod, ip) is True
     assert q.pending() == 1 and q.flushes_total == 0
@@ -93,7 +93,7 @@ def test_retire_frees_names_and_routes_at_once(node):
     assert _ping(node, ip)
     assert q.flush() is False                      # nothing left
     # repeating the DEL after the deletion finds nothing to do
-    assert q.delete(pod.path, "eth9", host_veth_name("default", "gone"), [ip]) is False
+    assert q.delete(pod.path, "eth9", legacy_host_veth_name("default", "gone"), [ip]) is False
 
 
 def test_size_trigger_deletes_one_batch(node):
@@ -108,7 +108,7 @@ def test_size_trigger_deletes_one_batch(node):
         flushes = q.flushes_total
         _retire(q, 3, *pods[2])                     # the third one: batch is full
         assert q.wait_flushed(flushes + 1, 30)
-        assert set(_links(node)) == {"lo", host_veth_name("default", "p4")}
+        assert set(_links(node)) == {"lo", legacy_host_veth_name("default", "p4")}
         assert [set(_links(ns)) for ns, _ in pods] == [{"lo"}] * 3 + [{"lo", "eth0"}]
         assert q.pending() == 0
     finally:
@@ -153,7 +153,7 @@ def test_start_deletes_what_a_crashed_coild_left(node):
     pods = [node.pod(i) for i in (1, 2)]
     # a coild that retired these and died before its flush
     for i, (ns, ip) in zip((1, 2), pods):
-        assert node.podnet.retire(ns.path, "eth0", host_veth_name("default", f"p{i}"),
+        assert node.podnet.retire(ns.path, "eth0", legacy_host_veth_name("default", f"p{i}"),
                                   [ip], RETIRED_GROUP) == "retired"
     assert len(_links(node)) == 3
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
@@ -175,11 +175,11 @@ def test_reconcile_removes_veths_no_record_accounts_for(node):
     node.run("ip", "link", "add", "vethforeign", "type", "veth", "peer", "name", "x1",
              check=True)
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
-    keep = {host_veth_name("default", "p1")}
+    keep = {legacy_host_veth_name("default", "p1")}
     removed = q.reconcile(keep)
-    assert sorted(removed) == sorted([host_veth_name("default", "p2"),
-                                      host_veth_name("default", "p3")])
-    assert set(_links(node)) == {"lo", host_veth_name("default", "p1"), "veth0123456789a",
+    assert sorted(removed) == sorted([legacy_host_veth_name("default", "p2"),
+                                      legacy_host_veth_name("default", "p3")])
+    assert set(_links(node)) == {"lo", legacy_host_veth_name("default", "p1"), "veth0123456789a",
                                  "x0", "vethforeign", "x1"}
     assert set(_links(stray_ns)) == {"lo"} and set(_links(v6_ns)) == {"lo"}
     assert set(_links(kept_ns)) == {"lo", "eth0"}
@@ -193,9 +193,9 @@ def test_pod_namespace_already_gone(node):
     pod, ip = node.pod(1)
     subprocess.run(["ip", "netns", "del", pod.name], check=True, capture_output=True)
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
-    q.delete(pod.path, "eth0", host_veth_name("default", "p1"), [ip])
+    q.delete(pod.path, "eth0", legacy_host_veth_name("default", "p1"), [ip])
     assert ip not in _routes(node)
-    assert host_veth_name("default", "p1") not in _links(node)
+    assert legacy_host_veth_name("default", "p1") not in _links(node)
     q.close()
     assert set(_links(node)) == {"lo"}
 
@@ -203,7 +203,7 @@ def test_pod_namespace_already_gone(node):
 def test_retire_dual_stack_and_add_again(node):
     """Both families' routes go at once; the kept namespace takes the same
     ifname and addresses again, and the old pair's deletion leaves them be."""
-    host = host_veth_name("default", "p6")
+    host = legacy_host_veth_name("default", "p6")
     addrs = ["10.77.0.6", "fd00:77::6"]
     pod, _ = node.pod(6, ip="10.77.0.6")
     # rewire the pod dual-stack
@@ -229,7 +229,7 @@ def test_retire_leaves_a_host_end_that_is_not_the_containers(node):
     DEL's own pod interface is deleted at once (a route is deleted only
     through the host end it names, so no dump of the routing table)."""
     other, other_ip = node.pod(2)
-    host = host_veth_name("default", "p2")
+    host = legacy_host_veth_name("default", "p2")
     mine = node.pod(3)[0]
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     # a DEL naming p2's host end with an address that end does not route

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import pathlib
 import re
+import subprocess
 
 import pytest
 
@@ -30,9 +31,23 @@ OPENERS = {"open", "os.open", "c_open", "io.open", "os.fdopen"}
 PRIVATE_MODULES = ("coil._nsutil", "coil.net._netlink", "coil._netlink", "coil.netlink")
 
 
+def _ignored(paths: list[pathlib.Path]) -> set[pathlib.Path]:
+    """The paths git ignores (build output such as Cython's generated C, or
+    a stale one left by an older layout); none when this is no checkout."""
+    try:
+        r = subprocess.run(["git", "-C", str(COIL), "check-ignore", "--stdin"],
+                           input="\n".join(map(str, paths)), capture_output=True, text=True,
+                           timeout=30)
+    except OSError:
+        return set()
+    return {pathlib.Path(line) for line in r.stdout.splitlines()} if r.returncode in (0, 1) \
+        else set()
+
+
 def _sources(root: pathlib.Path, suffixes=(".py",)):
-    return sorted(p for p in root.rglob("*") if p.suffix in suffixes
-                  and "__pycache__" not in p.parts)
+    found = [p for p in root.rglob("*") if p.suffix in suffixes and "__pycache__" not in p.parts]
+    ignored = _ignored(found)
+    return sorted(p for p in found if p not in ignored)
 
 
 def _outside_net(suffixes=(".py",)):
