@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -159,18 +160,36 @@ def test_parallel_throughput_vs_ptp(benchmark, node):
           f"ptp+host-local {tput['ptp']:.1f} pods/s, ratio {ratio:.2f} (target >= 1.5)")
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _run_churn(node, env, conf_path, tag, pods):
     """``pods`` pods through CHURN_WORKERS workers, each doing ADD then DEL
     for one pod, then the next pod. Worker w reuses the namespace of pod w
-    for all its pods (ADD straight after DEL, same netns, same ifname)."""
+    for all its pods (ADD straight after DEL, same netns, same ifname).
+    Also the CPU the run cost ("cpu_s"): the libcni client with the plugins
+    it exec'd (the bench's waited-for children), coild, etcd; coild and
+    etcd are read again after ``_drained`` by the caller."""
     spaces = node["pods"][:CHURN_WORKERS]
     listing = os.path.join(node["tmp"], f"churn-{tag}.txt")
     with open(listing, "w") as f:
         for i in range(pods):
             f.write(f"{spaces[i % CHURN_WORKERS].path} {tag}-{i} eth0 default {tag}-pod-{i}\n")
+    before = _children_cpu_s()
     r = node["netns"].exec(CNITOOL, "churn", conf_path, listing, str(CHURN_WORKERS), env=env,
                            check=False, timeout=900)
+    client = _children_cpu_s() - before
     data = json.loads(r.stdout)
+    data["cpu_s"] = {"client+plugins": client}
     assert not data.get("errors"), data["errors"][:3]
     assert len(data["add_ms"]) == pods and len(data["del_ms"]) == pods
     return data
@@ -185,10 +204,13 @@ def test_churn_throughput_vs_ptp(benchmark, node):
     def both():
         # two rounds, interleaved, so that a change of machine load hits both
         out = {}
+        daemons = {"coild": node["coild"].proc.pid, "etcd": node["etcd"].proc.pid}
         for round_ in range(2):
             out.setdefault("ptp", []).append(_run_churn(node, env, ptp_path, f"pc{round_}", pods))
+            start = {k: _cpu_s(pid) for k, pid in daemons.items()}
             run = _run_churn(node, env, coil.conf_path, f"cc{round_}", pods)
             run["wall_s"] += _drained(node)    # coil's churn ends when its veths are gone
+            run["cpu_s"].update({k: _cpu_s(pid) - start[k] for k, pid in daemons.items()})
             out.setdefault("coil", []).append(run)
         return out
 
@@ -198,10 +220,19 @@ def test_churn_throughput_vs_ptp(benchmark, node):
     rounds = [p["wall_s"] / c["wall_s"] for p, c in zip(out["ptp"], out["coil"])]
     dels = {k: statistics.median([x for r in v for x in r["del_ms"]]) for k, v in out.items()}
     adds = {k: statistics.median([x for r in v for x in r["add_ms"]]) for k, v in out.items()}
+    # CPU per pod (ADD + DEL), ms: load-insensitive, unlike the rates
+    cpu = {}
+    for name, runs in out.items():
+        for run in runs:
+            for part, seconds in run["cpu_s"].items():
+                cpu.setdefault(name, {}).setdefault(part, 0.0)
+                cpu[name][part] += seconds * 1000 / (pods * len(runs))
+    cpu_ratio = sum(cpu["ptp"].values()) / sum(cpu["coil"].values())
     benchmark.extra_info.update({"coil_pods_per_s": tput["coil"], "ptp_pods_per_s": tput["ptp"],
                                  "churn_ratio": ratio, "round_ratios": rounds,
                                  "del_median_ms": dels,
-                                 "add_median_ms": adds})
+                                 "add_median_ms": adds, "cpu_ms_per_pod": cpu,
+                                 "cpu_ratio": cpu_ratio, "load_average": os.getloadavg()})
     REPORT["churn"] = benchmark.extra_info
     # every coil pod is gone again: no address held, no veth left once the
     # deletion queue has flushed
@@ -212,6 +243,10 @@ def test_churn_throughput_vs_ptp(benchmark, node):
           f"ratio {ratio:.2f} (rounds: {', '.join(f'{r:.2f}' for r in rounds)}; target >= 4)")
     print(f"  under churn: ADD median coil {adds['coil']:.2f} ms / ptp {adds['ptp']:.2f} ms, "
           f"DEL median coil {dels['coil']:.2f} ms / ptp {dels['ptp']:.2f} ms")
+    print("  CPU per pod (ADD + DEL): " + "; ".join(
+        f"{name} " + ", ".join(f"{part} {ms:.2f} ms" for part, ms in parts.items())
+        for name, parts in cpu.items())
+        + f"; ptp / coil {cpu_ratio:.2f} (load average {os.getloadavg()[0]:.1f})")
 
 
 def test_coild_memory_with_5000_addresses(benchmark, node):
