@@ -1,6 +1,7 @@
 """Shared pieces of the click-based roles: etcd flags, and click's own
 exceptions turned into coil's (the exit code is decided once, for every
-role, in coil/hypercoil.py)."""
+role, in coil/hypercoil.py: a command that must end with another code raises
+a CoilError whose ``exit_code`` says it, never SystemExit)."""
 
 from __future__ import annotations
 
@@ -55,8 +56,7 @@ def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
     """Run a click command. click's errors become coil's (UsageError,
     CoilError) and propagate, with every CoilError, to the
     role boundary in coil/hypercoil.py, which prints the one line and picks
-    the exit code. A command's own exit code (``raise
-    click.exceptions.Exit(N)``) is returned."""
+    the exit code."""
     try:
         rv = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
         # non-standalone click returns an Exit's code instead of raising it
@@ -72,9 +72,7 @@ def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
         err = CoilError(" ".join(exc.format_message().split()))
         err.exit_code = exc.exit_code
         raise err from None
-    except click.exceptions.Exit as exc:
+    except click.exceptions.Exit as exc:    # click's own (--help, completion): 0
         return exc.exit_code
-    except SystemExit as exc:           # a command's ``raise SystemExit(N)``
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BrokenPipeError:
         return 1

@@ -92,7 +92,7 @@ def kubernetes_available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     from coil.sandbox import cli as sandbox_cli
     from coil.sandbox.cluster import Config, Progress, Sandbox, SandboxError
-    from coil.sandbox.state import DEFAULT_STATE_DIR, StateError
+    from coil.sandbox.state import DEFAULT_STATE_DIR
 
     parser = argparse.ArgumentParser(prog="python -m coil.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true",
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if os.geteuid() != 0:
-        sys.stderr.write("demo: error: needs root (it creates network namespaces)\n")
-        return 1
+        raise SandboxError("needs root (it creates network namespaces)")
     sb = Sandbox(os.path.abspath(args.state_dir))
     cmd = hypercoil_command(sb.dir, DEFAULT_STATE_DIR)
     kubernetes = not args.no_kubernetes and kubernetes_available()
@@ -141,15 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             say(sandbox_cli.render_check(result))
             ok = result["ok"]
         if not ok:
-            sys.stderr.write("demo: error: the connectivity check failed (see above)\n")
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        sys.stderr.write("demo: interrupted\n")
-        return 130
-    except (SandboxError, StateError) as exc:
-        sys.stderr.write(f"demo: error: {exc}\n")
-        return 1
-    finally:
+            raise SandboxError("the connectivity check failed", hint="see above")
+        return 0
+    finally:        # errors and Ctrl-C end in coil/hypercoil.py's boundary after this
         sb.close()
         if args.keep and made:
             step("kept running (--keep)")
@@ -160,5 +153,6 @@ def main(argv: list[str] | None = None) -> int:
             say("sandbox removed: nothing of it is left")
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":      # one line and the exit code, as for every role
+    from coil.hypercoil import run_role
+    sys.exit(run_role("demo", sys.argv[1:], main))

@@ -128,6 +128,14 @@ class SmokeTestFailed(CoilError):
     exit_code = 3
 
 
+class ProblemsFound(CoilError):
+    """``coilctl ipam check`` ran, and its report lists problems (leaked or
+    duplicate addresses, blocks of missing nodes, ...). Exit code 3, like
+    ``smoke``'s failed test."""
+
+    exit_code = 3
+
+
 class Interrupted(CoilError):
     """Ctrl-C or SIGTERM ended a command after it cleaned up; exit 130 as
     for any interrupted role."""

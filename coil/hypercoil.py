@@ -36,27 +36,29 @@ roles:
 """
 
 
-def _run(role: str, argv: list[str]) -> int:
+def run_role(role: str, argv: list[str], func=None) -> int:
     """Run one role: the one boundary where an error becomes an exit code.
 
     A ``CoilError`` from any role ends it with one line on stderr,
     ``ROLE: error: MESSAGE (HINT)``, and the error's ``exit_code`` (1, or 2
     for a bad command line); Ctrl-C ends it with 130. No traceback. Every
-    role answers ``--version`` as its first argument.
+    role answers ``--version`` as its first argument. ``func`` (argv ->
+    exit code) runs instead of the registered role's function: a program
+    outside ROLES (``python -m coil.demo``) ends through here too.
     """
     if argv[:1] == ["--version"]:
         from coil import __version__
         sys.stdout.write(f"{role} {__version__}\n")
         return 0
-    target = ROLES[role]
-    module_name, _, func_name = target.partition(":")
     from coil.errors import CoilError
     try:
-        if module_name == __name__:
-            func = globals()[func_name]
-        else:
-            import importlib
-            func = getattr(importlib.import_module(module_name), func_name)
+        if func is None:
+            module_name, _, func_name = ROLES[role].partition(":")
+            if module_name == __name__:
+                func = globals()[func_name]
+            else:
+                import importlib
+                func = getattr(importlib.import_module(module_name), func_name)
         return func(argv)
     except CoilError as exc:
         sys.stderr.write(f"{role}: error: {exc.one_line()}\n")
@@ -96,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     name = os.path.basename(argv[0]) if argv else "hypercoil"
     if name in ROLES:
-        return _run(name, argv[1:])
+        return run_role(name, argv[1:])
     if argv[1:2] == ["--version"]:
-        return _run("version", [])
+        return run_role("version", [])
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0 if len(argv) >= 2 else 2
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hypercoil: unknown role {role!r}; choose one of: "
                          f"{', '.join(ROLES)}\n")
         return 2
-    return _run(role, argv[2:])
+    return run_role(role, argv[2:])
 
 
 if __name__ == "__main__":

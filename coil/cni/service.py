@@ -48,7 +48,7 @@ class CNIRequest:
         self.netns = env.get("CNI_NETNS", "")
         self.ifname = env.get("CNI_IFNAME", "")
         self.args = {}
-        self.version = "1.1.0"
+        self.version = protocol.DEFAULT_CNI_VERSION
         self.deadline = float("inf")
 
 
@@ -173,14 +173,14 @@ class CNIService:
                 out = handler(req)
             code, body = 0, (json.dumps(out).encode() if out is not None else b"")
         except CNIError as exc:
-            code, body = 1, json.dumps(exc.to_json(req.version if req else "1.1.0")).encode()
+            code, body = 1, json.dumps(exc.to_json(req.version if req else protocol.DEFAULT_CNI_VERSION)).encode()
             log.warning("cni request failed", extra={
                 "command": req.command if req else "?", "container": req.container_id if req else "",
                 "code": exc.code, "error": exc.msg})
         except Exception as exc:  # a bug: still answer with an error object
             log.exception("cni request crashed")
             err = CNIError(spec.ERR_INTERNAL, f"internal error in coild: {exc}")
-            code, body = 1, json.dumps(err.to_json(req.version if req else "1.1.0")).encode()
+            code, body = 1, json.dumps(err.to_json(req.version if req else protocol.DEFAULT_CNI_VERSION)).encode()
         if self.metrics is not None and req is not None:
             self.metrics.observe_cni(req.command, code, time.perf_counter() - started)
         if req is not None and code == 0 and req.command in ("ADD", "DEL"):

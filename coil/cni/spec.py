@@ -1,9 +1,10 @@
 """CNI specification constants shared by the plugin, coild and the tests.
 
-SUPPORTED_VERSIONS is owned by the relay protocol (coil/cni/protocol.py).
+SUPPORTED_VERSIONS and DEFAULT_CNI_VERSION are owned by the relay protocol
+(coil/cni/protocol.py).
 """
 
-from coil.cni.protocol import SUPPORTED_VERSIONS  # noqa: F401
+from coil.cni.protocol import DEFAULT_CNI_VERSION, SUPPORTED_VERSIONS  # noqa: F401
 from coil.errors import CoilError
 
 # Well-known CNI error codes (CNI spec, "Error").
@@ -20,7 +21,7 @@ ERR_LIMITED = 51
 
 
 def error_object(code: int, msg: str, details: str = "",
-                 cni_version: str = "1.1.0") -> dict:
+                 cni_version: str = DEFAULT_CNI_VERSION) -> dict:
     """A CNI error result as printed on stdout (key order as the spec)."""
     return {"cniVersion": cni_version, "code": code, "msg": msg, "details": details}
 
@@ -43,7 +44,7 @@ class CNIError(CoilError):
         self.msg = msg
         self.details = details
 
-    def to_json(self, cni_version: str = "1.1.0") -> dict:
+    def to_json(self, cni_version: str = DEFAULT_CNI_VERSION) -> dict:
         return error_object(self.code, self.msg, self.details, cni_version)
 
 

@@ -323,8 +323,12 @@ def ipam_check(obj, kubeconfig, coild_urls, min_age):
     age = cfg.parse_duration(min_age, "--min-age")
     report = audit.check(obj.store, _core(kubeconfig), coild_urls, min_age=age)
     obj.emit(report, render.ipam_report(report))
-    if audit.problems(report):
-        raise click.exceptions.Exit(3)
+    found = audit.problems(report)
+    if found:
+        from coil.errors import ProblemsFound
+        raise ProblemsFound(f"ipam check found {found} problem{'s' if found != 1 else ''}",
+                            hint="see the report above; 'coilctl ipam release' frees the "
+                                 "leaked addresses it lists")
 
 
 @ipam.command("release")
@@ -512,5 +516,6 @@ def main(argv: list[str]) -> int:
     return run_click(cli, argv, "coilctl")
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":      # errors end in the one boundary, as for 'hypercoil coilctl'
+    from coil.hypercoil import run_role
+    sys.exit(run_role("coilctl", sys.argv[1:], main))

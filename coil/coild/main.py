@@ -320,5 +320,6 @@ def main(argv: list[str]) -> int:
     return run_click(cli, argv, "coild")
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":      # errors end in the one boundary, as for 'hypercoil coild'
+    from coil.hypercoil import run_role
+    sys.exit(run_role("coild", sys.argv[1:], main))

@@ -298,13 +298,16 @@ class PodNetwork:
     def check(self, netns_path: str, ifname: str, host_name: str, addresses: list[str],
               mtu: int | None = None, host_mac: str = "", container_mac: str = ""):
         """Raise PodNetError naming the first thing that is missing or
-        different: both ends up, the gateway addresses on the host end,
+        different: both ends veths and up, the gateway addresses on the host end,
         routes on both sides, the pod's addresses; ``mtu`` (both ends) and
         the MACs when given. Routes and addresses others added are fine."""
         with self._host_nl() as h:
             host = h.link_get(host_name)
             if host is None:
                 raise PodNetError(f"host interface {host_name} is missing")
+            if host.kind != "veth":
+                raise PodNetError(f"host interface {host_name} is a {host.kind or 'device'} "
+                                  f"of another type, not the veth ADD made")
             if not host.up:
                 raise PodNetError(f"host interface {host_name} is down")
             if host_mac and host.mac.lower() != host_mac.lower():
@@ -330,6 +333,10 @@ class PodNetwork:
             link = pod_nl.link_get(ifname)
             if link is None:
                 raise PodNetError(f"interface {ifname} is missing in {netns_path}")
+            if link.kind != "veth":
+                raise PodNetError(f"interface {ifname} in {netns_path} is a "
+                                  f"{link.kind or 'device'} of another type, not the veth "
+                                  f"ADD made")
             if not link.up:
                 raise PodNetError(f"interface {ifname} is down in {netns_path}")
             if container_mac and link.mac.lower() != container_mac.lower():

@@ -397,5 +397,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":      # errors end in the one boundary, as for 'hypercoil coil-installer'
+    from coil.hypercoil import run_role
+    sys.exit(run_role("coil-installer", sys.argv[1:], main))

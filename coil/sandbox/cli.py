@@ -97,7 +97,10 @@ def check(ctx, output):
     """Every pod pings a pod on every other node; exit 1 on any failure."""
     res = _report(ctx, "check", render_check, output)
     if not res["ok"]:
-        raise SystemExit(1)
+        from coil.sandbox.config import SandboxError
+        n = len(res["failures"])
+        raise SandboxError(f"check failed: {n} problem{'s' if n != 1 else ''}",
+                           hint="see the report above")
 
 
 @cli.command("node-rm")
@@ -132,8 +135,8 @@ def down(ctx, quiet):
     sb = _sandbox(ctx)
     res = sb.down(Progress(quiet=quiet))
     if res.get("left"):
-        click.echo(f"could not delete: {', '.join(res['left'])}", err=True)
-        raise SystemExit(1)
+        from coil.sandbox.config import SandboxError
+        raise SandboxError(f"could not delete: {', '.join(res['left'])}")
     click.echo("sandbox removed" if res.get("removed") else f"no sandbox in {sb.dir}")
 
 
@@ -236,5 +239,6 @@ def main(argv: list[str]) -> int:
     return run_click(cli, argv, "hypercoil sandbox")
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":      # errors end in the one boundary, as for 'hypercoil sandbox'
+    from coil.hypercoil import run_role
+    sys.exit(run_role("sandbox", sys.argv[1:], main))

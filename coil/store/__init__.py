@@ -1,8 +1,10 @@
 """Everything that touches etcd.
 
 ``keys`` owns the key layout (mirrored by docs/schema.md), ``etcd`` the
-client and its error translation, ``pools``/``blocks``/``addresses`` the
-guarded transactions. ``IPAMStore`` bundles them for callers.
+client and its error translation, ``model`` the pools, blocks and addresses
+(``IPAMStore``: every change one guarded transaction), ``liveness`` the
+nodes' lease-bound liveness records, ``v1`` the detection and conversion of
+a Coil v1 store.
 """
 
 from coil.store.model import Address, Block, IPAMStore, Pool

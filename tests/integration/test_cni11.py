@@ -303,6 +303,19 @@ def _release_in_etcd(cluster, pod, res, ip):
     assert cluster.store.release_address(rec.block, rec.offset)
 
 
+def _pod_end_replaced_by_a_bridge(cluster, pod, res, ip):
+    """eth0 becomes a bridge with the veth's MAC, MTU, address and routes:
+    only the interface type differs from what ADD made."""
+    mac = res["interfaces"][1]["mac"]
+    pod.exec("ip", "link", "set", "eth0", "down")
+    pod.exec("ip", "link", "set", "eth0", "name", "eth9")
+    pod.exec("ip", "link", "add", "eth0", "address", mac, "mtu", "1400", "type", "bridge")
+    pod.exec("ip", "link", "set", "eth0", "up")
+    pod.exec("ip", "addr", "add", f"{ip}/32", "dev", "eth0")
+    pod.exec("ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+    pod.exec("ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+
+
 DRIFT = {
     "pod-link-down": lambda c, pod, res, ip: pod.exec("ip", "link", "set", "eth0", "down"),
     "host-link-down": lambda c, pod, res, ip: c.node.exec("ip", "link", "set", _host(res),
@@ -311,13 +324,18 @@ DRIFT = {
         "ip", "addr", "del", "169.254.1.1/32", "dev", _host(res)),
     "pod-mac-changed": lambda c, pod, res, ip: pod.exec("ip", "link", "set", "eth0",
                                                         "address", "02:00:00:00:00:42"),
+    "host-mac-changed": lambda c, pod, res, ip: c.node.exec("ip", "link", "set", _host(res),
+                                                             "address", "02:00:00:00:00:43"),
     "mtu-changed": lambda c, pod, res, ip: pod.exec("ip", "link", "set", "eth0", "mtu", "1300"),
+    "host-mtu-changed": lambda c, pod, res, ip: c.node.exec("ip", "link", "set", _host(res),
+                                                             "mtu", "1300"),
     "pod-address-removed": lambda c, pod, res, ip: pod.exec("ip", "addr", "del", f"{ip}/32",
                                                             "dev", "eth0"),
     "default-route-removed": lambda c, pod, res, ip: pod.exec("ip", "route", "del", "default"),
     "host-route-removed": lambda c, pod, res, ip: c.node.exec("ip", "route", "del",
                                                               f"{ip}/32"),
     "reservation-gone-from-etcd": _release_in_etcd,
+    "pod-interface-not-a-veth": _pod_end_replaced_by_a_bridge,
 }
 
 
@@ -337,6 +355,34 @@ def test_check_sees_drift(cluster, drift):
     DRIFT[drift](cluster, pod, res, ip)
     rc, out = cluster.cni.call("check", pod, "c1", "default", "c1")
     assert rc != 0 and out["code"] == 104, out
+    assert cluster.cni.call("del", pod, "c1")[0] == 0
+    assert etcd_ips(cluster.store) == {}
+
+
+DRIFT6 = {
+    "host-gateway6-removed": lambda c, pod, res: c.node.exec(
+        "ip", "-6", "addr", "del", "fe80::1/64", "dev", _host(res)),
+    "pod-default6-route-removed": lambda c, pod, res: pod.exec(
+        "ip", "-6", "route", "del", "default", "via", "fe80::1", "dev", "eth0"),
+}
+
+
+@pytest.mark.parametrize("drift", list(DRIFT6))
+def test_check_sees_ipv6_drift(cluster, drift):
+    """Dual stack: the IPv6 side of what ADD set up (fe80::1 on the host
+    end, the pod's IPv6 default route) is checked too: one broken, CHECK
+    fails with 104; DEL still cleans up."""
+    cluster.store.create_pool("default", "10.71.0.0/24", 4)
+    cluster.store.add_subnet("default", "fd00:71::/120")
+    cluster.start(ipv6=True)
+    pod = cluster.new_pod()
+    res = add(cluster, pod, "c1")
+    assert len(res["ips"]) == 2, res
+    rc, out = cluster.cni.call("check", pod, "c1", "default", "c1")
+    assert rc == 0, out
+    DRIFT6[drift](cluster, pod, res)
+    rc, out = cluster.cni.call("check", pod, "c1", "default", "c1")
+    assert rc != 0 and out["code"] == 104 and "fe80::1" in out["msg"], out
     assert cluster.cni.call("del", pod, "c1")[0] == 0
     assert etcd_ips(cluster.store) == {}
 

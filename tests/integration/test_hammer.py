@@ -200,6 +200,11 @@ class Slot:
         self.live = None          # the address the runtime believes the pod has
         self.host_if = None
         self.hold = None          # the open Hold of self.live
+        # a DEL raced an ADD and the container ended up: the DEL's libcni may
+        # have removed the cached ADD result after the ADD's libcni wrote it,
+        # so a CHECK may go without prevResult (a runtime never races its own
+        # calls; the next sequential ADD or DEL makes the cache right again)
+        self.cache_lost = False
         self.history = collections.deque(maxlen=12)   # the last calls, for failure reports
 
     @property
@@ -369,6 +374,7 @@ class Hammer:
             return
         if op.address is None:
             return self.runtime_del(slot, rnd)
+        slot.cache_lost = False                   # libcni cached this ADD's result
         if slot.live is not None:
             self.check("repeated ADD returns the address held", op.address == slot.live,
                        f"{slot} holds {slot.live}, a repeated ADD returned {op.address}", slot)
@@ -390,15 +396,18 @@ class Hammer:
                 return
             time.sleep(rnd.uniform(0.05, 0.3))
         slot.live = slot.host_if = slot.hold = None
+        slot.cache_lost = False
         if rnd.random() < 0.5:
             slot.gen += 1                         # a new sandbox; else the ID comes back
 
     def runtime_check(self, slot: Slot):
         op = self.cni(slot, "check")
         if not op.ok:
+            no_cache = slot.cache_lost and op.code == 7 and "prevResult" in (op.msg or "")
             self.check("CHECK of an up container fails only with try-again",
-                       op.code == TRY_AGAIN, f"CHECK of {slot} holding {slot.live}: "
-                                             f"{op.code} {op.msg}", slot)
+                       op.code == TRY_AGAIN or no_cache, f"CHECK of {slot} holding "
+                                                         f"{slot.live}: {op.code} {op.msg}",
+                       slot)
 
     def race(self, slot: Slot, kinds: tuple, rnd):
         """Two calls for one container at once; then the runtime settles."""
@@ -443,6 +452,8 @@ class Hammer:
             self.check("ADDs without a DEL leave the container up", bool(records),
                        f"{'+'.join(kinds)} of {slot} succeeded and the pod has nothing", slot)
         if records:
+            if dels:
+                slot.cache_lost = True
             address = next(iter(records))
             self.check("the racing ADD's address is the one held",
                        not adds or address in addresses,

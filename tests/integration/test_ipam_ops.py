@@ -143,6 +143,12 @@ def test_ipam_check_reports_each_category(ctl, store, kube, scene):
     assert r.returncode == 3
     for word in ("10.213.0.1", "gone-0", "dup-b", "orphan-0", scene["dead"]):
         assert word in r.stdout
+    # exit 3 comes from the one boundary: a ProblemsFound, one line on stderr
+    problems = sum(rep["summary"][k] for k in ("leaked_addresses", "duplicate_addresses",
+                                                "pods_without_record", "blocks_of_missing_nodes",
+                                                "blocks_without_route", "coild_errors"))
+    assert r.stderr.startswith(f"coilctl: error: ipam check found {problems} problems (")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
 def test_min_age_keeps_young_records_out(ctl, kube, scene):

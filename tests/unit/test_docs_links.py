@@ -1,6 +1,7 @@
 """Every relative link of README.md and docs/*.md points at a file that
 exists and, with a #fragment, at a heading of that file (GitHub's anchors);
-the README's documentation table lists every page of docs/."""
+the README's documentation table lists every page of docs/; every page
+says what it covers and links to another page (issue 15)."""
 
 import re
 from pathlib import Path
@@ -57,3 +58,15 @@ def test_readme_lists_every_docs_page():
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md"))
                if f"](docs/{p.name})" not in readme]
     assert not missing, missing
+
+
+def test_every_docs_page_says_what_it_covers_and_links_on():
+    bad = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        head = "\n".join(page.read_text().splitlines()[:12])
+        if "What this page covers" not in head:
+            bad.append(f"{page.name}: no 'What this page covers' at the top")
+        if not any(t.endswith(".md") or ".md#" in t for t in links(page)
+                   if not re.match(r"[a-z]+://", t)):
+            bad.append(f"{page.name}: links to no other page")
+    assert not bad, "\n".join(bad)

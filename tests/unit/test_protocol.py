@@ -55,3 +55,28 @@ def test_one_owner():
                                                               protocol.RELAY_TIMEOUT)
     req = service.decode_frame(protocol.encode_request({"CNI_COMMAND": "DEL"}, b"{}"))
     assert (req.command, req.stdin) == ("DEL", b"{}")
+
+
+def test_no_copy_of_a_protocol_value_in_the_python_code():
+    """No module of the plugin's or coild's side spells a value protocol.py
+    owns (the default CNI version of an answer, the default socket, the
+    magic): a copy would drift when protocol.py changes. Conflists and the
+    sandbox's CNI executor name CNI versions as configuration, not as the
+    protocol, and are not scanned."""
+    import ast
+    import glob
+    import os
+    root = os.path.dirname(protocol.__file__)
+    owned = {protocol.DEFAULT_CNI_VERSION, protocol.DEFAULT_SOCKET, protocol.MAGIC,
+             protocol.MAGIC.decode()}
+    copies = []
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))
+                       + glob.glob(os.path.join(root, "..", "coild", "*.py"))):
+        if os.path.samefile(path, protocol.__file__):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        copies += [f"{os.path.relpath(path, root)}:{node.lineno}: {node.value!r}"
+                   for node in ast.walk(tree)
+                   if isinstance(node, ast.Constant) and node.value in owned]
+    assert copies == []

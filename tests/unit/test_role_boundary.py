@@ -4,10 +4,15 @@ traceback; every role answers ``--version``; the error classes have one root."""
 
 from __future__ import annotations
 
+import ast
+import glob
 import importlib
 import inspect
 import json
+import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -94,3 +99,55 @@ def test_moved_errors_are_reexported():
     from coil.store.model import BlockLost
     assert BlockLost is errors.BlockLost and issubclass(BlockLost, errors.Conflict)
     assert PodNetError is errors.PodNetError
+
+
+def _exit_calls(tree):
+    """(line, what) of every place a module ends the process itself."""
+    main_blocks = set()
+    for node in tree.body:
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"):
+            main_blocks.update(id(n) for n in ast.walk(node))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == "SystemExit":
+            yield node.lineno, "SystemExit"
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("Exit", "_exit")):
+            yield node.lineno, ast.unparse(node)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "exit"):
+            # only 'python -m coil.X' blocks, and only through the boundary
+            through = any(isinstance(c, ast.Call) and getattr(c.func, "id", "") == "run_role"
+                          for c in ast.walk(node))
+            if id(node) not in main_blocks or not through:
+                yield node.lineno, ast.unparse(node)
+
+
+def test_no_exit_code_is_decided_outside_the_boundary():
+    """Only coil/hypercoil.py's run_role turns an outcome into an exit code:
+    a command that must end with another code raises a CoilError whose
+    exit_code says it (SmokeTestFailed, ProblemsFound: 3), never SystemExit,
+    sys.exit or click's Exit; a module's own ``python -m`` block goes
+    through run_role too."""
+    root = os.path.dirname(coil.__file__)
+    found = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        rel = os.path.relpath(path, root)
+        if rel in ("hypercoil.py", "__main__.py"):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        found += [f"coil/{rel}:{line}: {what}" for line, what in _exit_calls(tree)]
+    assert found == []
+
+
+@pytest.mark.parametrize("module,role", [("coil.coild.main", "coild"),
+                                         ("coil.coilctl.cli", "coilctl"),
+                                         ("coil.sandbox.cli", "sandbox")])
+def test_python_m_of_a_role_module_ends_in_the_boundary(module, role):
+    """``python -m coil.coild.main --bogus``: one line and exit 2, as through
+    hypercoil (before, the UsageError ended in a traceback)."""
+    r = subprocess.run([sys.executable, "-m", module, "--bogus"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    one_line(r, role, "No such option '--bogus'")
