@@ -36,8 +36,8 @@ from coil.cni import protocol
 from coil.coild import DEFAULT_API_SOCKET
 from coil.coild.connections import (BoundedHTTPServer, Limits, RequestHandler, error_response,
                                     listen_error, listen_tcp)
-from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
-                         StoreUnavailable)
+from coil.errors import (AlreadyExists, CoilError, Conflict, InvalidArgument, NotFound,
+                         PoolExhausted, StoreUnavailable)
 from coil.store.model import ORIGIN_REST
 
 log = logging.getLogger("coild.server")
@@ -50,9 +50,10 @@ POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "re
 
 
 # typed errors -> HTTP status; the first class that matches wins, anything
-# else derived from CoilError is a 500
+# else derived from CoilError is a 500. A Conflict (a race lost more often
+# than the retry bound allows) is 503, try again, as it is CNI code 11.
 _STATUS_OF = ((InvalidArgument, 400), (NotFound, 404), (AlreadyExists, 409),
-              (PoolExhausted, 503), (StoreUnavailable, 503))
+              (PoolExhausted, 503), (StoreUnavailable, 503), (Conflict, 503))
 
 
 def _http_status(exc: CoilError) -> int:

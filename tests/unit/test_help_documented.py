@@ -79,3 +79,48 @@ def test_the_check_sees_options_of_a_subcommand():
     path = ["coilctl", "ipam", "release"]
     text = rendered_help(cli, path, cli.commands["ipam"].commands["release"])
     assert {"--from-report", "--yes", "--kubeconfig"} <= set(FLAG.findall(text))
+
+
+# Kubernetes' own variables (in-cluster configuration), not coil's to document
+KUBERNETES_VARIABLES = {"KUBERNETES_SERVICE_HOST"}
+
+
+def _environment_reads(tree):
+    """The names of the environment variables a module reads by name."""
+    import ast
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            receiver = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
+            if ((name in ("get", "pop") and "environ" in receiver) or name == "getenv"
+                    or (name == "env" and len(node.args) == 2)):      # the installer's env()
+                yield node.args[0].value, node.lineno
+        elif (isinstance(node, ast.Subscript) and "environ" in ast.unparse(node.value)
+              and isinstance(node.slice, ast.Constant)):
+            yield node.slice.value, node.lineno
+
+
+def test_every_environment_variable_read_is_documented():
+    """Production code reads no hidden switch: every environment variable a
+    module of coil reads by name is named in docs/ or the README (test-only
+    fault hooks are monkeypatched by the tests, never read from the
+    environment)."""
+    import ast
+    import glob
+    docs = ""
+    for path in glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True) + [
+            os.path.join(REPO, "README.md")]:
+        with open(path) as f:
+            docs += f.read()
+    root = os.path.join(REPO, "coil")
+    seen, hidden = set(), []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for name, line in _environment_reads(tree):
+            seen.add(name)
+            if name not in docs and name not in KUBERNETES_VARIABLES:
+                hidden.append(f"{os.path.relpath(path, REPO)}:{line}: {name}")
+    assert {"COIL_NODE_NAME", "COIL_PURE_PYTHON", "CNI_COMMAND"} <= seen
+    assert hidden == []
