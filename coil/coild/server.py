@@ -36,8 +36,8 @@ from coil.cni import protocol
 from coil.coild import DEFAULT_API_SOCKET
 from coil.coild.connections import (BoundedHTTPServer, Limits, RequestHandler, error_response,
                                     listen_error, listen_tcp)
-from coil.errors import (AlreadyExists, CoilError, InvalidArgument, NotFound, PoolExhausted,
-                         StoreUnavailable)
+from coil.errors import (AlreadyExists, CoilError, Conflict, InvalidArgument, NotFound,
+                         PoolExhausted, StoreUnavailable)
 from coil.store.model import ORIGIN_REST
 
 log = logging.getLogger("coild.server")
@@ -50,9 +50,10 @@ POST_IP_KEYS = ("pod-namespace", "pod-name", "container-id", "address-type", "re
 
 
 # typed errors -> HTTP status; the first class that matches wins, anything
-# else derived from CoilError is a 500
+# else derived from CoilError is a 500. A Conflict (a race lost more often
+# than the retry bound allows) is 503, try again, as it is CNI code 11.
 _STATUS_OF = ((InvalidArgument, 400), (NotFound, 404), (AlreadyExists, 409),
-              (PoolExhausted, 503), (StoreUnavailable, 503))
+              (PoolExhausted, 503), (StoreUnavailable, 503), (Conflict, 503))
 
 
 def _http_status(exc: CoilError) -> int:
@@ -290,6 +291,38 @@ def _root_only(sock: socket.socket) -> bytes | None:
                           "Forbidden")
 
 
+def _plugin_caller_refused(conn: socket.socket) -> bool:
+    """The plugin socket serves root only, as the API socket does: its mode
+    is 0600, and a caller whose uid (SO_PEERCRED) is not 0 gets a CNI error
+    even if that mode was loosened. Answers the refusal; True when refused."""
+    try:
+        uid = peer_uid(conn)
+    except OSError:
+        uid = -1
+    if uid == 0:
+        return False
+    from coil.cni import spec
+    log.warning("plugin socket: refused a caller that is not root", extra={"uid": uid})
+    body = json.dumps(spec.error_object(
+        spec.ERR_FORBIDDEN, f"coild's plugin socket serves root only (caller uid {uid})",
+        "the container runtime runs /opt/cni/bin/coil as root")).encode()
+    try:
+        conn.sendall(protocol.encode_response(1, body))
+        # read what it sent, unparsed, up to a bound: closing a socket with
+        # unread input resets it, and the caller would lose the answer
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        left = 1 << 20
+        while left > 0:
+            chunk = conn.recv(min(65536, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass
+    return True
+
+
 class ApiSocketServer(BoundedHTTPServer):
     """The full REST API on a root-only UNIX socket (``--api-socket``)."""
 
@@ -325,6 +358,8 @@ class PluginHandler(socketserver.BaseRequestHandler):
         conn: socket.socket = self.request
         cni = self.server.coild.cni
         arrived = cni.clock()          # the request's deadline counts from here
+        if _plugin_caller_refused(conn):
+            return
         chunks, size = [], 0
         deadline = time.monotonic() + self.server.read_timeout
         try:

@@ -108,3 +108,41 @@ def test_reload_sees_changes_made_behind_its_back(store):
     assert taken.cidr == block.cidr                  # someone else owns it now
     rec2 = alloc.allocate("default", 4, "ns", "p2", "c2")   # stale cache: BlockLost -> reload
     assert ipaddress.ip_address(rec2.address) not in ipaddress.ip_network(block.cidr)
+
+
+def test_lost_races_are_503_on_the_rest_api(store, monkeypatch, tmp_path):
+    """POST /ip whose allocation loses every race answers 503 (try again,
+    like CNI code 11) with the Conflict's one line, not 500 "internal"."""
+    import json
+    import os
+    from types import SimpleNamespace
+
+    from harness import unix_http
+
+    from coil.coild.pools import PoolResolver
+    from coil.coild.server import ApiSocketServer
+    store.create_pool("default", "10.53.0.0/16", 8)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    real = store.assign_address
+
+    def rival_first(block, offset, namespace, pod, container_id, extra=None):
+        real(block, offset, "ns", f"rival{offset}", f"r{offset}")
+        return real(block, offset, namespace, pod, container_id, extra)     # None: taken
+
+    monkeypatch.setattr(store, "assign_address", rival_first)
+    path = os.path.join(str(tmp_path), "api.sock")
+    server = ApiSocketServer(path, SimpleNamespace(allocator=alloc, pools=PoolResolver(store)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, text = unix_http(path, "POST", "/ip", json.dumps(
+            {"pod-namespace": "default", "pod-name": "web", "container-id": "c1"}))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)
+    body = json.loads(text)
+    assert (status, body["status"]) == (503, 503), body
+    assert "lost the race" in body["error"] and "try again" in body["error"]
+    assert alloc.lookup("c1") == []
