@@ -32,6 +32,7 @@ ERR_NO_POOL = 101
 ERR_POOL_EXHAUSTED = 102
 ERR_NETWORK = 103
 ERR_CHECK_FAILED = 104
+ERR_FORBIDDEN = 105          # the caller of coild's plugin socket is not root
 
 
 class CNIError(CoilError):

@@ -291,6 +291,38 @@ def _root_only(sock: socket.socket) -> bytes | None:
                           "Forbidden")
 
 
+def _plugin_caller_refused(conn: socket.socket) -> bool:
+    """The plugin socket serves root only, as the API socket does: its mode
+    is 0600, and a caller whose uid (SO_PEERCRED) is not 0 gets a CNI error
+    even if that mode was loosened. Answers the refusal; True when refused."""
+    try:
+        uid = peer_uid(conn)
+    except OSError:
+        uid = -1
+    if uid == 0:
+        return False
+    from coil.cni import spec
+    log.warning("plugin socket: refused a caller that is not root", extra={"uid": uid})
+    body = json.dumps(spec.error_object(
+        spec.ERR_FORBIDDEN, f"coild's plugin socket serves root only (caller uid {uid})",
+        "the container runtime runs /opt/cni/bin/coil as root")).encode()
+    try:
+        conn.sendall(protocol.encode_response(1, body))
+        # read what it sent, unparsed, up to a bound: closing a socket with
+        # unread input resets it, and the caller would lose the answer
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        left = 1 << 20
+        while left > 0:
+            chunk = conn.recv(min(65536, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass
+    return True
+
+
 class ApiSocketServer(BoundedHTTPServer):
     """The full REST API on a root-only UNIX socket (``--api-socket``)."""
 
@@ -326,6 +358,8 @@ class PluginHandler(socketserver.BaseRequestHandler):
         conn: socket.socket = self.request
         cni = self.server.coild.cni
         arrived = cni.clock()          # the request's deadline counts from here
+        if _plugin_caller_refused(conn):
+            return
         chunks, size = [], 0
         deadline = time.monotonic() + self.server.read_timeout
         try:
@@ -363,7 +397,7 @@ class WorkerPoolMixIn:
     idle_timeout = 30.0
 
     def _pool_init(self):
-        self._pool_lock = threading.Lock()
+        self._pool_lock = threading.Condition()
         self._jobs = queue.SimpleQueue()
         self._busy = 0          # connections accepted and not finished
         self._idle = 0          # idle workers no queued connection is promised to
@@ -420,7 +454,15 @@ class WorkerPoolMixIn:
                 with self._pool_lock:
                     self._busy -= 1
                     self._idle += 1
+                    if not self._busy:
+                        self._pool_lock.notify_all()
                 self.shutdown_request(request)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no connection is being served (its answer sent) or
+        queued; False after ``timeout`` seconds."""
+        with self._pool_lock:
+            return self._pool_lock.wait_for(lambda: not self._busy, timeout)
 
     def server_close(self):
         super().server_close()

@@ -22,7 +22,7 @@ import tempfile
 
 import pytest
 
-from harness import Coild, Netns, unix_http
+from harness import Coild, Netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -475,3 +475,51 @@ def test_bad_limit_flags_are_one_line(flags, wrong, etcd_server, etcd_prefix, no
     assert r.returncode != 0
     assert wrong in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_plugin_socket_refuses_non_root_even_when_its_mode_is_loosened(etcd_server, store,
+                                                                       etcd_prefix, tmp_path,
+                                                                       node, rundir):
+    """The plugin socket is the API socket's twin: mode 0600 and SO_PEERCRED.
+    A non-root caller of a loosened socket gets CNI error 105, and its ADD
+    is never read: no address is held."""
+    from coil.cni import protocol, spec
+    store.create_pool("default", "10.41.0.0/24", 4)
+    c = Coild(node, str(tmp_path), etcd_server.unix_endpoint, etcd_prefix)
+    c.socket = os.path.join(rundir, "coild.sock")
+    c.start()
+    try:
+        os.chmod(c.socket, 0o666)                 # an operator's mistake
+        conf = json.dumps({"cniVersion": "1.0.0", "name": "net", "type": "coil",
+                           "socket": c.socket}).encode()
+        frame = protocol.encode_request(
+            {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c-nobody", "CNI_NETNS": "/run/netns/coiltest-no-such-netns",
+             "CNI_IFNAME": "eth0", "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
+             "CNI_PATH": "/opt/cni/bin"}, conf)
+        script = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(bytes.fromhex(sys.argv[2])); s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk: break
+    data += chunk
+print(data.hex())
+"""
+        r = node.exec(*NOBODY, SYSTEM_PYTHON, "-c", script, c.socket, frame.hex(), check=False)
+        assert r.returncode == 0, r.stderr
+        code, body = protocol.decode_response(bytes.fromhex(r.stdout.strip()))
+        err = json.loads(body)
+        assert code != 0 and err["code"] == spec.ERR_FORBIDDEN, err
+        assert "uid 65534" in err["msg"]
+        assert store.all_addresses()[0] == []
+        assert "refused a caller that is not root" in c.log()
+        # root is served on the same socket (this ADD names a namespace that
+        # does not exist, so coild answers it with another error)
+        r = node.exec(SYSTEM_PYTHON, "-c", script, c.socket, frame.hex(), check=False)
+        code, body = protocol.decode_response(bytes.fromhex(r.stdout.strip()))
+        assert json.loads(body)["code"] not in (spec.ERR_FORBIDDEN, None)
+        assert store.all_addresses()[0] == []
+    finally:
+        c.stop()
