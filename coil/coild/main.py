@@ -54,6 +54,7 @@ class Coild:
         self._stop = threading.Event()
         self.liveness = LivenessKeeper(store.etcd, node, liveness_ttl, self._stop)
         self._servers = []
+        self._plugin = None
         self.ready = False
 
     def start(self, http: str | None, socket_path: str, api_socket: str | None = None,
@@ -125,6 +126,7 @@ class Coild:
         # the plugin socket last: once it answers, every listener does
         plugin = PluginServer(socket_path, self, max_connections=limits.max_connections)
         self._servers.append(plugin)
+        self._plugin = plugin
         serve_in_thread(plugin, "plugin")
         self.pools.start()
         threading.Thread(target=self.liveness.run, name="liveness", daemon=True).start()
@@ -210,6 +212,10 @@ class Coild:
         if not self.cni.drain(self.cni.request_timeout):
             log.warning("requests still in flight at exit",
                         extra={"requests": self.cni.inflight()})
+        elif self._plugin is not None:
+            # a request is done before its worker has sent the answer: wait
+            # for that too, or the plugin may read a cut-off answer
+            self._plugin.wait_idle(5.0)
         self.teardown.close()          # after the drain: no DEL comes any more
         self.pools.stop()
         self.store.close()

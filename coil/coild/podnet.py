@@ -137,12 +137,22 @@ class PodNetwork:
         removed before the error is raised. A host end of the same name left
         by an earlier try is replaced. Returns {host_mac, container_mac}."""
         with ns_handle(netns_path) as fd, open_netlink(fd) as pod_nl, self._host_nl() as h:
-            if pod_nl.link_get(ifname) is not None:
-                raise NetlinkError(f"creating interface {ifname} in {netns_path}",
-                                   errno.EEXIST, hint="the container already has this interface")
-            h.link_del(host_name)     # leftover of an earlier try
+            # create first; only a name that is taken (EEXIST) costs a look:
+            # every request here waits for the node's RTNL lock
+            for attempt in (1, 2):
+                try:
+                    host_index = h.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
+                    break
+                except NetlinkError as exc:
+                    if exc.errno != errno.EEXIST or attempt == 2:
+                        raise
+                    if pod_nl.link_get(ifname) is not None:
+                        raise NetlinkError(f"creating interface {ifname} in {netns_path}",
+                                           errno.EEXIST,
+                                           hint="the container already has this interface"
+                                           ) from None
+                    h.link_del(host_name)     # leftover of an earlier try
             try:
-                host_index = h.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
                 return self._wire(h, pod_nl, host_index, ifname, addresses)
             except BaseException:
                 h.link_del(host_name)

@@ -399,7 +399,7 @@ class WorkerPoolMixIn:
     idle_timeout = 30.0
 
     def _pool_init(self):
-        self._pool_lock = threading.Lock()
+        self._pool_lock = threading.Condition()
         self._jobs = queue.SimpleQueue()
         self._busy = 0          # connections accepted and not finished
         self._idle = 0          # idle workers no queued connection is promised to
@@ -456,7 +456,15 @@ class WorkerPoolMixIn:
                 with self._pool_lock:
                     self._busy -= 1
                     self._idle += 1
+                    if not self._busy:
+                        self._pool_lock.notify_all()
                 self.shutdown_request(request)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no connection is being served (its answer sent) or
+        queued; False after ``timeout`` seconds."""
+        with self._pool_lock:
+            return self._pool_lock.wait_for(lambda: not self._busy, timeout)
 
     def server_close(self):
         super().server_close()

@@ -240,3 +240,23 @@ def test_retire_leaves_a_host_end_that_is_not_the_containers(node):
     assert not [n for n, line in _links(node).items() if f"group {RETIRED_GROUP}" in line]
     assert _ping(node, other_ip)
     node.podnet.check(other.path, "eth0", host, [other_ip])
+
+
+def test_setup_replaces_a_leftover_host_end_and_refuses_a_taken_ifname(node, netns_factory):
+    """ADD creates first and looks only when a name is taken: a host end of
+    the same name (left by an earlier try) is replaced; an ifname the pod
+    has already is refused (EEXIST, "the container already has this
+    interface") and nothing is made or removed."""
+    from coil.errors import NetlinkError
+    host = legacy_host_veth_name("default", "p7")
+    pod = netns_factory(lo_up=True)
+    node.run("ip", "link", "add", host, "type", "veth", "peer", "name", "old-peer", check=True)
+    info = node.podnet.setup(pod.path, "eth0", host, ["10.77.0.7"])
+    assert set(_links(node)) == {"lo", host} and "old-peer" not in _links(node)
+    assert info["container_mac"] and _ping(node, "10.77.0.7")
+    other = legacy_host_veth_name("default", "p8")
+    with pytest.raises(NetlinkError) as exc:
+        node.podnet.setup(pod.path, "eth0", other, ["10.77.0.8"])
+    assert exc.value.errno == 17 and "already has this interface" in exc.value.one_line()
+    assert set(_links(node)) == {"lo", host} and set(_links(pod)) == {"lo", "eth0"}
+    assert _ping(node, "10.77.0.7")

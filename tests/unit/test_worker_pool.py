@@ -138,3 +138,16 @@ def test_close_ends_the_workers(server):
     for t in _call_thread:
         t.join(30)
     assert not any(t.is_alive() for t in _call_thread)
+
+
+def test_wait_idle_waits_for_the_answer_to_be_sent(server):
+    """coild's shutdown waits for this after its requests are done: a
+    worker is busy until it has sent its answer."""
+    srv = server()
+    held = _open(srv.server_address, b"hold")
+    assert _until(lambda: srv._busy == 1)
+    assert srv.wait_idle(0.05) is False              # still serving
+    srv.release.set()
+    assert srv.wait_idle(30) is True
+    assert held.recv(256).startswith(b"plugin-worker ")
+    held.close()
