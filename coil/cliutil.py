@@ -74,5 +74,3 @@ def run_click(command: click.Command, argv: list[str], prog_name: str) -> int:
         raise err from None
     except click.exceptions.Exit as exc:    # click's own (--help, completion): 0
         return exc.exit_code
-    except BrokenPipeError:
-        return 1

@@ -42,7 +42,8 @@ def run_role(role: str, argv: list[str], func=None) -> int:
     A ``CoilError`` from any role ends it with one line on stderr,
     ``ROLE: error: MESSAGE (HINT)``, and the error's ``exit_code`` (1, or 2
     for a bad command line); Ctrl-C ends it with 130. No traceback. Every
-    role answers ``--version`` as its first argument. ``func`` (argv ->
+    role answers ``--version`` as its first argument. A stdout whose reader
+    went away ends the role quietly with 1. ``func`` (argv ->
     exit code) runs instead of the registered role's function: a program
     outside ROLES (``python -m coil.demo``) ends through here too.
     """
@@ -59,7 +60,14 @@ def run_role(role: str, argv: list[str], func=None) -> int:
             else:
                 import importlib
                 func = getattr(importlib.import_module(module_name), func_name)
-        return func(argv)
+        code = func(argv)
+        sys.stdout.flush()          # a closed stdout shows here, not at shutdown
+        return code
+    except BrokenPipeError:
+        # the reader went away (``| head``): quietly, and keep the
+        # interpreter's own flush at exit from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except CoilError as exc:
         sys.stderr.write(f"{role}: error: {exc.one_line()}\n")
         return exc.exit_code

@@ -421,9 +421,10 @@ class NodeAllocator:
         (same namespace and pod), that address is returned; another
         attachment of the same container gets an address of its own.
         Raises AlreadyExists when the attachment holds one for another
-        pod, PoolExhausted, NotFound (pool), StoreUnavailable (also when
-        the outcome of the write stayed unknown: the slot stays reserved
-        and a retry resolves it).
+        pod, PoolExhausted, NotFound (pool), Conflict (the race for a free
+        address lost ALLOCATE_ATTEMPTS times: try again; never reported as
+        PoolExhausted), StoreUnavailable (also when the outcome of the write
+        stayed unknown: the slot stays reserved and a retry resolves it).
         """
         if version not in (4, 6):
             raise InvalidArgument(f"invalid address version {version}")

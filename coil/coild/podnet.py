@@ -98,6 +98,25 @@ def gateway_for(address) -> str:
     return GATEWAY6 if ip_version(address) == 6 else GATEWAY4
 
 
+
+def _check_link(link, what: str, mac: str, mtu: int | None):
+    """CHECK of one end of the pair: present, a veth, up, and with the MAC
+    (prevResult's, when given) and MTU (when configured) ADD gave it.
+    Returns the link; raises PodNetError naming ``what`` and the first
+    difference."""
+    if link is None:
+        raise PodNetError(f"{what} is missing")
+    if link.kind != "veth":
+        raise PodNetError(f"{what} is a {link.kind or 'device'} of another type, "
+                          f"not the veth ADD made")
+    if not link.up:
+        raise PodNetError(f"{what} is down")
+    if mac and link.mac.lower() != mac.lower():
+        raise PodNetError(f"{what} has MAC {link.mac}, prevResult says {mac}")
+    if mtu and link.mtu != mtu:
+        raise PodNetError(f"{what} has MTU {link.mtu}, not {mtu}")
+    return link
+
 class PodNetwork:
     """Sets up, checks and removes pod wiring from the node's namespace.
 
@@ -302,19 +321,8 @@ class PodNetwork:
         routes on both sides, the pod's addresses; ``mtu`` (both ends) and
         the MACs when given. Routes and addresses others added are fine."""
         with self._host_nl() as h:
-            host = h.link_get(host_name)
-            if host is None:
-                raise PodNetError(f"host interface {host_name} is missing")
-            if host.kind != "veth":
-                raise PodNetError(f"host interface {host_name} is a {host.kind or 'device'} "
-                                  f"of another type, not the veth ADD made")
-            if not host.up:
-                raise PodNetError(f"host interface {host_name} is down")
-            if host_mac and host.mac.lower() != host_mac.lower():
-                raise PodNetError(f"host interface {host_name} has MAC {host.mac}, "
-                                  f"prevResult says {host_mac}")
-            if mtu and host.mtu != mtu:
-                raise PodNetError(f"host interface {host_name} has MTU {host.mtu}, not {mtu}")
+            host = _check_link(h.link_get(host_name), f"host interface {host_name}",
+                               host_mac, mtu)
             host_addrs = {(ipaddress.ip_address(a.address), a.prefixlen)
                           for a in h.addr_list(host.index)}
             versions = {ip_version(a) for a in addresses}
@@ -330,20 +338,8 @@ class PodNetwork:
         if not os.path.exists(netns_path):
             raise PodNetError(f"network namespace {netns_path} does not exist")
         with open_netlink(netns_path) as pod_nl:
-            link = pod_nl.link_get(ifname)
-            if link is None:
-                raise PodNetError(f"interface {ifname} is missing in {netns_path}")
-            if link.kind != "veth":
-                raise PodNetError(f"interface {ifname} in {netns_path} is a "
-                                  f"{link.kind or 'device'} of another type, not the veth "
-                                  f"ADD made")
-            if not link.up:
-                raise PodNetError(f"interface {ifname} is down in {netns_path}")
-            if container_mac and link.mac.lower() != container_mac.lower():
-                raise PodNetError(f"interface {ifname} has MAC {link.mac}, prevResult "
-                                  f"says {container_mac}")
-            if mtu and link.mtu != mtu:
-                raise PodNetError(f"interface {ifname} has MTU {link.mtu}, not {mtu}")
+            link = _check_link(pod_nl.link_get(ifname), f"interface {ifname} in {netns_path}",
+                               container_mac, mtu)
             have = {(ipaddress.ip_address(a.address), a.prefixlen)
                     for a in pod_nl.addr_list(link.index)}
             routes = pod_nl.route_list(0, table=RT_TABLE_MAIN)

@@ -279,11 +279,16 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def _root_only(sock: socket.socket) -> bytes | None:
+def _caller_uid(sock: socket.socket) -> int:
+    """The peer's uid, or -1 when the kernel cannot tell."""
     try:
-        uid = peer_uid(sock)
+        return peer_uid(sock)
     except OSError:
-        uid = -1
+        return -1
+
+
+def _root_only(sock: socket.socket) -> bytes | None:
+    uid = _caller_uid(sock)
     if uid == 0:
         return None
     log.warning("API socket: refused a caller that is not root", extra={"uid": uid})
@@ -295,10 +300,7 @@ def _plugin_caller_refused(conn: socket.socket) -> bool:
     """The plugin socket serves root only, as the API socket does: its mode
     is 0600, and a caller whose uid (SO_PEERCRED) is not 0 gets a CNI error
     even if that mode was loosened. Answers the refusal; True when refused."""
-    try:
-        uid = peer_uid(conn)
-    except OSError:
-        uid = -1
+    uid = _caller_uid(conn)
     if uid == 0:
         return False
     from coil.cni import spec

@@ -151,3 +151,18 @@ def test_python_m_of_a_role_module_ends_in_the_boundary(module, role):
                        text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     one_line(r, role, "No such option '--bogus'")
+
+
+@pytest.mark.parametrize("args", [["version"], ["coilctl", "--help"]])
+def test_a_closed_stdout_ends_quietly_with_exit_1(args):
+    """A reader that went away (``hypercoil version | true``): exit 1 from the
+    boundary, nothing on stderr (before: the version role died at shutdown
+    with "Exception ignored ... BrokenPipeError" and exit 120)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "coil", *args], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (r.returncode, r.stderr) == (1, "")
