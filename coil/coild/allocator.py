@@ -35,16 +35,16 @@ Invariants (docs/design.md, "The allocator's cache"):
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from dataclasses import dataclass, field
 
 from coil.bitmap import Bitmap
+from coil.coild.groupcommit import GroupCommit
 from coil.coild.serial import KeyedLocks
-from coil.errors import (AlreadyExists, BlockLost, Conflict, InvalidArgument, NotFound,
-                         OutcomeUnknown, PoolExhausted, StoreUnavailable)
-from coil.store.model import ORIGIN_CNI, ORIGIN_REST, Address, Block, IPAMStore
+from coil.errors import (AlreadyExists, BlockLost, Conflict, InvalidArgument, OutcomeUnknown,
+                         StoreUnavailable)
+from coil.store.model import MAX_TXN_ITEMS, ORIGIN_CNI, ORIGIN_REST, Address, Block, IPAMStore
 
 log = logging.getLogger("coild.allocator")
 
@@ -109,6 +109,8 @@ class NodeAllocator:
         self._needs_reload = False     # an unknown block acquisition not yet read back
         self._on_added = on_block_added or (lambda b: None)
         self._on_removed = on_block_removed or (lambda b: None)
+        # releases that arrive while one is in flight go out together
+        self._releases = GroupCommit(self._commit_releases, max_batch=MAX_TXN_ITEMS)
 
     def _reached(self, point: str):
         """A no-op pause point; tests monkeypatch it to stop a thread here."""
@@ -555,14 +557,39 @@ class NodeAllocator:
         record. At worst the cache then keeps it until the next reload (the
         slot stays unused meanwhile); it never deletes a newer record of the
         same slot."""
+        if not self._releases.submit(rec):
+            self._release_one(rec)
+        with self._lock:
+            self._forget_record(rec)
+
+    def _release_one(self, rec: Address):
         try:
             self.store.release_address(rec.block, rec.offset, rec.revision)
         except OutcomeUnknown:
             cur = self.store.get_address(rec.block, rec.offset)   # may raise: keep cached
             if cur is not None and cur.revision == rec.revision:
                 raise                  # not committed: still held, the caller retries
-        with self._lock:
-            self._forget_record(rec)
+
+    def _commit_releases(self, recs: list[Address]) -> list[bool]:
+        """GroupCommit's commit: True per record when it is released. A lone
+        record takes the one-record path (its errors are its caller's). A
+        batch is one transaction, all or none; when it fails or its outcome
+        is unknown, each caller falls back to the one-record path: each
+        delete compares its record's own revision, so a batch that commits
+        late can only delete those very records, and a record it already
+        deleted is simply not found again."""
+        if len(recs) == 1 or any(not r.revision for r in recs):
+            for rec in recs:
+                self._release_one(rec)
+            return [True] * len(recs)
+        self._reached("release-batch")
+        try:
+            ok = self.store.release_addresses([(r.block, r.offset, r.revision) for r in recs])
+        except StoreUnavailable as exc:     # OutcomeUnknown included
+            log.warning("batched release failed; releasing one by one",
+                        extra={"addresses": len(recs), "error": exc.one_line()})
+            ok = False
+        return [ok] * len(recs)
 
     def return_empty_blocks(self) -> list[Block]:
         """Give back every block that holds no address. Returns them."""

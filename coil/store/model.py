@@ -29,6 +29,7 @@ SMALL_POOL_BLOCKS = 256   # pools this small are read whole (one request) and fi
 RANDOM_TRIES = 8          # random guarded creates before a paged scan of a large pool
 RANDOM_PROBES = 16        # blocks a failed random create also reads, to aim the next one
 SCAN_PAGE = 2000          # keys per range request of a paged read
+MAX_TXN_ITEMS = 64       # records per multi-record transaction (compares + ops <= 128)
 PER_BLOCK_COUNT_LIMIT = 32  # pool usage: up to this many blocks, one count request per block
 DEFAULT_POOL = "default"
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -666,6 +667,20 @@ class IPAMStore:
         ip_key = keys.ip(cidr, offset)
         guard = ("mod", ip_key, "==", revision) if revision else ("version", ip_key, ">", 0)
         ok, _, _ = self.etcd.txn([guard], [("delete", ip_key)])
+        return ok
+
+    def release_addresses(self, items) -> bool:
+        """Delete several address records in one transaction, each guarded
+        by its own mod revision (``items``: (cidr, offset, revision)); all
+        or none. Returns False when any of them changed or is gone. At most
+        ``MAX_TXN_ITEMS`` items (etcd's default --max-txn-ops is 128)."""
+        items = list(items)
+        if not 0 < len(items) <= MAX_TXN_ITEMS or any(not rev for _, _, rev in items):
+            raise InvalidArgument(f"release_addresses takes 1..{MAX_TXN_ITEMS} records, "
+                                  f"each with its revision")
+        ip_keys = [keys.ip(cidr, offset) for cidr, offset, _ in items]
+        ok, _, _ = self.etcd.txn([("mod", k, "==", rev) for k, (_, _, rev) in zip(ip_keys, items)],
+                                 [("delete", k) for k in ip_keys])
         return ok
 
     def get_address(self, cidr: str, offset: int) -> Address | None:

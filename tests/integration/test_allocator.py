@@ -146,3 +146,90 @@ def test_lost_races_are_503_on_the_rest_api(store, monkeypatch, tmp_path):
     assert (status, body["status"]) == (503, 503), body
     assert "lost the race" in body["error"] and "try again" in body["error"]
     assert alloc.lookup("c1") == []
+
+
+# -- DEL releases under churn: one transaction for the releases that queue ---------------
+
+def _held_first_release(alloc, monkeypatch):
+    """Hold the first release in flight (a pause point inside its one-record
+    transaction) so that the next ones queue behind it."""
+    entered, go = threading.Event(), threading.Event()
+    real = alloc.store.release_address
+
+    def held(*args, **kw):
+        if not entered.is_set():
+            entered.set()
+            assert go.wait(30)
+        return real(*args, **kw)
+    monkeypatch.setattr(alloc.store, "release_address", held)
+    return entered, go
+
+
+def _release_all(alloc, recs):
+    errors, threads = [], []
+    for rec in recs:
+        def call(rec=rec):
+            try:
+                alloc.release_address(rec)
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+        threads.append(threading.Thread(target=call))
+        threads[-1].start()
+    return errors, threads
+
+
+def _queued(alloc, n):
+    import time
+    deadline = time.monotonic() + 30
+    while len(alloc._releases._queue) < n:
+        assert time.monotonic() < deadline, "releases did not queue"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("fault", ["none", "unknown-not-committed", "unknown-committed",
+                                   "one-changed"])
+def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
+    """Releases that arrive while one is in flight are deleted by one guarded
+    transaction. When that transaction fails, or its outcome is unknown
+    (committed or not), each falls back to its own revision-guarded delete:
+    every record ends up released, none twice, and nothing else is touched."""
+    from coil.errors import OutcomeUnknown
+    store.create_pool("default", "10.52.0.0/24", 4)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    recs = [alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(9)]
+    keep = alloc.allocate("default", 4, "ns", "keep", "c-keep")
+    entered, go = _held_first_release(alloc, monkeypatch)
+    batches = []
+    real_many = store.release_addresses
+
+    def many(items):
+        items = list(items)
+        batches.append(items)
+        if fault == "unknown-not-committed":
+            raise OutcomeUnknown("deadline exceeded (test)")
+        if fault == "unknown-committed":
+            real_many(items)
+            raise OutcomeUnknown("connection lost after the commit (test)")
+        if fault == "one-changed":       # someone freed one of them meanwhile
+            cidr, offset, rev = items[0]
+            assert store.release_address(cidr, offset, rev)
+        return real_many(items)
+    monkeypatch.setattr(store, "release_addresses", many)
+
+    errors, first = _release_all(alloc, recs[:1])
+    assert entered.wait(30)
+    more_errors, rest = _release_all(alloc, recs[1:])
+    _queued(alloc, 8)
+    go.set()
+    for t in first + rest:
+        t.join(30)
+    assert errors == [] and more_errors == []
+    assert len(batches) == 1 and sorted(o for _, o, _ in batches[0]) == \
+        sorted(r.offset for r in recs[1:])
+    held, _ = store.all_addresses()
+    assert [a.address for a in held] == [keep.address]          # all freed, keep kept
+    assert {r.address for r in alloc.records()} == {keep.address}
+    # the freed slots are reused
+    again = [alloc.allocate("default", 4, "ns", f"q{i}", f"d{i}") for i in range(9)]
+    assert len({a.address for a in again} | {keep.address}) == 10
