@@ -53,6 +53,19 @@ def run(gc, items):
     return results, threads
 
 
+def behind_a_held_commit(gc: GroupCommit, commit: Held, items) -> tuple[dict, dict]:
+    """Submit "lead", hold its commit, queue ``items`` behind it, let go;
+    returns (lead's result, the items' results) once every caller is back."""
+    first, t0 = run(gc, ["lead"])
+    assert commit.entered.wait(10)
+    results, threads = run(gc, items)
+    queued(gc, len(items))
+    commit.release.set()
+    for t in t0 + threads:
+        t.join(10)
+    return first, results
+
+
 def test_a_lone_caller_commits_alone_at_once():
     commit = Held()
     commit.release.set()
@@ -64,13 +77,7 @@ def test_a_lone_caller_commits_alone_at_once():
 def test_callers_arriving_during_a_commit_go_out_together():
     commit = Held()
     gc = GroupCommit(commit)
-    first, t0 = run(gc, ["lead"])
-    assert commit.entered.wait(10)
-    results, threads = run(gc, range(5))
-    queued(gc, 5)
-    commit.release.set()
-    for t in t0 + threads:
-        t.join(10)
+    first, results = behind_a_held_commit(gc, commit, range(5))
     assert commit.batches[0] == ["lead"]
     assert sorted(commit.batches[1]) == [0, 1, 2, 3, 4] and len(commit.batches) == 2
     assert first == {"lead": "done-lead"}
@@ -81,13 +88,7 @@ def test_callers_arriving_during_a_commit_go_out_together():
 def test_max_batch_splits_the_queue():
     commit = Held()
     gc = GroupCommit(commit, max_batch=2)
-    _, t0 = run(gc, ["lead"])
-    assert commit.entered.wait(10)
-    results, threads = run(gc, range(5))
-    queued(gc, 5)
-    commit.release.set()
-    for t in t0 + threads:
-        t.join(10)
+    _, results = behind_a_held_commit(gc, commit, range(5))
     assert [len(b) for b in commit.batches] == [1, 2, 2, 1]
     assert sorted(i for b in commit.batches[1:] for i in b) == [0, 1, 2, 3, 4]
     assert results == {i: f"done-{i}" for i in range(5)}
@@ -96,13 +97,7 @@ def test_max_batch_splits_the_queue():
 def test_a_failed_commit_reaches_every_caller_of_its_batch_only():
     commit = Held(fail_on=3)
     gc = GroupCommit(commit, max_batch=3)
-    _, t0 = run(gc, ["lead"])
-    assert commit.entered.wait(10)
-    results, threads = run(gc, [1, 2, 3, 4, 5, 6])
-    queued(gc, 6)
-    commit.release.set()
-    for t in t0 + threads:
-        t.join(10)
+    _, results = behind_a_held_commit(gc, commit, [1, 2, 3, 4, 5, 6])
     failed = next(b for b in commit.batches if 3 in b)
     for i in range(1, 7):
         if i in failed:
