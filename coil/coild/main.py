@@ -97,6 +97,7 @@ class Coild:
         while True:                      # etcd may come up after us: wait for it
             try:
                 refuse_if_v1(self.store.etcd, "coild")   # never read or write a v1 store
+                self._refuse_another_nodes_table()
                 # liveness next: from now on coil-controller's guarded release
                 # of this node's blocks fails, so what load() reads stays ours
                 self.liveness.ensure()
@@ -131,6 +132,33 @@ class Coild:
         self.pools.start()
         threading.Thread(target=self.liveness.run, name="liveness", daemon=True).start()
         self.ready = True
+
+    def _refuse_another_nodes_table(self):
+        """Refuse to start (AlreadyExists) when the export table holds coil
+        routes of blocks that etcd gives to another node whose coild is
+        alive: another coild serves this network namespace under that name
+        (a wrong COIL_NODE_NAME here, or there), and reconciling would
+        remove its routes and its pods' veths. Costs one read of this node's
+        blocks when the table holds routes, and more only when some are
+        not this node's. A node renamed on purpose starts once the old
+        name's liveness lease has expired (--liveness-ttl)."""
+        from coil.errors import AlreadyExists
+        from coil.store import liveness
+        have = self.routes.current()
+        if not have:
+            return
+        foreign = have - {b.cidr for b in self.store.node_blocks(self.node)}
+        if not foreign:
+            return
+        owners = {b.cidr: b.node for b in self.store.all_blocks() if b.cidr in foreign}
+        for cidr, owner in sorted(owners.items()):
+            if owner != self.node and liveness.read(self.store.etcd, owner) is not None:
+                raise AlreadyExists(
+                    f"table {self.routes.table} of this network namespace holds the route of "
+                    f"block {cidr}, which node {owner!r} holds, and {owner!r}'s coild is "
+                    f"alive: another coild serves this namespace as {owner!r}",
+                    hint=f"the node name must be the Node's name (this coild was given "
+                         f"{self.node!r}); stop the other coild or fix COIL_NODE_NAME")
 
     def status(self) -> dict:
         """GET /status. v1's keys keep v1's shape: ``address-blocks`` (pool ->

@@ -115,6 +115,56 @@ def test_a_second_coild_on_the_plugin_socket_changes_nothing(node, tmp_path):
     assert alive(node.store, "node1-typo") is None
 
 
+def test_a_second_coild_under_another_name_with_free_listeners_changes_nothing(node,
+                                                                              tmp_path):
+    """Every listener of its own free, but the namespace's table 119 holds the
+    routes of node1's blocks and node1's coild is alive: the second coild
+    (a wrong COIL_NODE_NAME) refuses to start before it writes or removes
+    anything."""
+    node.store.create_pool("default", "10.154.0.0/24", 4)
+    node.start()
+    pod = node.new_pod()
+    rc, out = node.cni.call("add", pod, "c1", "default", "p1")
+    assert rc == 0, (out, node.coild.log())
+    host_veth = out["interfaces"][0]["name"]
+    block = node.store.node_blocks("node1")[0].cidr
+    before = alive(node.store)
+    second = second_coild(node, tmp_path, "node1-typo", http_port=9390)
+    second.start(wait=False)
+    assert second.proc.wait(60) == 1
+    log = second.log()
+    assert f"holds the route of block {block}, which node 'node1' holds" in log, log
+    assert "COIL_NODE_NAME" in log and "Traceback" not in log, log
+    assert "state loaded" not in log, log
+    now = alive(node.store)
+    assert (now.lease, now.mod_revision) == (before.lease, before.mod_revision)
+    assert alive(node.store, "node1-typo") is None
+    assert host_veth in node.ns.links()
+    assert block in node.ns.routes("route", "show", "table", "119")
+    rc, out = node.cni.call("check", pod, "c1", "default", "p1")
+    assert rc == 0, out
+
+
+def test_a_renamed_node_starts_once_the_old_names_lease_is_gone(node, tmp_path):
+    """The same table under a new name starts when the old name's coild is
+    gone (its liveness record expired): the old blocks' routes are removed."""
+    node.store.create_pool("default", "10.155.0.0/24", 4)
+    node.start()
+    pod = node.new_pod()
+    rc, out = node.cni.call("add", pod, "c1", "default", "p1")
+    assert rc == 0, out
+    block = node.store.node_blocks("node1")[0].cidr
+    node.coild.stop(signal.SIGKILL)
+    from coil.store import liveness
+    kv = liveness.read(node.store.etcd, "node1")
+    assert kv is not None and node.store.etcd.lease_revoke(kv.lease)   # the TTL, at once
+    renamed = second_coild(node, tmp_path, "node1-renamed", http_port=9391)
+    renamed.start()
+    assert block not in node.ns.routes("route", "show", "table", "119")
+    assert "state loaded" in renamed.log()
+    renamed.stop()
+
+
 # -- the live coild keeps its record ---------------------------------------------------
 def test_renewal_takes_back_a_record_written_under_another_lease(store):
     """Deterministic, no coild process: the keeper itself on a real etcd."""
