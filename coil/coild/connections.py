@@ -195,6 +195,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":
             self.send_error(400, "HTTP/0.9 requests are not served")
             return False
+        # the standard parser takes a header line without a colon (or a
+        # first line that continues nothing) as the end of the headers and
+        # the rest as a body; such a request is malformed, not a GET
+        if self.headers.defects or self.headers.get_payload():
+            self.send_error(400, "malformed header line: every header needs 'Name: value'")
+            return False
         return True
 
     def send_error(self, code, message=None, explain=None):

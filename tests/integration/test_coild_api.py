@@ -301,6 +301,11 @@ MALFORMED = [
      "Content-Length"),
     ("tcp", b"GET /ip/d\xc3\xa9/a/c HTTP/1.1\r\nHost: x\r\n\r\n", 400, "pod-namespace"),
     ("tcp", b"GET /ip/d\xff/a/c HTTP/1.1\r\nHost: x\r\n\r\n", 400, "UTF-8"),
+    # found by make chaos (fuzz seed of 2026-11-30): a header line without a
+    # colon was taken as the end of the headers, and the GET answered 200
+    ("tcp", b"GET /status/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nhPWHOalighY\r\n\r\n",
+     400, "header"),
+    ("unix", b"GET /status HTTP/1.1\r\n continues-nothing\r\nHost: x\r\n\r\n", 400, "header"),
 ]
 
 
