@@ -121,12 +121,15 @@ class Coild:
                 time.sleep(0.05)
         raise RuntimeError(f"coild did not start:\n{self.log()}")
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 4000) -> str:
+        """The end of coild's log (``tail`` characters; None: all of it);
+        empty when there is none."""
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()[-4000:]
+                text = f.read()
         except OSError:
             return ""
+        return text if tail is None else text[-tail:]
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
         if self.proc is None:

@@ -154,6 +154,59 @@ def auth_etcd_in_tmpdir(prefix: str = "coil-etcd-auth-"):
         yield server
 
 
+def fail_once(monkeypatch, obj, name, commit: bool):
+    """Make obj.name raise OutcomeUnknown once: after really doing it
+    (commit=True) or without doing it. Returns the list of the failed
+    call's arguments."""
+    from coil.errors import OutcomeUnknown
+    real = getattr(obj, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if calls:
+            return real(*args, **kwargs)
+        calls.append(args)
+        if commit:
+            real(*args, **kwargs)
+        raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+def unreachable_once(monkeypatch, obj, name):
+    """Make obj.name raise StoreUnavailable once, without doing it."""
+    from coil.errors import StoreUnavailable
+    real = getattr(obj, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if calls:
+            return real(*args, **kwargs)
+        calls.append(args)
+        raise StoreUnavailable("cannot reach etcd (injected)")
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+def hold_back_first_address_write(monkeypatch, etcd):
+    """Hold the first transaction that writes an address record (``ip/``
+    key) as a frozen etcd member would: it is not sent, and its caller gets
+    OutcomeUnknown. Returns (held, send): ``held`` gets the transaction's
+    (compares, success, failure); ``send(*held[0])`` sends it for real, late."""
+    from coil.errors import OutcomeUnknown
+    send, held = etcd.txn, []
+
+    def txn(compares, success, failure=()):
+        if not held and any(op[0] == "put" and op[1].startswith("ip/") for op in success):
+            held.append((compares, success, failure))
+            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
+        return send(compares, success, failure)
+    monkeypatch.setattr(etcd, "txn", txn)
+    return held, send
+
+
 def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
     """Poll ``cond`` until it returns something true; return that value."""
     deadline = time.monotonic() + timeout

@@ -688,11 +688,7 @@ class Hammer:
     def coild_tracebacks(self) -> list[str]:
         out = []
         for node in self.nodes:
-            try:
-                with open(node.coild.log_path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except OSError:
-                continue
+            text = node.coild.log(tail=None)
             for m in re.finditer(r"Traceback \(most recent call last\)", text):
                 out.append(f"{node.name}: {text[max(0, m.start() - 300):m.start() + 1500]}")
         return out
@@ -701,11 +697,7 @@ class Hammer:
         """How often each message appears in the coild logs (figures only)."""
         counts = dict.fromkeys(messages, 0)
         for node in self.nodes:
-            try:
-                with open(node.coild.log_path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except OSError:
-                continue
+            text = node.coild.log(tail=None)
             for m in messages:
                 counts[m] += text.count(m)
         return counts

@@ -18,8 +18,9 @@ import json
 
 import pytest
 
+from helpers import fail_once, hold_back_first_address_write, unreachable_once
 from coil.coild.allocator import NodeAllocator
-from coil.errors import OutcomeUnknown, StoreUnavailable
+from coil.errors import StoreUnavailable
 
 
 def release(alloc, container_id):
@@ -44,24 +45,8 @@ def test_del_after_an_add_with_unknown_outcome_frees_what_it_committed(store, mo
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     alloc.allocate("default", 4, "ns", "p0", "c0")
-    real_assign, real_fence = store.assign_address, store.fence_address
-    calls = {"assign": 0, "fence": 0}
-
-    def assign(*args, **kwargs):
-        calls["assign"] += 1
-        if calls["assign"] == 1:
-            real_assign(*args, **kwargs)              # committed; the answer is lost
-            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
-        return real_assign(*args, **kwargs)
-
-    def fence(*args, **kwargs):          # the read-back
-        calls["fence"] += 1
-        if calls["fence"] == 1:
-            raise StoreUnavailable("cannot reach etcd (injected)")
-        return real_fence(*args, **kwargs)
-
-    monkeypatch.setattr(store, "assign_address", assign)
-    monkeypatch.setattr(store, "fence_address", fence)
+    fail_once(monkeypatch, store, "assign_address", commit=True)   # the answer is lost
+    unreachable_once(monkeypatch, store, "fence_address")         # and the read-back fails
     with pytest.raises(StoreUnavailable):
         alloc.allocate("default", 4, "ns", "p1", "c1")
     assert held_by(store) == ["c0", "c1"]             # it did commit
@@ -85,17 +70,8 @@ def test_a_late_commit_cannot_bring_back_a_deleted_containers_address(store, mon
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     alloc.allocate("default", 4, "ns", "p0", "c0")
-    real_txn = store.etcd.txn
-    queued = []
-
-    def txn(compares, success, failure=()):
-        writes_address = any(op[0] == "put" and op[1].startswith("ip/") for op in success)
-        if writes_address and not queued:
-            queued.append((compares, success, failure))   # held at the frozen member
-            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
-        return real_txn(compares, success, failure)
-
-    monkeypatch.setattr(store.etcd, "txn", txn)
+    # held at the frozen member
+    queued, real_txn = hold_back_first_address_write(monkeypatch, store.etcd)
     alloc.allocate("default", 4, "ns", "p1", "c1")
     release(alloc, "c1")
     assert held_by(store) == ["c0"]

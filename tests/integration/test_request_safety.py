@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from harness import Netns
+from helpers import fail_once, hold_back_first_address_write, unreachable_once
 
 from coil.coild.allocator import NodeAllocator
 from coil.cni.protocol import MAGIC
@@ -281,38 +282,6 @@ def test_add_past_its_deadline_is_rolled_back(node):
 
 # -- unknown outcomes --------------------------------------------------------------------
 
-def fail_once(monkeypatch, obj, name, commit: bool):
-    """Make obj.name raise OutcomeUnknown once: after really doing it
-    (commit=True) or without doing it."""
-    real = getattr(obj, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        if calls:
-            return real(*args, **kwargs)
-        calls.append(args)
-        if commit:
-            real(*args, **kwargs)
-        raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
-
-    monkeypatch.setattr(obj, name, wrapped)
-    return calls
-
-
-def unreachable_once(monkeypatch, obj, name):
-    real = getattr(obj, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        if calls:
-            return real(*args, **kwargs)
-        calls.append(args)
-        raise StoreUnavailable("cannot reach etcd (injected)")
-
-    monkeypatch.setattr(obj, name, wrapped)
-    return calls
-
-
 @pytest.mark.parametrize("commit", [True, False])
 def test_assign_with_unknown_outcome(store, monkeypatch, commit):
     store.create_pool("default", "10.64.0.0/24", 4)
@@ -491,10 +460,6 @@ def test_reload_keeps_changes_made_while_it_reads(node):
 
 # -- the fence: an unknown address write can never commit after its read-back --------
 
-def ip_writes(success) -> bool:
-    return any(op[0] == "put" and op[1].startswith("ip/") for op in success)
-
-
 def count_loads(monkeypatch, alloc) -> list:
     real, calls = alloc.load, []
 
@@ -516,16 +481,7 @@ def test_a_held_back_assignment_fails_its_guard_after_the_fence(store, monkeypat
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     alloc.allocate("default", 4, "ns", "p0", "c0")
-    real_txn = store.etcd.txn
-    held_back = []
-
-    def txn(compares, success, failure=()):
-        if not held_back and ip_writes(success):
-            held_back.append((compares, success, failure))      # not sent (yet)
-            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
-        return real_txn(compares, success, failure)
-
-    monkeypatch.setattr(store.etcd, "txn", txn)
+    held_back, real_txn = hold_back_first_address_write(monkeypatch, store.etcd)
     loads = count_loads(monkeypatch, alloc)
     rec = alloc.allocate("default", 4, "ns", "p1", "c1")       # fenced: not committed
     assert held_back
@@ -616,16 +572,7 @@ def test_a_reload_keeps_an_unfenced_slot_until_a_fence_decides_it(store, monkeyp
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     alloc.allocate("default", 4, "ns", "p0", "c0")
-    real_txn = store.etcd.txn
-    held_back = []
-
-    def txn(compares, success, failure=()):
-        if not held_back and ip_writes(success):
-            held_back.append((compares, success, failure))
-            raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
-        return real_txn(compares, success, failure)
-
-    monkeypatch.setattr(store.etcd, "txn", txn)
+    held_back, real_txn = hold_back_first_address_write(monkeypatch, store.etcd)
     unreachable_once(monkeypatch, store, "fence_address")
     with pytest.raises(StoreUnavailable):
         alloc.allocate("default", 4, "ns", "p1", "c1")
