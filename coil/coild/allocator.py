@@ -578,10 +578,11 @@ class NodeAllocator:
         delete compares its record's own revision, so a batch that commits
         late can only delete those very records, and a record it already
         deleted is simply not found again."""
-        if len(recs) == 1 or any(not r.revision for r in recs):
-            for rec in recs:
-                self._release_one(rec)
-            return [True] * len(recs)
+        if len(recs) == 1:
+            self._release_one(recs[0])
+            return [True]
+        if any(not r.revision for r in recs):     # each its own unguarded release
+            return [False] * len(recs)
         self._reached("release-batch")
         try:
             ok = self.store.release_addresses([(r.block, r.offset, r.revision) for r in recs])

@@ -10,6 +10,7 @@ import pytest
 
 from coil.coild.allocator import ALLOCATE_ATTEMPTS, NodeAllocator
 from coil.errors import AlreadyExists, Conflict, PoolExhausted
+from helpers import wait_for
 
 
 def test_threads_get_unique_addresses_and_blocks_grow(store):
@@ -179,11 +180,8 @@ def _release_all(alloc, recs):
 
 
 def _queued(alloc, n):
-    import time
-    deadline = time.monotonic() + 30
-    while len(alloc._releases._queue) < n:
-        assert time.monotonic() < deadline, "releases did not queue"
-        time.sleep(0.001)
+    wait_for(lambda: len(alloc._releases._queue) >= n, interval=0.001,
+             what=f"{n} releases queued")
 
 
 @pytest.mark.parametrize("fault", ["none", "unknown-not-committed", "unknown-committed",

@@ -6,18 +6,16 @@ first commit is held on an event until the others are queued."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from coil.coild.groupcommit import GroupCommit
+from helpers import wait_for
 
 
-def queued(gc: GroupCommit, n: int, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while len(gc._queue) < n:
-        assert time.monotonic() < deadline, f"{len(gc._queue)} of {n} callers queued"
-        time.sleep(0.001)
+def queued(gc: GroupCommit, n: int):
+    wait_for(lambda: len(gc._queue) >= n, timeout=10, interval=0.001,
+             what=f"{n} callers queued")
 
 
 class Held:
