@@ -50,6 +50,7 @@ build: core kube-apiserver
 test: build
 	COIL_STRICT=1 COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest tests -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
 	COIL_STRICT=1 COIL_PURE_PYTHON=1 $(VENV)/bin/pytest tests/integration/test_coild_cni.py tests/integration/test_allocator.py \
+	  tests/integration/test_teardown.py \
 	  -p no:cacheprovider -q -rfEs $(PYTEST_ARGS)
 	COIL_STRICT=1 COIL_REQUIRE_FAST=1 $(VENV)/bin/pytest bench -p no:cacheprovider -q --benchmark-disable -m "not slow"
 

@@ -54,15 +54,30 @@ class Netns:
         run("ip", "netns", "delete", self.name, check=False)
 
     def links(self) -> list[str]:
+        """The links in service: those a DEL retired (coild's retired link
+        group, deleted by its queue within --teardown-delay) left out."""
+        from coil.coild.podnet import RETIRED_GROUP
+        return [name for name, group in self._links() if group != str(RETIRED_GROUP)]
+
+    def all_links(self) -> list[str]:
+        """Every link, retired ones too."""
+        return [name for name, _ in self._links()]
+
+    def _links(self) -> list[tuple[str, str]]:
         out = self.exec("ip", "-o", "link", "show").stdout
-        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        found = []
+        for line in out.splitlines():
+            words = line.split()
+            group = words[words.index("group") + 1] if "group" in words else "default"
+            found.append((line.split(":")[1].strip().split("@")[0], group))
+        return found
 
     def routes(self, *args) -> str:
         return self.exec("ip", *args).stdout
 
     def retired(self) -> list[str]:
         """Links waiting in coild's deletion queue (its retired link group)."""
-        from coil.coild.teardown import RETIRED_GROUP
+        from coil.coild.podnet import RETIRED_GROUP
         out = self.exec("ip", "-o", "link", "show", "group", str(RETIRED_GROUP)).stdout
         return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 

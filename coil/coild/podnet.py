@@ -11,7 +11,7 @@ netlink request, ~3 ms) instead of creating it there and moving one end out
 Deleting a veth costs the kernel ~20 ms of RCU grace periods, whoever asks;
 deleting many in one request costs about the same as deleting one. So DEL
 does not delete: ``retire`` takes the pair out of service at once (routes
-gone, names freed) and puts the host end in a link group that
+gone, both ends down) and puts both ends in a link group that
 ``coil.coild.teardown`` deletes in batches.
 """
 
@@ -35,8 +35,12 @@ GATEWAY6 = "fe80::1"
 ATTACHMENT_METRIC = 1024
 #: the host ends coil makes: "veth" + 11 hex digits (see host_veth_name)
 HOST_VETH_RE = re.compile(r"veth[0-9a-f]{11}")
-#: what a retired veth end is renamed to: "cdel" + 11 random hex digits
+#: what a retired veth end is renamed to when its name is wanted again
+#: before the deletion queue flushed it: "cdel" + 11 random hex digits
 RETIRED_PREFIX = "cdel"
+#: the link group of retired veth ends ("coil" in ASCII); both ends of a
+#: retired pair carry it (the pod end in the pod's namespace)
+RETIRED_GROUP = 0x636F696C
 
 
 def host_veth_name(container_id: str, ifname: str, network: str) -> str:
@@ -89,7 +93,8 @@ def _route_add_beside(nl, dst, dst_len, oif, gateway, scope):
 
 
 def retired_name() -> str:
-    """A fresh name for a retired veth end (not a host-veth name)."""
+    """A fresh name for a retired veth end whose name is wanted again (not
+    a host-veth name)."""
     return f"{RETIRED_PREFIX}{random.getrandbits(44):011x}"
 
 
@@ -123,8 +128,9 @@ class PodNetwork:
     ``host_netns`` is where the host ends live (None: coild's own).
     """
 
-    def __init__(self, host_netns=None):
+    def __init__(self, host_netns=None, retired_group: int = RETIRED_GROUP):
         self.host_netns = host_netns
+        self.retired_group = retired_group
 
     def _host_nl(self):
         # one handle per operation: cheap (~20 us) and safe across threads,
@@ -139,24 +145,41 @@ class PodNetwork:
         with ns_handle(netns_path) as fd, open_netlink(fd) as pod_nl, self._host_nl() as h:
             # create first; only a name that is taken (EEXIST) costs a look:
             # every request here waits for the node's RTNL lock
-            for attempt in (1, 2):
+            for attempt in (1, 2, 3):
                 try:
                     host_index = h.veth_add(host_name, ifname, peer_netns=fd, mtu=mtu)
                     break
                 except NetlinkError as exc:
-                    if exc.errno != errno.EEXIST or attempt == 2:
+                    if exc.errno != errno.EEXIST or attempt == 3:
                         raise
-                    if pod_nl.link_get(ifname) is not None:
-                        raise NetlinkError(f"creating interface {ifname} in {netns_path}",
-                                           errno.EEXIST,
-                                           hint="the container already has this interface"
-                                           ) from None
-                    h.link_del(host_name)     # leftover of an earlier try
+                    self._free_names(h, pod_nl, host_name, ifname, netns_path)
             try:
                 return self._wire(h, pod_nl, host_index, ifname, addresses)
             except BaseException:
                 h.link_del(host_name)
                 raise
+
+    def _free_names(self, h, pod_nl, host_name, ifname, netns_path):
+        """After EEXIST from creating the pair: free ``ifname`` in the pod's
+        namespace when a retired pair holds it (a DEL of this namespace's
+        earlier attachment, not flushed yet: renamed away, the queue still
+        deletes it), and ``host_name`` in the node's namespace (retired:
+        renamed away; a leftover of an earlier try of this attachment:
+        deleted). Raises NetlinkError(EEXIST) when the container has a live
+        interface ``ifname``."""
+        pod_link = pod_nl.link_get(ifname)
+        if pod_link is not None:
+            if pod_link.group != self.retired_group:
+                raise NetlinkError(f"creating interface {ifname} in {netns_path}",
+                                   errno.EEXIST,
+                                   hint="the container already has this interface") from None
+            self._rename_away(pod_nl, pod_link.index)
+        host = h.link_get(host_name)
+        if host is not None:
+            if host.group == self.retired_group:
+                self._rename_away(h, host.index)
+            else:
+                h.link_del(host_name)     # leftover of an earlier try
 
     @staticmethod
     def _wire(h, pod_nl, host_index, ifname, addresses) -> dict:
@@ -228,18 +251,21 @@ class PodNetwork:
            through it; that one existed is what makes the host end this
            attachment's - no dump of the routing table): nothing routes the
            addresses once this returns, so the caller may release them;
-        2. the host end is renamed (``cdel...``) and put in link group
-           ``group``: from here on a crash still ends in its deletion (coild
-           deletes the group when it starts), and ``host_name`` is free for
-           the pod's next ADD;
-        3. the pod's ``ifname`` (if its namespace is still there) is renamed
-           and set down, which flushes its routes: the runtime may ADD the
-           same ifname in the same namespace at once.
+        2. the host end is set down and put in link group ``group``, keeping
+           its name: from here on a crash still ends in its deletion (coild
+           deletes the group when it starts); an ADD that wants the name
+           before that renames it away (``setup``);
+        3. the pod's ``ifname`` (if its namespace is still there) is set
+           down, which flushes its routes, and put in ``group`` too: an ADD
+           of the same ifname in the same namespace recognises it as retired.
+        No rename: renaming a device makes the kernel re-register its
+        sysctl tables under RTNL, twice per DEL.
         When the host end is not found (or is not this container's), the
-        pod's ``ifname`` is deleted at once as before (the pair goes with it).
-        A crash between 1 and 2 leaves a host end without routes under its
-        old name: the DEL was not answered, and its retry finds no route
-        through it and deletes the pod's ``ifname`` (the pair with it).
+        pod's ``ifname`` is deleted at once as before (the pair goes with it),
+        unless it is retired already (a repeated DEL).
+        A crash between 1 and 2 leaves a host end without routes: the DEL was
+        not answered, and its retry finds no route through it and deletes the
+        pod's ``ifname`` (the pair with it).
 
         Returns "retired" (the pair waits in ``group``), "deleted" (removed
         now) or "" (nothing was there). Safe to repeat; a link that vanishes
@@ -262,21 +288,26 @@ class PodNetwork:
                 if routed:                   # this attachment's: its routes went through it
                     host = link
                     break
-            if host is not None and not self._retire_link(h, host.index, group=group):
-                host = None                  # gone meanwhile
-        pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)
+            if host is not None:
+                try:
+                    h.link_set(host.index, group=group, up=False)
+                except NetlinkError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
+                    host = None              # gone meanwhile
+        pod_done = self._retire_pod_side(netns_path, ifname, group, delete=host is None)
         if host is not None:
             return "retired"
         return "deleted" if pod_done else ""
 
     @staticmethod
-    def _retire_link(nl, index: int, group: int | None = None, down: bool = False) -> bool:
-        """Rename link ``index`` to a fresh retired name (and put it in
-        ``group`` / set it down) in one request. False when it is gone."""
+    def _rename_away(nl, index: int) -> bool:
+        """Rename retired link ``index`` to a fresh ``cdel...`` name (its
+        group stays, so the queue still deletes it), freeing its name for a
+        new pair. False when it is gone (flushed meanwhile)."""
         for _ in range(4):
             try:
-                nl.link_set(index, name=retired_name(), group=group,
-                            up=False if down else None)
+                nl.link_set(index, name=retired_name())
                 return True
             except NetlinkError as exc:
                 if exc.errno == errno.ENODEV:
@@ -292,19 +323,29 @@ class PodNetwork:
                     continue
                 if exc.errno != errno.EEXIST:   # name taken: draw another
                     raise
-        raise NetlinkError(f"renaming link index {index} for deletion", errno.EEXIST)
+        raise NetlinkError(f"renaming retired link index {index}", errno.EEXIST)
 
-    def _retire_pod_side(self, netns_path, ifname, delete: bool) -> bool:
+    def _retire_pod_side(self, netns_path, ifname, group, delete: bool) -> bool:
         if not (netns_path and ifname and os.path.exists(netns_path)):
             return False
         with ns_handle(netns_path, missing_ok=True) as fd:
             if fd is None:
                 return False                      # deleted meanwhile
             with open_netlink(fd) as pod_nl:
+                link = pod_nl.link_get(ifname)
+                if link is None or link.group == group:
+                    return False                  # gone, or retired by an earlier DEL
                 if delete:
                     return pod_nl.link_del(ifname)
-                link = pod_nl.link_get(ifname)
-                return link is not None and self._retire_link(pod_nl, link.index, down=True)
+                try:
+                    # down: the kernel flushes its routes, so another
+                    # attachment's (net1's) take the pod's traffic at once
+                    pod_nl.link_set(link.index, group=group, up=False)
+                except NetlinkError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
+                    return False
+                return True
 
     @staticmethod
     def _routes_to(h, index: int, addresses: list[str]) -> bool:

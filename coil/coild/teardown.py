@@ -5,12 +5,20 @@ Deleting one veth costs the kernel ~20 ms (RCU grace periods in
 RTNL lock. One RTM_DELLINK by link group deletes a whole group as one batch
 (one ``unregister_netdevice_many()``) for about the price of one. So a DEL:
 
-1. retires the pair synchronously (``PodNetwork.retire``): the host end is
-   renamed and put in the *retired* link group ``group``; its routes to the
-   pod's addresses are deleted; the pod's interface is renamed and set
-   down. Nothing routes the pod's addresses any more and the names are free;
+1. retires the pair synchronously (``PodNetwork.retire``): the host end's
+   routes to the pod's addresses are deleted, then both ends are set down
+   and put in the *retired* link group (``PodNetwork.retired_group``) under
+   their names - no rename, which costs the kernel a re-registration of the
+   device's sysctl tables under RTNL. Nothing routes the pod's addresses any
+   more and the pod's other attachments take its traffic;
 2. releases the addresses in etcd (the caller, after 1);
 3. answers success, and this queue deletes the group later.
+
+A retired end keeps its name until the flush. An ADD that needs the name
+again before that - the same attachment, or the same ifname in a namespace
+the runtime kept - gets EEXIST, finds the holder in the retired group and
+renames it to ``cdel...`` (it stays in the group), then creates its pair
+(``PodNetwork.setup``). A live interface of that name is refused as before.
 
 Flush triggers (one RTM_DELLINK for the whole group each time):
 - size: ``batch`` links retired since the last flush;
@@ -26,6 +34,7 @@ host veths that no address record accounts for.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -35,8 +44,6 @@ from coil.errors import NetlinkError
 
 log = logging.getLogger("coild.teardown")
 
-#: the link group of retired veth host ends ("coil" in ASCII)
-RETIRED_GROUP = 0x636F696C
 DEFAULT_BATCH = 32
 DEFAULT_DELAY = 0.1
 
@@ -52,14 +59,13 @@ class TeardownQueue:
     """
 
     def __init__(self, podnet: PodNetwork, batch: int = DEFAULT_BATCH,
-                 delay: float = DEFAULT_DELAY, group: int = RETIRED_GROUP,
-                 clock=time.monotonic):
+                 delay: float = DEFAULT_DELAY, clock=time.monotonic):
         if batch < 1:
             raise ValueError("batch must be >= 1")
         self.podnet = podnet
         self.batch = batch
         self.delay = delay
-        self.group = group
+        self.group = podnet.retired_group     # ADD frees names of this group too
         self._clock = clock
         self._cond = threading.Condition()
         self._flush_lock = threading.Lock()
@@ -179,9 +185,14 @@ class TeardownQueue:
                         if (a.address, a.prefixlen) in (("169.254.1.1", 32), ("fe80::1", 64))}
             strays = [link for link in h.link_list()
                       if link.kind == "veth" and HOST_VETH_RE.fullmatch(link.name)
-                      and link.index in gateways and link.name not in keep]
+                      and link.index in gateways and link.name not in keep
+                      and link.group != self.group]
             for link in strays:
-                PodNetwork._retire_link(h, link.index, group=self.group)
+                try:
+                    h.link_set(link.index, group=self.group)
+                except NetlinkError as exc:
+                    if exc.errno != errno.ENODEV:       # else gone meanwhile
+                        raise
         if strays:
             self.flush()
             log.info("removed veths of addresses no longer held",

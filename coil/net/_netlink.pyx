@@ -65,6 +65,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOCK_RAW
     int SOCK_CLOEXEC
     int MSG_TRUNC
+    int MSG_DONTWAIT
 
 cdef extern from "<linux/netlink.h>" nogil:
     struct sockaddr_nl:
@@ -543,6 +544,7 @@ cdef class Netlink:
         cdef int32_t err
         cdef uint32_t seq
         cdef bint intr = False
+        cdef bint first = True
         cdef const char *m
         cdef int fd
         self._lock()
@@ -566,9 +568,21 @@ cdef class Netlink:
                     return e
                 PyErr_CheckSignals()
             while True:
-                with nogil:
-                    n = recv(fd, self.rbuf, RECV_SIZE, MSG_TRUNC)
+                # rtnetlink queues the answer (a dump: its first part) while
+                # send() runs, in the sender's context: read it holding the
+                # GIL, which saves two GIL hand-overs per request. A dump's
+                # later parts are made in recv() (which may wait for RTNL)
+                # and are read without it, as is anything not queued yet.
+                n = -1
+                e = _errno.EAGAIN
+                if first:
+                    first = False
+                    n = recv(fd, self.rbuf, RECV_SIZE, MSG_TRUNC | MSG_DONTWAIT)
                     e = errno
+                if n < 0 and e == _errno.EAGAIN:
+                    with nogil:
+                        n = recv(fd, self.rbuf, RECV_SIZE, MSG_TRUNC)
+                        e = errno
                 if n < 0:
                     if e == 4:  # EINTR: let Python handlers run, then retry
                         PyErr_CheckSignals()

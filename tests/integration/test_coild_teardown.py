@@ -124,8 +124,9 @@ def test_add_straight_after_del_same_container_netns_ifname(cluster, namespace):
     assert ip == first
     assert cluster.cni.call("check", pod, "c1", "default", "c1") == (0, None)
     assert ping(cluster.node, ip) and ping(pod, "169.254.1.1")
-    if namespace == "kept":                         # the old end waits in the namespace, down
-        assert [l for l in pod.links() if l.startswith("cdel")]
+    if namespace == "kept":          # the old end waits in the namespace, renamed, down
+        (old,) = [l for l in pod.all_links() if l not in pod.links()]
+        assert old.startswith("cdel") and pod.retired() == [old]
     # deleting the old pair disturbs nothing of the new one
     assert cluster.coild.stop() == 0
     assert cluster.node.retired() == [] and sorted(pod.links()) == ["eth0", "lo"]

@@ -45,6 +45,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from coil.cni import protocol
+from coil.coild.podnet import RETIRED_GROUP
+from coil.net import open_netlink
 from harness import Coild, Netns, plugin_binary
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -168,22 +170,22 @@ def etcd_dump(n) -> dict:
     return {kv.key: kv.value for kv in kvs}
 
 
-def links(netns: Netns) -> list[str]:
-    """The namespace's interface names (if_nameindex on this thread, switched
-    into the namespace: no process per look)."""
-    from coil.net.ns import in_netns
-    with in_netns(netns.path):
-        return sorted(name for _, name in socket.if_nameindex())
+def links(netns: Netns, retired: bool = False) -> list[str]:
+    """The namespace's interface names (one netlink dump, no process per
+    look); with ``retired``, only those a DEL retired (coild's retired link
+    group, deleted by its queue within a moment)."""
+    with open_netlink(netns.path) as nl:
+        return sorted(link.name for link in nl.link_list()
+                      if not retired or link.group == RETIRED_GROUP)
 
 
 def settled_links(netns: Netns, want: list[str] | None = None) -> list[str]:
-    """The namespace's links once the pairs a DEL retired ("cdel...", deleted
-    by coild's queue within a moment) are gone, or as they are after 10 s."""
+    """The namespace's links once the pairs a DEL retired are gone, or as
+    they are after 10 s."""
     deadline = time.monotonic() + 10
     while True:
         now = links(netns)
-        if now == want or time.monotonic() > deadline or \
-                not any(name.startswith("cdel") for name in now):
+        if now == want or time.monotonic() > deadline or not links(netns, retired=True):
             return now
         time.sleep(0.02)
 

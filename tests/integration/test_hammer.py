@@ -66,6 +66,7 @@ import uuid
 
 import pytest
 
+from coil.coild.podnet import RETIRED_GROUP
 from harness import CNI, Coild, Netns, coil_conflist, plugin_binary
 from helpers import EtcdCluster, wait_for
 
@@ -155,7 +156,8 @@ def ip_json(netns: str, *args) -> list:
     return json.loads(r.stdout) if r.stdout.strip() else []
 
 
-RETIRED = "cdel"      # a DEL renames the pair so; coild's deletion queue removes it soon
+# a DEL puts the pair in this link group; coild's deletion queue removes it soon
+RETIRED = str(RETIRED_GROUP)
 
 
 def pod_interfaces(netns: str, retired: bool = False) -> dict:
@@ -163,7 +165,7 @@ def pod_interfaces(netns: str, retired: bool = False) -> dict:
     DEL retired, left out)."""
     out = {}
     for link in ip_json(netns, "addr", "show"):
-        if link["ifname"] == "lo" or (not retired and link["ifname"].startswith(RETIRED)):
+        if link["ifname"] == "lo" or (not retired and link.get("group") == RETIRED):
             continue
         out[link["ifname"]] = sorted(a["local"] for a in link.get("addr_info", [])
                                      if a.get("family") == "inet")
@@ -602,8 +604,9 @@ class Hammer:
         def gone():
             left = [(ns, name) for ns in [n.netns.name for n in self.nodes] +
                     [s.netns.name for s in self.slots]
-                    for name in (link["ifname"] for link in ip_json(ns, "link", "show"))
-                    if name.startswith(RETIRED)]
+                    for name, group in ((link["ifname"], link.get("group"))
+                                        for link in ip_json(ns, "link", "show"))
+                    if group == RETIRED]
             self.retired_left = left
             return not left
         try:

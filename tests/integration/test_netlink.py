@@ -630,6 +630,22 @@ def test_routes_main_and_custom_tables(nlmod, routed):
     assert "default via fe80::2 dev vethrt proto 30" in out
 
 
+def test_dump_spanning_many_reads(nlmod, routed, tmp_path):
+    """A dump larger than one read (5,000 routes: the kernel sends it in
+    parts, the first queued while the request is sent, the others made as
+    they are read) comes back whole, and the handle serves the next request."""
+    nl, index, node = routed
+    batch = "".join(f"route add 10.65.{i >> 8}.{i & 255}/32 dev vethrt table {TABLE} "
+                    f"proto {PROTO} scope link\n" for i in range(5000))
+    (tmp_path / "routes").write_text(batch)
+    node.run("ip", "-batch", str(tmp_path / "routes"), check=True)
+    got = nl.route_list(family=socket.AF_INET, table=TABLE)
+    assert len(got) == 5000 and len({r.dst for r in got}) == 5000
+    assert all(r.oif == index and r.protocol == PROTO for r in got)
+    nl.route_add("10.66.0.1", 32, oif=index, scope=nlmod.RT_SCOPE_LINK)
+    assert [r.dst for r in nl.route_list(table=254) if r.dst == "10.66.0.1"] == ["10.66.0.1"]
+
+
 def test_route_add_existing_keeps_errno(nlmod, routed):
     nl, index, _ = routed
     nl.route_add("10.1.0.0", 27, oif=index, table=TABLE, protocol=PROTO)

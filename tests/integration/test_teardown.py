@@ -13,7 +13,8 @@ import subprocess
 import pytest
 
 from coil.coild.podnet import PodNetwork, legacy_host_veth_name
-from coil.coild.teardown import RETIRED_GROUP, TeardownQueue
+from coil.coild.podnet import RETIRED_GROUP
+from coil.coild.teardown import TeardownQueue
 
 pytestmark = pytest.mark.root
 
@@ -65,35 +66,86 @@ def _retire(queue, i, ns, ip):
     return queue.delete(ns.path, "eth0", legacy_host_veth_name("default", f"p{i}"), [ip])
 
 
-def test_retire_frees_names_and_routes_at_once(node):
+def _retired(links: dict[str, str]) -> dict[str, str]:
+    """The links of ``_links`` in the retired group."""
+    return {name: line for name, line in links.items() if f"group {RETIRED_GROUP}" in line}
+
+
+def test_retire_takes_the_pair_out_of_service_at_once(node):
     pod, ip = node.pod(1)
     host = legacy_host_veth_name("default", "p1")
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     assert _retire(q, 1, pod, ip) is True
     assert q.pending() == 1 and q.flushes_total == 0
-    links = _links(node)
-    # the host end waits in the retired group under another name, routing nothing
-    assert host not in links
-    retired = [name for name, line in links.items() if f"group {RETIRED_GROUP}" in line]
-    assert len(retired) == 1 and retired[0].startswith("cdel")
+    # the host end waits in the retired group under its name, down, routing nothing
+    retired = _retired(_links(node))
+    assert list(retired) == [host] and "state DOWN" in retired[host]
     assert ip not in _routes(node)
-    # the pod's end: renamed, down, its routes flushed; eth0 is free
-    pod_links = _links(pod)
-    assert "eth0" not in pod_links
-    (old,) = [name for name in pod_links if name.startswith("cdel")]
-    assert "state DOWN" in pod_links[old]
+    # the pod's end: in the retired group too, down, its routes flushed
+    pod_retired = _retired(_links(pod))
+    assert list(pod_retired) == ["eth0"] and "state DOWN" in pod_retired["eth0"]
     assert _routes(pod) == ""
-    # the runtime kept the namespace: the same ifname comes back at once, and works
-    node.podnet.setup(pod.path, "eth0", host, [ip])
-    assert _ping(node, ip)
-    # the batch deletes the old pair only
+    assert not _ping(node, ip)
+    # the batch deletes the pair
     assert q.flush() is True
-    assert set(_links(node)) == {"lo", host}
-    assert set(_links(pod)) == {"lo", "eth0"}
-    assert _ping(node, ip)
+    assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
     assert q.flush() is False                      # nothing left
     # repeating the DEL after the deletion finds nothing to do
-    assert q.delete(pod.path, "eth9", legacy_host_veth_name("default", "gone"), [ip]) is False
+    assert _retire(q, 1, pod, ip) is False
+
+
+def test_add_again_before_the_flush_takes_the_names_back(node):
+    """The runtime kept the namespace and ADDs the same attachment (same
+    host-end name, same ifname) before the queue flushed: ADD renames the
+    retired ends out of the way (they stay in the group) and wires a new
+    pair; the flush then deletes the old pair only."""
+    pod, ip = node.pod(1)
+    host = legacy_host_veth_name("default", "p1")
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    assert _retire(q, 1, pod, ip) is True
+    old_index = {name: line.split(":")[0] for name, line in _links(pod).items()}["eth0"]
+    node.podnet.setup(pod.path, "eth0", host, [ip])
+    assert _ping(node, ip)
+    for ns, live in ((node, host), (pod, "eth0")):
+        links = _links(ns)
+        assert live in links and live not in _retired(links)
+        (renamed,) = _retired(links)
+        assert renamed.startswith("cdel")
+    (renamed,) = _retired(_links(pod))
+    assert _links(pod)[renamed].split(":")[0] == old_index     # the old end, renamed
+    assert q.flush() is True
+    assert set(_links(node)) == {"lo", host} and set(_links(pod)) == {"lo", "eth0"}
+    assert _ping(node, ip)
+    node.podnet.check(pod.path, "eth0", host, [ip])
+
+
+def test_add_again_after_the_runtime_made_a_new_namespace(node, netns_factory):
+    """The same attachment comes back in a new namespace before the flush:
+    only the host-end name is taken (by the retired end), and the new pair
+    is made beside it."""
+    pod, ip = node.pod(1)
+    host = legacy_host_veth_name("default", "p1")
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    assert _retire(q, 1, pod, ip) is True
+    new = netns_factory(lo_up=True)
+    node.podnet.setup(new.path, "eth0", host, [ip])
+    assert _ping(node, ip)
+    assert [n for n in _retired(_links(node))][0].startswith("cdel")
+    assert q.flush() is True
+    assert set(_links(node)) == {"lo", host} and set(_links(pod)) == {"lo"}
+    assert set(_links(new)) == {"lo", "eth0"} and _ping(node, ip)
+
+
+def test_del_repeated_before_the_flush_leaves_the_queue_its_pair(node):
+    """A DEL retried before the flush finds the host end routing nothing
+    and the pod's ifname retired: nothing is deleted synchronously."""
+    pod, ip = node.pod(1)
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    assert _retire(q, 1, pod, ip) is True
+    before = (_links(node), _links(pod))
+    assert _retire(q, 1, pod, ip) is False
+    assert (_links(node), _links(pod)) == before and q.pending() == 1
+    assert q.flush() is True and set(_links(pod)) == {"lo"}
 
 
 def test_size_trigger_deletes_one_batch(node):
@@ -195,7 +247,9 @@ def test_pod_namespace_already_gone(node):
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     q.delete(pod.path, "eth0", legacy_host_veth_name("default", "p1"), [ip])
     assert ip not in _routes(node)
-    assert legacy_host_veth_name("default", "p1") not in _links(node)
+    host = legacy_host_veth_name("default", "p1")
+    # the kernel deleted the pair with the namespace, or the end waits retired
+    assert host not in _links(node) or host in _retired(_links(node))
     q.close()
     assert set(_links(node)) == {"lo"}
 
@@ -215,6 +269,7 @@ def test_retire_dual_stack_and_add_again(node):
     assert q.delete(pod.path, "eth0", host, addrs) is True
     assert "10.77.0.6" not in _routes(node) and "fd00:77::6" not in _routes(node, "-6")
     assert _routes(pod) == "" and "fd00:77::6" not in _routes(pod, "-6")
+    assert not _ping(node, "10.77.0.6")
     node.podnet.setup(pod.path, "eth0", host, addrs)
     q.flush()
     assert set(_links(node)) == {"lo", host} and set(_links(pod)) == {"lo", "eth0"}
@@ -237,7 +292,7 @@ def test_retire_leaves_a_host_end_that_is_not_the_containers(node):
     assert q.pending() == 0 and q.retired_total == 0
     assert host in _links(node) and other_ip in _routes(node)
     assert "eth0" not in _links(mine)             # deleted at once, the pair with it
-    assert not [n for n, line in _links(node).items() if f"group {RETIRED_GROUP}" in line]
+    assert not _retired(_links(node))
     assert _ping(node, other_ip)
     node.podnet.check(other.path, "eth0", host, [other_ip])
 
