@@ -10,6 +10,7 @@ import pytest
 
 from coil.coild.allocator import ALLOCATE_ATTEMPTS, NodeAllocator
 from coil.errors import AlreadyExists, Conflict, PoolExhausted
+from coil.store import keys
 from helpers import wait_for
 
 
@@ -204,6 +205,8 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     def many(items):
         items = list(items)
         batches.append(items)
+        if len(batches) > 1:              # the retries' batches: as they are
+            return real_many(items)
         if fault == "unknown-not-committed":
             raise OutcomeUnknown("deadline exceeded (test)")
         if fault == "unknown-committed":
@@ -231,3 +234,105 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     # the freed slots are reused
     again = [alloc.allocate("default", 4, "ns", f"q{i}", f"d{i}") for i in range(9)]
     assert len({a.address for a in again} | {keep.address}) == 10
+
+
+# -- ADDs under churn: one transaction for the address writes that queue -----------
+
+def _held_first_assign(alloc, monkeypatch):
+    """Hold the first address write in flight (a pause point inside its
+    one-record transaction) so that the next ones queue behind it."""
+    entered, go = threading.Event(), threading.Event()
+    real = alloc.store.assign_address
+
+    def held(*args, **kw):
+        if not entered.is_set():
+            entered.set()
+            assert go.wait(30)
+        return real(*args, **kw)
+    monkeypatch.setattr(alloc.store, "assign_address", held)
+    return entered, go
+
+
+def _allocate_all(alloc, names):
+    out, errors, threads = {}, [], []
+    for name in names:
+        def call(name=name):
+            try:
+                out[name] = alloc.allocate("default", 4, "ns", name, f"c-{name}")
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+        threads.append(threading.Thread(target=call))
+        threads[-1].start()
+    return out, errors, threads
+
+
+@pytest.mark.parametrize("fault", ["none", "one-taken", "block-moved", "unknown-not-committed",
+                                   "unknown-committed"])
+def test_queued_address_writes_go_out_in_one_transaction(store, monkeypatch, fault):
+    """Address writes that queue behind one in flight are committed by one
+    guarded transaction. When a compare of that transaction fails (a slot
+    taken or the block moved behind the allocator's back), each writes on
+    its own; when its outcome is unknown (committed or not), each fences and
+    reads back its own slot. Every ADD ends with one address of its own,
+    recorded once; the slot somebody else took stays theirs."""
+    from coil.errors import OutcomeUnknown
+    store.create_pool("default", "10.53.0.0/24", 5)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    warm = alloc.allocate("default", 4, "ns", "warm", "c-warm")    # the node holds a block
+    entered, go = _held_first_assign(alloc, monkeypatch)
+    batches, intruder = [], []
+    real_many = store.assign_addresses
+
+    def many(items):
+        items = list(items)
+        batches.append(items)
+        if len(batches) > 1:              # the retries' batches: as they are
+            return real_many(items)
+        if fault == "unknown-not-committed":
+            raise OutcomeUnknown("deadline exceeded (test)")
+        if fault == "unknown-committed":
+            real_many(items)
+            raise OutcomeUnknown("connection lost after the commit (test)")
+        if fault == "one-taken":          # another writer took one of the slots meanwhile
+            block, offset = items[0][0], items[0][1]
+            intruder.append(store.assign_address(block, offset, "other", "intruder", "c-x"))
+        if fault == "block-moved":        # e.g. a fence of another request moved it on
+            block = items[0][0]
+            store.etcd.txn([], [("touch", keys.block(block.pool, block.cidr))])
+        return real_many(items)
+    monkeypatch.setattr(store, "assign_addresses", many)
+
+    first, errors, threads = _allocate_all(alloc, ["a0"])
+    assert entered.wait(30)
+    rest, more_errors, more = _allocate_all(alloc, [f"a{i}" for i in range(1, 9)])
+    wait_for(lambda: len(alloc._assigns._queue) >= 8, interval=0.001, what="8 writes queued")
+    go.set()
+    for t in threads + more:
+        t.join(30)
+    assert errors == [] and more_errors == []
+    got = {**first, **rest}
+    # the eight that queued went out together; only the faults that make
+    # writers retry (a moved block, a batch that did not commit) batch again
+    assert len(batches[0]) == 8
+    if fault in ("none", "one-taken", "unknown-committed"):
+        assert len(batches) == 1
+    assert sorted(i[3] for i in batches[0]) == sorted(f"a{i}" for i in range(1, 9))
+    # one address each, none shared, each recorded once and under its pod
+    assert len({r.address for r in got.values()} | {warm.address}) == 10
+    held, _ = store.all_addresses()
+    by_pod = {a.pod: a for a in held}
+    assert len(held) == 10 + len(intruder)
+    for name, rec in got.items():
+        assert by_pod[name].address == rec.address and by_pod[name].container_id == f"c-{name}"
+        assert by_pod[name].revision == rec.revision
+    if fault == "one-taken":
+        assert intruder[0] is not None and by_pod["intruder"].address == intruder[0].address
+        assert intruder[0].address not in {r.address for r in got.values()}
+    assert {r.address for r in alloc.records()} == {a.address for a in held} - \
+        {a.address for a in held if a.pod == "intruder"}
+    # everything is released cleanly; the other writer's record stays
+    for rec in list(got.values()) + [warm]:
+        alloc.release_address(rec)
+    left, _ = store.all_addresses()
+    assert [a.pod for a in left] == (["intruder"] if intruder else [])
