@@ -152,19 +152,47 @@ def test_lost_races_are_503_on_the_rest_api(store, monkeypatch, tmp_path):
 
 # -- DEL releases under churn: one transaction for the releases that queue ---------------
 
-def _held_first_release(alloc, monkeypatch):
-    """Hold the first release in flight (a pause point inside its one-record
-    transaction) so that the next ones queue behind it."""
+def _held_first(alloc, monkeypatch, method: str):
+    """Hold the first call of ``alloc.store.<method>`` in flight (a pause
+    point inside its one-record transaction) so that the next ones queue
+    behind it."""
     entered, go = threading.Event(), threading.Event()
-    real = alloc.store.release_address
+    real = getattr(alloc.store, method)
 
     def held(*args, **kw):
         if not entered.is_set():
             entered.set()
             assert go.wait(30)
         return real(*args, **kw)
-    monkeypatch.setattr(alloc.store, "release_address", held)
+    monkeypatch.setattr(alloc.store, method, held)
     return entered, go
+
+
+def _faulty_batches(monkeypatch, store, method: str, fault: str, inject=None) -> list:
+    """Wrap ``store.<method>`` (a multi-record transaction). Its first batch
+    raises OutcomeUnknown for the faults "unknown-not-committed" and
+    "unknown-committed" (after committing), and runs ``inject(items)``
+    before it commits for the others; the retries' batches run as they are.
+    Returns the batches seen."""
+    from coil.errors import OutcomeUnknown
+    batches = []
+    real = getattr(store, method)
+
+    def many(items):
+        items = list(items)
+        batches.append(items)
+        if len(batches) > 1:
+            return real(items)
+        if fault == "unknown-not-committed":
+            raise OutcomeUnknown("deadline exceeded (test)")
+        if fault == "unknown-committed":
+            real(items)
+            raise OutcomeUnknown("connection lost after the commit (test)")
+        if inject is not None:
+            inject(items)
+        return real(items)
+    monkeypatch.setattr(store, method, many)
+    return batches
 
 
 def _release_all(alloc, recs):
@@ -192,31 +220,18 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     transaction. When that transaction fails, or its outcome is unknown
     (committed or not), each falls back to its own revision-guarded delete:
     every record ends up released, none twice, and nothing else is touched."""
-    from coil.errors import OutcomeUnknown
     store.create_pool("default", "10.52.0.0/24", 4)
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     recs = [alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(9)]
     keep = alloc.allocate("default", 4, "ns", "keep", "c-keep")
-    entered, go = _held_first_release(alloc, monkeypatch)
-    batches = []
-    real_many = store.release_addresses
+    entered, go = _held_first(alloc, monkeypatch, "release_address")
 
-    def many(items):
-        items = list(items)
-        batches.append(items)
-        if len(batches) > 1:              # the retries' batches: as they are
-            return real_many(items)
-        if fault == "unknown-not-committed":
-            raise OutcomeUnknown("deadline exceeded (test)")
-        if fault == "unknown-committed":
-            real_many(items)
-            raise OutcomeUnknown("connection lost after the commit (test)")
-        if fault == "one-changed":       # someone freed one of them meanwhile
+    def one_changed(items):              # someone freed one of them meanwhile
+        if fault == "one-changed":
             cidr, offset, rev = items[0]
             assert store.release_address(cidr, offset, rev)
-        return real_many(items)
-    monkeypatch.setattr(store, "release_addresses", many)
+    batches = _faulty_batches(monkeypatch, store, "release_addresses", fault, one_changed)
 
     errors, first = _release_all(alloc, recs[:1])
     assert entered.wait(30)
@@ -237,21 +252,6 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
 
 
 # -- ADDs under churn: one transaction for the address writes that queue -----------
-
-def _held_first_assign(alloc, monkeypatch):
-    """Hold the first address write in flight (a pause point inside its
-    one-record transaction) so that the next ones queue behind it."""
-    entered, go = threading.Event(), threading.Event()
-    real = alloc.store.assign_address
-
-    def held(*args, **kw):
-        if not entered.is_set():
-            entered.set()
-            assert go.wait(30)
-        return real(*args, **kw)
-    monkeypatch.setattr(alloc.store, "assign_address", held)
-    return entered, go
-
 
 def _allocate_all(alloc, names):
     out, errors, threads = {}, [], []
@@ -275,33 +275,21 @@ def test_queued_address_writes_go_out_in_one_transaction(store, monkeypatch, fau
     its own; when its outcome is unknown (committed or not), each fences and
     reads back its own slot. Every ADD ends with one address of its own,
     recorded once; the slot somebody else took stays theirs."""
-    from coil.errors import OutcomeUnknown
     store.create_pool("default", "10.53.0.0/24", 5)
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     warm = alloc.allocate("default", 4, "ns", "warm", "c-warm")    # the node holds a block
-    entered, go = _held_first_assign(alloc, monkeypatch)
-    batches, intruder = [], []
-    real_many = store.assign_addresses
+    entered, go = _held_first(alloc, monkeypatch, "assign_address")
+    intruder = []
 
-    def many(items):
-        items = list(items)
-        batches.append(items)
-        if len(batches) > 1:              # the retries' batches: as they are
-            return real_many(items)
-        if fault == "unknown-not-committed":
-            raise OutcomeUnknown("deadline exceeded (test)")
-        if fault == "unknown-committed":
-            real_many(items)
-            raise OutcomeUnknown("connection lost after the commit (test)")
+    def behind_its_back(items):
         if fault == "one-taken":          # another writer took one of the slots meanwhile
             block, offset = items[0][0], items[0][1]
             intruder.append(store.assign_address(block, offset, "other", "intruder", "c-x"))
         if fault == "block-moved":        # e.g. a fence of another request moved it on
             block = items[0][0]
             store.etcd.txn([], [("touch", keys.block(block.pool, block.cidr))])
-        return real_many(items)
-    monkeypatch.setattr(store, "assign_addresses", many)
+    batches = _faulty_batches(monkeypatch, store, "assign_addresses", fault, behind_its_back)
 
     first, errors, threads = _allocate_all(alloc, ["a0"])
     assert entered.wait(30)
