@@ -78,8 +78,7 @@ class Netns:
     def retired(self) -> list[str]:
         """Links waiting in coild's deletion queue (its retired link group)."""
         from coil.coild.podnet import RETIRED_GROUP
-        out = self.exec("ip", "-o", "link", "show", "group", str(RETIRED_GROUP)).stdout
-        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        return [name for name, group in self._links() if group == str(RETIRED_GROUP)]
 
     def wait_retired_gone(self, timeout: float = 30) -> None:
         """Wait until coild's deletion queue has deleted every retired link

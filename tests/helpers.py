@@ -154,11 +154,10 @@ def auth_etcd_in_tmpdir(prefix: str = "coil-etcd-auth-"):
         yield server
 
 
-def fail_once(monkeypatch, obj, name, commit: bool):
-    """Make obj.name raise OutcomeUnknown once: after really doing it
+def _first_call_raises(monkeypatch, obj, name, error: Exception, commit: bool):
+    """Make obj.name raise ``error`` once: after really doing it
     (commit=True) or without doing it. Returns the list of the failed
     call's arguments."""
-    from coil.errors import OutcomeUnknown
     real = getattr(obj, name)
     calls = []
 
@@ -168,26 +167,26 @@ def fail_once(monkeypatch, obj, name, commit: bool):
         calls.append(args)
         if commit:
             real(*args, **kwargs)
-        raise OutcomeUnknown("etcd did not confirm the transaction (injected)")
+        raise error
 
     monkeypatch.setattr(obj, name, wrapped)
     return calls
+
+
+def fail_once(monkeypatch, obj, name, commit: bool):
+    """Make obj.name raise OutcomeUnknown once: after really doing it
+    (commit=True) or without doing it. Returns the list of the failed
+    call's arguments."""
+    from coil.errors import OutcomeUnknown
+    return _first_call_raises(monkeypatch, obj, name, OutcomeUnknown(
+        "etcd did not confirm the transaction (injected)"), commit)
 
 
 def unreachable_once(monkeypatch, obj, name):
     """Make obj.name raise StoreUnavailable once, without doing it."""
     from coil.errors import StoreUnavailable
-    real = getattr(obj, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        if calls:
-            return real(*args, **kwargs)
-        calls.append(args)
-        raise StoreUnavailable("cannot reach etcd (injected)")
-
-    monkeypatch.setattr(obj, name, wrapped)
-    return calls
+    return _first_call_raises(monkeypatch, obj, name,
+                              StoreUnavailable("cannot reach etcd (injected)"), False)
 
 
 def hold_back_first_address_write(monkeypatch, etcd):

@@ -98,6 +98,19 @@ def retired_name() -> str:
     return f"{RETIRED_PREFIX}{random.getrandbits(44):011x}"
 
 
+def link_set_if_present(nl, index: int, **changes) -> bool:
+    """``nl.link_set(index, **changes)``; False when the link is gone
+    (ENODEV: deleted meanwhile, e.g. with its namespace). Raises other
+    NetlinkErrors."""
+    try:
+        nl.link_set(index, **changes)
+        return True
+    except NetlinkError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+        return False
+
+
 def gateway_for(address) -> str:
     """The pod's gateway for an address of its version (text or object)."""
     return GATEWAY6 if ip_version(address) == 6 else GATEWAY4
@@ -288,13 +301,9 @@ class PodNetwork:
                 if routed:                   # this attachment's: its routes went through it
                     host = link
                     break
-            if host is not None:
-                try:
-                    h.link_set(host.index, group=group, up=False)
-                except NetlinkError as exc:
-                    if exc.errno != errno.ENODEV:
-                        raise
-                    host = None              # gone meanwhile
+            if host is not None and not link_set_if_present(h, host.index, group=group,
+                                                            up=False):
+                host = None                  # gone meanwhile
         pod_done = self._retire_pod_side(netns_path, ifname, group, delete=host is None)
         if host is not None:
             return "retired"
@@ -314,12 +323,8 @@ class PodNetwork:
                     return False
                 if exc.errno == errno.EBUSY:
                     # kernels that cannot rename a link that is up: down first
-                    try:
-                        nl.link_set(index, up=False)
-                    except NetlinkError as exc2:
-                        if exc2.errno == errno.ENODEV:
-                            return False
-                        raise
+                    if not link_set_if_present(nl, index, up=False):
+                        return False
                     continue
                 if exc.errno != errno.EEXIST:   # name taken: draw another
                     raise
@@ -337,15 +342,9 @@ class PodNetwork:
                     return False                  # gone, or retired by an earlier DEL
                 if delete:
                     return pod_nl.link_del(ifname)
-                try:
-                    # down: the kernel flushes its routes, so another
-                    # attachment's (net1's) take the pod's traffic at once
-                    pod_nl.link_set(link.index, group=group, up=False)
-                except NetlinkError as exc:
-                    if exc.errno != errno.ENODEV:
-                        raise
-                    return False
-                return True
+                # down: the kernel flushes its routes, so another
+                # attachment's (net1's) take the pod's traffic at once
+                return link_set_if_present(pod_nl, link.index, group=group, up=False)
 
     @staticmethod
     def _routes_to(h, index: int, addresses: list[str]) -> bool:

@@ -34,12 +34,11 @@ host veths that no address record accounts for.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
 
-from coil.coild.podnet import HOST_VETH_RE, PodNetwork
+from coil.coild.podnet import HOST_VETH_RE, PodNetwork, link_set_if_present
 from coil.errors import NetlinkError
 
 log = logging.getLogger("coild.teardown")
@@ -188,11 +187,7 @@ class TeardownQueue:
                       and link.index in gateways and link.name not in keep
                       and link.group != self.group]
             for link in strays:
-                try:
-                    h.link_set(link.index, group=self.group)
-                except NetlinkError as exc:
-                    if exc.errno != errno.ENODEV:       # else gone meanwhile
-                        raise
+                link_set_if_present(h, link.index, group=self.group)   # else gone meanwhile
         if strays:
             self.flush()
             log.info("removed veths of addresses no longer held",

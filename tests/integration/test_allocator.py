@@ -151,47 +151,19 @@ def test_lost_races_are_503_on_the_rest_api(store, monkeypatch, tmp_path):
 
 # -- DEL releases under churn: one transaction for the releases that queue ---------------
 
-def _held_first(alloc, monkeypatch, method: str):
-    """Hold the first call of ``alloc.store.<method>`` in flight (a pause
-    point inside its one-record transaction) so that the next ones queue
-    behind it."""
+def _held_first_release(alloc, monkeypatch):
+    """Hold the first release in flight (a pause point inside its one-record
+    transaction) so that the next ones queue behind it."""
     entered, go = threading.Event(), threading.Event()
-    real = getattr(alloc.store, method)
+    real = alloc.store.release_address
 
     def held(*args, **kw):
         if not entered.is_set():
             entered.set()
             assert go.wait(30)
         return real(*args, **kw)
-    monkeypatch.setattr(alloc.store, method, held)
+    monkeypatch.setattr(alloc.store, "release_address", held)
     return entered, go
-
-
-def _faulty_batches(monkeypatch, store, method: str, fault: str, inject=None) -> list:
-    """Wrap ``store.<method>`` (a multi-record transaction). Its first batch
-    raises OutcomeUnknown for the faults "unknown-not-committed" and
-    "unknown-committed" (after committing), and runs ``inject(items)``
-    before it commits for the others; the retries' batches run as they are.
-    Returns the batches seen."""
-    from coil.errors import OutcomeUnknown
-    batches = []
-    real = getattr(store, method)
-
-    def many(items):
-        items = list(items)
-        batches.append(items)
-        if len(batches) > 1:
-            return real(items)
-        if fault == "unknown-not-committed":
-            raise OutcomeUnknown("deadline exceeded (test)")
-        if fault == "unknown-committed":
-            real(items)
-            raise OutcomeUnknown("connection lost after the commit (test)")
-        if inject is not None:
-            inject(items)
-        return real(items)
-    monkeypatch.setattr(store, method, many)
-    return batches
 
 
 def _release_all(alloc, recs):
@@ -219,18 +191,29 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     transaction. When that transaction fails, or its outcome is unknown
     (committed or not), each falls back to its own revision-guarded delete:
     every record ends up released, none twice, and nothing else is touched."""
+    from coil.errors import OutcomeUnknown
     store.create_pool("default", "10.52.0.0/24", 4)
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     recs = [alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(9)]
     keep = alloc.allocate("default", 4, "ns", "keep", "c-keep")
-    entered, go = _held_first(alloc, monkeypatch, "release_address")
+    entered, go = _held_first_release(alloc, monkeypatch)
+    batches = []
+    real_many = store.release_addresses
 
-    def one_changed(items):              # someone freed one of them meanwhile
-        if fault == "one-changed":
+    def many(items):
+        items = list(items)
+        batches.append(items)
+        if fault == "unknown-not-committed":
+            raise OutcomeUnknown("deadline exceeded (test)")
+        if fault == "unknown-committed":
+            real_many(items)
+            raise OutcomeUnknown("connection lost after the commit (test)")
+        if fault == "one-changed":       # someone freed one of them meanwhile
             cidr, offset, rev = items[0]
             assert store.release_address(cidr, offset, rev)
-    batches = _faulty_batches(monkeypatch, store, "release_addresses", fault, one_changed)
+        return real_many(items)
+    monkeypatch.setattr(store, "release_addresses", many)
 
     errors, first = _release_all(alloc, recs[:1])
     assert entered.wait(30)
