@@ -252,9 +252,9 @@ class PodNetwork:
         return None
 
     def retire(self, netns_path: str | None, ifname: str, host_name,
-               addresses: list[str], group: int) -> str:
+               addresses: list[str]) -> str:
         """Take the container's veth pair out of service without paying for
-        its deletion; the caller deletes link group ``group`` later.
+        its deletion; the caller deletes link group ``retired_group`` later.
 
         Only when the host end ``host_name`` (a name, or candidate names
         tried in order) is this attachment's (it routes one of
@@ -264,12 +264,12 @@ class PodNetwork:
            through it; that one existed is what makes the host end this
            attachment's - no dump of the routing table): nothing routes the
            addresses once this returns, so the caller may release them;
-        2. the host end is set down and put in link group ``group``, keeping
+        2. the host end is set down and put in link group ``retired_group``, keeping
            its name: from here on a crash still ends in its deletion (coild
            deletes the group when it starts); an ADD that wants the name
            before that renames it away (``setup``);
         3. the pod's ``ifname`` (if its namespace is still there) is set
-           down, which flushes its routes, and put in ``group`` too: an ADD
+           down, which flushes its routes, and put in that group too: an ADD
            of the same ifname in the same namespace recognises it as retired.
         No rename: renaming a device makes the kernel re-register its
         sysctl tables under RTNL, twice per DEL.
@@ -280,7 +280,7 @@ class PodNetwork:
         not answered, and its retry finds no route through it and deletes the
         pod's ``ifname`` (the pair with it).
 
-        Returns "retired" (the pair waits in ``group``), "deleted" (removed
+        Returns "retired" (the pair waits in ``retired_group``), "deleted" (removed
         now) or "" (nothing was there). Safe to repeat; a link that vanishes
         meanwhile (its namespace was deleted) counts as gone. Raises
         NetlinkError."""
@@ -301,10 +301,10 @@ class PodNetwork:
                 if routed:                   # this attachment's: its routes went through it
                     host = link
                     break
-            if host is not None and not link_set_if_present(h, host.index, group=group,
-                                                            up=False):
+            if host is not None and not link_set_if_present(h, host.index, up=False,
+                                                            group=self.retired_group):
                 host = None                  # gone meanwhile
-        pod_done = self._retire_pod_side(netns_path, ifname, group, delete=host is None)
+        pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)
         if host is not None:
             return "retired"
         return "deleted" if pod_done else ""
@@ -330,7 +330,7 @@ class PodNetwork:
                     raise
         raise NetlinkError(f"renaming retired link index {index}", errno.EEXIST)
 
-    def _retire_pod_side(self, netns_path, ifname, group, delete: bool) -> bool:
+    def _retire_pod_side(self, netns_path, ifname, delete: bool) -> bool:
         if not (netns_path and ifname and os.path.exists(netns_path)):
             return False
         with ns_handle(netns_path, missing_ok=True) as fd:
@@ -338,13 +338,13 @@ class PodNetwork:
                 return False                      # deleted meanwhile
             with open_netlink(fd) as pod_nl:
                 link = pod_nl.link_get(ifname)
-                if link is None or link.group == group:
+                if link is None or link.group == self.retired_group:
                     return False                  # gone, or retired by an earlier DEL
                 if delete:
                     return pod_nl.link_del(ifname)
                 # down: the kernel flushes its routes, so another
                 # attachment's (net1's) take the pod's traffic at once
-                return link_set_if_present(pod_nl, link.index, group=group, up=False)
+                return link_set_if_present(pod_nl, link.index, group=self.retired_group, up=False)
 
     @staticmethod
     def _routes_to(h, index: int, addresses: list[str]) -> bool:

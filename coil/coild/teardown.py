@@ -64,7 +64,6 @@ class TeardownQueue:
         self.podnet = podnet
         self.batch = batch
         self.delay = delay
-        self.group = podnet.retired_group     # ADD frees names of this group too
         self._clock = clock
         self._cond = threading.Condition()
         self._flush_lock = threading.Lock()
@@ -75,11 +74,17 @@ class TeardownQueue:
         self.retired_total = 0
         self.flushes_total = 0
 
+    @property
+    def group(self) -> int:
+        """The link group this queue deletes: the one ``podnet`` retires
+        into (and whose names its ADD takes back)."""
+        return self.podnet.retired_group
+
     # -- the DEL path ---------------------------------------------------------
     def delete(self, netns_path, ifname: str, host_name: str, addresses: list[str]) -> bool:
         """Retire the container's pair now, delete it with the next batch.
         True if something was removed or retired. Raises NetlinkError."""
-        outcome = self.podnet.retire(netns_path, ifname, host_name, addresses, self.group)
+        outcome = self.podnet.retire(netns_path, ifname, host_name, addresses)
         if outcome == "retired":
             with self._cond:
                 self.retired_total += 1

@@ -206,7 +206,7 @@ def test_start_deletes_what_a_crashed_coild_left(node):
     # a coild that retired these and died before its flush
     for i, (ns, ip) in zip((1, 2), pods):
         assert node.podnet.retire(ns.path, "eth0", legacy_host_veth_name("default", f"p{i}"),
-                                  [ip], RETIRED_GROUP) == "retired"
+                                  [ip]) == "retired"
     assert len(_links(node)) == 3
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     q.start()
