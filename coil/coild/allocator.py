@@ -60,6 +60,9 @@ class HeldBlock:
     records: dict = field(default_factory=dict)     # offset -> Address
     pending: set = field(default_factory=set)       # offsets reserved, etcd write in flight
     quarantine: dict = field(default_factory=dict)  # offset -> container id, outcome unknown
+    # the acquisition this copy belongs to: a load that carries reservations
+    # over into a fresh copy gives it the old copy's lineage (``_both``)
+    lineage: object = field(default_factory=object, compare=False, repr=False)
 
     @property
     def version(self) -> int:
@@ -145,9 +148,13 @@ class NodeAllocator:
         self._note("rec-", rec)
 
     def _both(self, held: HeldBlock) -> list[HeldBlock]:
-        """``held`` and, when a load replaced it meanwhile, its successor."""
+        """``held`` and, when a load replaced it meanwhile and carried its
+        reservations over, its successor. By lineage, not by revision: a
+        fence may have moved one copy's revision on and not the other's
+        (the hammer found a reservation that stayed in the successor for
+        good that way, and its block was never given back)."""
         cur = self._blocks.get(held.block.cidr)
-        if cur is None or cur is held or cur.block.revision != held.block.revision:
+        if cur is None or cur is held or cur.lineage is not held.lineage:
             return [held]
         return [held, cur]
 
@@ -227,6 +234,7 @@ class NodeAllocator:
                 for cidr, held in fresh.items():
                     prev = old.get(cidr)
                     if prev is not None and prev.block.revision == held.block.revision:
+                        held.lineage = prev.lineage     # the same acquisition
                         for off in prev.pending:        # in flight: keep reserved
                             held.bitmap.set(off)
                             held.pending.add(off)

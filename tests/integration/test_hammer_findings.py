@@ -1,15 +1,18 @@
 """Failures the chaos hammer found (tests/integration/test_hammer.py with
-``COIL_HAMMER_FAULTS=etcd-freeze``), reduced to deterministic cases.
+``COIL_HAMMER_FAULTS=etcd-freeze``, and one with member stops), reduced to
+deterministic cases.
 
-Both are address leaks after a transaction whose outcome was unknown, the
-way a frozen etcd member (SIGSTOP, then SIGCONT) produces them: the request
-reaches the member, its answer does not come back in time, and the member
-may still commit it later.
-
-Both are fixed: a DEL (and CHECK, and a repeated ADD) first reads back the
+The first two are address leaks after a transaction whose outcome was
+unknown, the way a frozen etcd member (SIGSTOP, then SIGCONT) produces
+them: the request reaches the member, its answer does not come back in
+time, and the member may still commit it later. Both are fixed: a DEL (and CHECK, and a repeated ADD) first reads back the
 container's quarantined slots and answers "try again" when it cannot, and
 the read-back is a fence (``IPAMStore.fence_address``) that moves the block
 key's mod revision on, so the late transaction's guard can never hold again.
+
+The third is a reservation left in the cache for good (its block was never
+given back), fixed by tying a reloaded copy of a block to the copy it
+replaced by lineage instead of by revision (``NodeAllocator._both``).
 """
 
 from __future__ import annotations
@@ -77,3 +80,61 @@ def test_a_late_commit_cannot_bring_back_a_deleted_containers_address(store, mon
     assert held_by(store) == ["c0"]
     real_txn(*queued[0])            # the member wakes up: the very same transaction
     assert held_by(store) == ["c0"]
+
+
+def test_a_write_in_flight_across_a_reload_and_a_fence_leaves_no_reservation(store, monkeypatch):
+    """Found by the hammer (seed 3669530497, an etcd member stopped): the
+    emptied block never went back to the pool though etcd held no address
+    in it. An ADD's write was in flight when a reload replaced the cached
+    block (carrying the write's reserved slot over), and then the DEL of
+    another container fenced a quarantined slot of that block, which moved
+    the new copy's revision on but not the old one's. The write failed
+    (the block had moved) and ended its reservation in the old copy only:
+    the slot stayed reserved in the cache for good, and a block with a
+    reserved slot is never given back."""
+    import threading
+    store.create_pool("default", "10.64.0.0/24", 2)          # blocks of 4
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "p0", "c0")
+    # c1's write: outcome unknown, and its read-back fails: quarantined
+    fail_once(monkeypatch, store, "assign_address", commit=False)
+    unreachable_once(monkeypatch, store, "fence_address")
+    with pytest.raises(StoreUnavailable):
+        alloc.allocate("default", 4, "ns", "p1", "c1")
+    ((cidr, slots),) = alloc.quarantined().items()
+    assert cidr == "10.64.0.0/30" and list(slots.values()) == ["c1"]
+    # c2's write waits at the store, its slot reserved
+    real_assign = store.assign_address
+    reached, go = threading.Event(), threading.Event()
+
+    def paused_assign(block, offset, *args, **kwargs):
+        if args[2] == "c2" and not go.is_set():
+            reached.set()
+            assert go.wait(30)
+        return real_assign(block, offset, *args, **kwargs)
+
+    monkeypatch.setattr(store, "assign_address", paused_assign)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault(
+        "c2", alloc.allocate("default", 4, "ns", "p2", "c2")))
+    t.start()
+    assert reached.wait(30)
+    # a reload while it waits (its own read-back of c1 fails: still quarantined)
+    unreachable_once(monkeypatch, store, "fence_address")
+    alloc.load()
+    assert alloc.quarantined()
+    # the DEL of c1 fences its slot: the block's revision moves on
+    release(alloc, "c1")
+    assert alloc.quarantined() == {}
+    go.set()                               # c2's write compares the old revision
+    t.join(30)
+    assert not t.is_alive() and got["c2"].container_id == "c2"
+    assert held_by(store) == ["c0", "c2"]
+    release(alloc, "c0")
+    release(alloc, "c2")
+    assert held_by(store) == []
+    returned = alloc.return_empty_blocks()
+    assert [b.cidr for b in returned] == ["10.64.0.0/30"] and alloc.blocks() == []
+    alloc.load()                           # and a reload does not bring a reservation back
+    assert alloc.blocks() == []
