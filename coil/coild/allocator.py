@@ -46,6 +46,8 @@ from coil.errors import (AlreadyExists, BlockLost, Conflict, InvalidArgument, Ou
                          StoreUnavailable)
 from coil.store.model import MAX_TXN_ITEMS, ORIGIN_CNI, ORIGIN_REST, Address, Block, IPAMStore
 
+#: a batched address write that did not commit: the caller writes alone
+_ALONE = object()
 log = logging.getLogger("coild.allocator")
 
 #: reserve-and-write rounds of one allocation before it gives up with Conflict
@@ -114,6 +116,7 @@ class NodeAllocator:
         self._on_removed = on_block_removed or (lambda b: None)
         # releases that arrive while one is in flight go out together
         self._releases = GroupCommit(self._commit_releases, max_batch=MAX_TXN_ITEMS)
+        self._assigns = GroupCommit(self._commit_assigns, max_batch=MAX_TXN_ITEMS // 2)
 
     def _reached(self, point: str):
         """A no-op pause point; tests monkeypatch it to stop a thread here."""
@@ -470,8 +473,11 @@ class NodeAllocator:
             held, offset = got
             block = held.block     # the revision this write compares
             try:
-                rec = self.store.assign_address(block, offset, namespace, pod, container_id,
-                                                extra)
+                rec = self._assigns.submit((block, offset, namespace, pod, container_id,
+                                            extra))
+                if rec is _ALONE:     # its batch did not commit: this one on its own
+                    rec = self.store.assign_address(block, offset, namespace, pod,
+                                                    container_id, extra)
             except BlockLost:
                 with self._lock:
                     self._settle(held, offset, keep=False)
@@ -577,6 +583,23 @@ class NodeAllocator:
             cur = self.store.get_address(rec.block, rec.offset)   # may raise: keep cached
             if cur is not None and cur.revision == rec.revision:
                 raise                  # not committed: still held, the caller retries
+
+    def _commit_assigns(self, items) -> list:
+        """GroupCommit's commit for address writes: a lone item takes the
+        one-record path (its result and errors are its caller's). A batch
+        is one transaction, all or none, guarded as each write alone would
+        be (each block's mod revision, each address key free). When a
+        compare fails nothing was written and each caller writes on its own
+        (``_ALONE``), which tells which slot was taken or which block moved.
+        When the outcome is unknown every caller of the batch gets
+        OutcomeUnknown and fences its own slot (``_read_back_assign``): the
+        fence moves the block's revision on, so the batch, if it is still
+        on its way, can never commit afterwards - as for a write alone."""
+        if len(items) == 1:
+            return [self.store.assign_address(*items[0])]
+        self._reached("assign-batch")
+        recs = self.store.assign_addresses(items)
+        return recs if recs is not None else [_ALONE] * len(items)
 
     def _commit_releases(self, recs: list[Address]) -> list[bool]:
         """GroupCommit's commit: True per record when it is released. A lone

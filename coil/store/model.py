@@ -605,20 +605,13 @@ class IPAMStore:
         taken (nothing written). Raises BlockLost when the block is no longer
         the caller's, InvalidArgument for an unknown or mistyped field.
         """
-        if not 0 <= offset < block.size:
-            raise InvalidArgument(f"offset {offset} is outside block {block.cidr}")
-        opt = dict(extra or {})
-        for k, v in opt.items():
-            if k not in RECORD_FIELDS or not isinstance(v, RECORD_FIELDS[k]):
-                raise InvalidArgument(f"invalid address record field {k}={v!r}")
-        created_at = now_iso()
+        value = self._address_value(block, offset, namespace, pod, container_id, extra)
+        created_at, opt = value["created_at"], value["opt"]
         ip_key = keys.ip(block.cidr, offset)
         block_key = keys.block(block.pool, block.cidr)
         ok, rev, responses = self.etcd.txn(
             [("mod", block_key, "==", block.revision), ("version", ip_key, "==", 0)],
-            [("put", ip_key, _dumps({"namespace": namespace, "pod": pod,
-                                     "container_id": container_id, "created_at": created_at,
-                                     **opt}))],
+            [("put", ip_key, value["json"])],
             [("get", block_key)])
         if ok:
             addr = block.network.network_address + offset
@@ -629,6 +622,53 @@ class IPAMStore:
             raise BlockLost(f"block {block.cidr} of pool {block.pool!r} is no longer held "
                             f"by node {block.node!r}")
         return None
+
+    def assign_addresses(self, items) -> list[Address] | None:
+        """Several ``assign_address`` in one transaction, all or none
+        (``items``: (block, offset, namespace, pod, container_id, extra)):
+        each block's key must still have the mod revision its item compares
+        and each address key must be free. Returns the records, or None when
+        any compare failed or two items give one block with two revisions
+        (nothing written; the caller finds out which with
+        ``assign_address`` per item). At most ``MAX_TXN_ITEMS // 2``
+        items (one compare per item and at most one per block: etcd's
+        default --max-txn-ops is 128). Raises InvalidArgument as
+        ``assign_address``."""
+        items = list(items)
+        if not 0 < len(items) <= MAX_TXN_ITEMS // 2:
+            raise InvalidArgument(f"assign_addresses takes 1..{MAX_TXN_ITEMS // 2} addresses")
+        values = [self._address_value(*item) for item in items]
+        blocks, compares, puts = {}, [], []
+        for (block, offset, *_), value in zip(items, values):
+            block_key = keys.block(block.pool, block.cidr)
+            if blocks.setdefault(block_key, block.revision) != block.revision:
+                return None       # one of the two revisions is stale: it cannot commit
+            ip_key = keys.ip(block.cidr, offset)
+            compares.append(("version", ip_key, "==", 0))
+            puts.append(("put", ip_key, value["json"]))
+        compares[:0] = [("mod", k, "==", rev) for k, rev in blocks.items()]
+        ok, rev, _ = self.etcd.txn(compares, puts)
+        if not ok:
+            return None
+        return [Address(str(block.network.network_address + offset), block.cidr, offset,
+                        namespace, pod, container_id, value["created_at"], rev, **value["opt"])
+                for (block, offset, namespace, pod, container_id, _), value in zip(items, values)]
+
+    @staticmethod
+    def _address_value(block: Block, offset: int, namespace: str, pod: str,
+                       container_id: str, extra: dict | None) -> dict:
+        """The checked record of one assignment: its JSON, created_at and
+        optional fields. Raises InvalidArgument."""
+        if not 0 <= offset < block.size:
+            raise InvalidArgument(f"offset {offset} is outside block {block.cidr}")
+        opt = dict(extra or {})
+        for k, v in opt.items():
+            if k not in RECORD_FIELDS or not isinstance(v, RECORD_FIELDS[k]):
+                raise InvalidArgument(f"invalid address record field {k}={v!r}")
+        created_at = now_iso()
+        return {"created_at": created_at, "opt": opt,
+                "json": _dumps({"namespace": namespace, "pod": pod, "container_id": container_id,
+                                "created_at": created_at, **opt})}
 
     def fence_address(self, block: Block, offset: int) -> tuple[bool, Address | None, Block | None]:
         """Decide an ``assign_address`` whose outcome is unknown, for good.

@@ -10,6 +10,7 @@ import pytest
 
 from coil.coild.allocator import ALLOCATE_ATTEMPTS, NodeAllocator
 from coil.errors import AlreadyExists, Conflict, PoolExhausted
+from coil.store import keys
 from helpers import wait_for
 
 
@@ -151,19 +152,47 @@ def test_lost_races_are_503_on_the_rest_api(store, monkeypatch, tmp_path):
 
 # -- DEL releases under churn: one transaction for the releases that queue ---------------
 
-def _held_first_release(alloc, monkeypatch):
-    """Hold the first release in flight (a pause point inside its one-record
-    transaction) so that the next ones queue behind it."""
+def _held_first(alloc, monkeypatch, method: str):
+    """Hold the first call of ``alloc.store.<method>`` in flight (a pause
+    point inside its one-record transaction) so that the next ones queue
+    behind it."""
     entered, go = threading.Event(), threading.Event()
-    real = alloc.store.release_address
+    real = getattr(alloc.store, method)
 
     def held(*args, **kw):
         if not entered.is_set():
             entered.set()
             assert go.wait(30)
         return real(*args, **kw)
-    monkeypatch.setattr(alloc.store, "release_address", held)
+    monkeypatch.setattr(alloc.store, method, held)
     return entered, go
+
+
+def _faulty_batches(monkeypatch, store, method: str, fault: str, inject=None) -> list:
+    """Wrap ``store.<method>`` (a multi-record transaction). Its first batch
+    raises OutcomeUnknown for the faults "unknown-not-committed" and
+    "unknown-committed" (after committing), and runs ``inject(items)``
+    before it commits for the others; the retries' batches run as they are.
+    Returns the batches seen."""
+    from coil.errors import OutcomeUnknown
+    batches = []
+    real = getattr(store, method)
+
+    def many(items):
+        items = list(items)
+        batches.append(items)
+        if len(batches) > 1:
+            return real(items)
+        if fault == "unknown-not-committed":
+            raise OutcomeUnknown("deadline exceeded (test)")
+        if fault == "unknown-committed":
+            real(items)
+            raise OutcomeUnknown("connection lost after the commit (test)")
+        if inject is not None:
+            inject(items)
+        return real(items)
+    monkeypatch.setattr(store, method, many)
+    return batches
 
 
 def _release_all(alloc, recs):
@@ -191,29 +220,18 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     transaction. When that transaction fails, or its outcome is unknown
     (committed or not), each falls back to its own revision-guarded delete:
     every record ends up released, none twice, and nothing else is touched."""
-    from coil.errors import OutcomeUnknown
     store.create_pool("default", "10.52.0.0/24", 4)
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     recs = [alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(9)]
     keep = alloc.allocate("default", 4, "ns", "keep", "c-keep")
-    entered, go = _held_first_release(alloc, monkeypatch)
-    batches = []
-    real_many = store.release_addresses
+    entered, go = _held_first(alloc, monkeypatch, "release_address")
 
-    def many(items):
-        items = list(items)
-        batches.append(items)
-        if fault == "unknown-not-committed":
-            raise OutcomeUnknown("deadline exceeded (test)")
-        if fault == "unknown-committed":
-            real_many(items)
-            raise OutcomeUnknown("connection lost after the commit (test)")
-        if fault == "one-changed":       # someone freed one of them meanwhile
+    def one_changed(items):              # someone freed one of them meanwhile
+        if fault == "one-changed":
             cidr, offset, rev = items[0]
             assert store.release_address(cidr, offset, rev)
-        return real_many(items)
-    monkeypatch.setattr(store, "release_addresses", many)
+    batches = _faulty_batches(monkeypatch, store, "release_addresses", fault, one_changed)
 
     errors, first = _release_all(alloc, recs[:1])
     assert entered.wait(30)
@@ -231,3 +249,78 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     # the freed slots are reused
     again = [alloc.allocate("default", 4, "ns", f"q{i}", f"d{i}") for i in range(9)]
     assert len({a.address for a in again} | {keep.address}) == 10
+
+
+# -- ADDs under churn: one transaction for the address writes that queue -----------
+
+def _allocate_all(alloc, names):
+    out, errors, threads = {}, [], []
+    for name in names:
+        def call(name=name):
+            try:
+                out[name] = alloc.allocate("default", 4, "ns", name, f"c-{name}")
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+        threads.append(threading.Thread(target=call))
+        threads[-1].start()
+    return out, errors, threads
+
+
+@pytest.mark.parametrize("fault", ["none", "one-taken", "block-moved", "unknown-not-committed",
+                                   "unknown-committed"])
+def test_queued_address_writes_go_out_in_one_transaction(store, monkeypatch, fault):
+    """Address writes that queue behind one in flight are committed by one
+    guarded transaction. When a compare of that transaction fails (a slot
+    taken or the block moved behind the allocator's back), each writes on
+    its own; when its outcome is unknown (committed or not), each fences and
+    reads back its own slot. Every ADD ends with one address of its own,
+    recorded once; the slot somebody else took stays theirs."""
+    store.create_pool("default", "10.53.0.0/24", 5)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    warm = alloc.allocate("default", 4, "ns", "warm", "c-warm")    # the node holds a block
+    entered, go = _held_first(alloc, monkeypatch, "assign_address")
+    intruder = []
+
+    def behind_its_back(items):
+        if fault == "one-taken":          # another writer took one of the slots meanwhile
+            block, offset = items[0][0], items[0][1]
+            intruder.append(store.assign_address(block, offset, "other", "intruder", "c-x"))
+        if fault == "block-moved":        # e.g. a fence of another request moved it on
+            block = items[0][0]
+            store.etcd.txn([], [("touch", keys.block(block.pool, block.cidr))])
+    batches = _faulty_batches(monkeypatch, store, "assign_addresses", fault, behind_its_back)
+
+    first, errors, threads = _allocate_all(alloc, ["a0"])
+    assert entered.wait(30)
+    rest, more_errors, more = _allocate_all(alloc, [f"a{i}" for i in range(1, 9)])
+    wait_for(lambda: len(alloc._assigns._queue) >= 8, interval=0.001, what="8 writes queued")
+    go.set()
+    for t in threads + more:
+        t.join(30)
+    assert errors == [] and more_errors == []
+    got = {**first, **rest}
+    # the eight that queued went out together; only the faults that make
+    # writers retry (a moved block, a batch that did not commit) batch again
+    assert len(batches[0]) == 8
+    if fault in ("none", "one-taken", "unknown-committed"):
+        assert len(batches) == 1
+    assert sorted(i[3] for i in batches[0]) == sorted(f"a{i}" for i in range(1, 9))
+    # one address each, none shared, each recorded once and under its pod
+    assert len({r.address for r in got.values()} | {warm.address}) == 10
+    held, _ = store.all_addresses()
+    by_pod = {a.pod: a for a in held}
+    assert len(held) == 10 + len(intruder)
+    for name, rec in got.items():
+        assert by_pod[name].address == rec.address and by_pod[name].container_id == f"c-{name}"
+        assert by_pod[name].revision == rec.revision
+    if fault == "one-taken":
+        assert intruder[0] is not None and by_pod["intruder"].address == intruder[0].address
+        assert intruder[0].address not in {r.address for r in got.values()}
+    assert {r.address for r in alloc.records()} == {a.address for a in held} - \
+        {a.address for a in held if a.pod == "intruder"}
+    # everything is released cleanly; the other writer's record stays
+    for rec in list(got.values()) + [warm]:
+        alloc.release_address(rec)
+    left, _ = store.all_addresses()
+    assert [a.pod for a in left] == (["intruder"] if intruder else [])

@@ -6,6 +6,7 @@ key/value dump of the test's prefix is compared before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -471,6 +472,35 @@ def test_assign_taken_address_returns_none(store, default_pool):
     first = store.assign_address(b, 1, "ns", "a", "c1")
     assert unchanged(store, store.assign_address, b, 1, "ns", "b", "c2") is None
     assert store.block_addresses(b.cidr) == [first]
+
+
+def test_assign_addresses_all_or_none(store, default_pool):
+    """Several address writes in one transaction (coild's group commit):
+    all recorded with one revision, or - a slot taken, a block moved on, one
+    block given with two revisions - none, and etcd unchanged."""
+    b1 = store.acquire_block("default", "node-1")
+    b2 = store.acquire_block("default", "node-1")
+    got = store.assign_addresses([(b1, 1, "ns", "a", "c-a", None),
+                                  (b2, 2, "ns", "b", "c-b", {"origin": "cni", "ifname": "net1"}),
+                                  (b1, 3, "ns", "c", "c-c", None)])
+    assert [(a.block, a.offset, a.pod) for a in got] == [(b1.cidr, 1, "a"), (b2.cidr, 2, "b"),
+                                                         (b1.cidr, 3, "c")]
+    assert len({a.revision for a in got}) == 1 and got[1].ifname == "net1"
+    assert sorted(store.block_addresses(b1.cidr) + store.block_addresses(b2.cidr),
+                  key=lambda a: a.offset) == got
+    # a taken slot: nothing of the batch is written
+    assert unchanged(store, store.assign_addresses, [(b1, 4, "ns", "d", "c-d", None),
+                                                     (b1, 1, "ns", "e", "c-e", None)]) is None
+    # one block with two revisions: one is stale, nothing is sent
+    moved = dataclasses.replace(b1, revision=b1.revision + 1)
+    assert unchanged(store, store.assign_addresses, [(b1, 5, "ns", "f", "c-f", None),
+                                                     (moved, 6, "ns", "g", "c-g", None)]) is None
+    # the block moved on (its key rewritten): nothing is written
+    store.etcd.txn([], [("touch", keys.block(b2.pool, b2.cidr))])
+    assert unchanged(store, store.assign_addresses, [(b2, 7, "ns", "h", "c-h", None)]) is None
+    for bad in ([], [(b1, 5, "ns", "i", "c-i", None)] * 33,
+                [(b1, 99, "ns", "j", "c-j", None)], [(b1, 5, "ns", "k", "c-k", {"bogus": 1})]):
+        rejected(store, InvalidArgument, store.assign_addresses, bad)
 
 
 @pytest.mark.parametrize("offset", [-1, 8, 1000])
