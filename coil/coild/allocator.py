@@ -590,15 +590,21 @@ class NodeAllocator:
         is one transaction, all or none, guarded as each write alone would
         be (each block's mod revision, each address key free). When a
         compare fails nothing was written and each caller writes on its own
-        (``_ALONE``), which tells which slot was taken or which block moved.
-        When the outcome is unknown every caller of the batch gets
+        (``_ALONE``), which tells which slot was taken or which block moved;
+        so does an item that the store refuses (InvalidArgument), so that
+        its error reaches its own caller only. When the outcome is unknown every caller of the batch gets
         OutcomeUnknown and fences its own slot (``_read_back_assign``): the
         fence moves the block's revision on, so the batch, if it is still
         on its way, can never commit afterwards - as for a write alone."""
         if len(items) == 1:
             return [self.store.assign_address(*items[0])]
         self._reached("assign-batch")
-        recs = self.store.assign_addresses(items)
+        try:
+            recs = self.store.assign_addresses(items)
+        except InvalidArgument:
+            # one item's own fault (a bad record field): nothing was sent;
+            # alone, only its caller gets the error
+            return [_ALONE] * len(items)
         return recs if recs is not None else [_ALONE] * len(items)
 
     def _commit_releases(self, recs: list[Address]) -> list[bool]:

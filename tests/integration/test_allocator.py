@@ -324,3 +324,42 @@ def test_queued_address_writes_go_out_in_one_transaction(store, monkeypatch, fau
         alloc.release_address(rec)
     left, _ = store.all_addresses()
     assert [a.pod for a in left] == (["intruder"] if intruder else [])
+
+
+def test_a_refused_write_in_a_batch_fails_its_own_caller_only(store, monkeypatch):
+    """One queued write the store refuses (an invalid record field: nothing
+    is sent) does not fail the others of its batch: each writes alone and
+    only the bad one gets InvalidArgument; its slot is free again."""
+    from coil.errors import InvalidArgument
+    store.create_pool("default", "10.54.0.0/24", 5)
+    alloc = NodeAllocator(store, "n1")
+    alloc.load()
+    alloc.allocate("default", 4, "ns", "warm", "c-warm")
+    entered, go = _held_first(alloc, monkeypatch, "assign_address")
+    batches = _faulty_batches(monkeypatch, store, "assign_addresses", "none")
+    first, errors, threads = _allocate_all(alloc, ["a0"])
+    assert entered.wait(30)
+    rest, more_errors, more = _allocate_all(alloc, ["a1", "a2"])
+    bad = {}
+
+    def call_bad():
+        try:
+            alloc.allocate("default", 4, "ns", "bad", "c-bad", extra={"ifname": 7})
+        except InvalidArgument as exc:
+            bad["error"] = exc
+    more.append(threading.Thread(target=call_bad))
+    more[-1].start()
+    wait_for(lambda: len(alloc._assigns._queue) >= 3, interval=0.001, what="3 writes queued")
+    go.set()
+    for t in threads + more:
+        t.join(30)
+    assert errors == [] and more_errors == []
+    assert len(batches) == 1 and len(batches[0]) == 3         # it was in the batch
+    assert "ifname" in str(bad["error"])
+    held, _ = store.all_addresses()
+    assert sorted(a.pod for a in held) == ["a0", "a1", "a2", "warm"]
+    assert alloc.lookup("c-bad") == []
+    # nothing stays reserved: every other slot of the block is there to be taken
+    more_recs = [alloc.allocate("default", 4, "ns", f"f{i}", f"c-f{i}") for i in range(28)]
+    assert len({r.address for r in more_recs} | {a.address for a in held}) == 32
+    assert len({r.block for r in more_recs + held}) == 1
