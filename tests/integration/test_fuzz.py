@@ -170,22 +170,28 @@ def etcd_dump(n) -> dict:
     return {kv.key: kv.value for kv in kvs}
 
 
-def links(netns: Netns, retired: bool = False) -> list[str]:
-    """The namespace's interface names (one netlink dump, no process per
-    look); with ``retired``, only those a DEL retired (coild's retired link
-    group, deleted by its queue within a moment)."""
+def _link_list(netns: Netns) -> list:
+    """The namespace's links (one netlink dump, no process per look)."""
     with open_netlink(netns.path) as nl:
-        return sorted(link.name for link in nl.link_list()
-                      if not retired or link.group == RETIRED_GROUP)
+        return nl.link_list()
+
+
+def _names(found: list, retired: bool = False) -> list[str]:
+    """Their names; with ``retired``, only those a DEL retired (coild's
+    retired link group, deleted by its queue within a moment)."""
+    return sorted(link.name for link in found if not retired or link.group == RETIRED_GROUP)
 
 
 def settled_links(netns: Netns, want: list[str] | None = None) -> list[str]:
     """The namespace's links once the pairs a DEL retired are gone, or as
-    they are after 10 s."""
+    they are after 10 s. One dump per look: the queue may delete a retired
+    pair between two dumps, and the names of the first with the "nothing
+    retired" of the second would report the deleted pair as live."""
     deadline = time.monotonic() + 10
     while True:
-        now = links(netns)
-        if now == want or time.monotonic() > deadline or not links(netns, retired=True):
+        found = _link_list(netns)
+        now = _names(found)
+        if now == want or time.monotonic() > deadline or not _names(found, retired=True):
             return now
         time.sleep(0.02)
 
