@@ -189,6 +189,25 @@ def unreachable_once(monkeypatch, obj, name):
                               StoreUnavailable("cannot reach etcd (injected)"), False)
 
 
+def hold_first_call(monkeypatch, obj, name):
+    """Hold the first call of ``obj.name`` in flight (a pause point inside
+    it) until the test lets it go, so that the next callers queue or race
+    behind it. Returns (entered, go): events set when it is reached, and
+    by the test to let it run."""
+    import threading
+    entered, go = threading.Event(), threading.Event()
+    real = getattr(obj, name)
+
+    def held(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            assert go.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, held)
+    return entered, go
+
+
 def hold_back_first_address_write(monkeypatch, etcd):
     """Hold the first transaction that writes an address record (``ip/``
     key) as a frozen etcd member would: it is not sent, and its caller gets

@@ -592,10 +592,11 @@ class NodeAllocator:
         compare fails nothing was written and each caller writes on its own
         (``_ALONE``), which tells which slot was taken or which block moved;
         so does an item that the store refuses (InvalidArgument), so that
-        its error reaches its own caller only. When the outcome is unknown every caller of the batch gets
-        OutcomeUnknown and fences its own slot (``_read_back_assign``): the
-        fence moves the block's revision on, so the batch, if it is still
-        on its way, can never commit afterwards - as for a write alone."""
+        its error reaches its own caller only. When the outcome is unknown
+        every caller of the batch gets OutcomeUnknown and fences its own
+        slot (``_read_back_assign``): the fence moves the block's revision
+        on, so the batch, if it is still on its way, can never commit
+        afterwards - as for a write alone."""
         if len(items) == 1:
             return [self.store.assign_address(*items[0])]
         self._reached("assign-batch")

@@ -11,7 +11,7 @@ import pytest
 from coil.coild.allocator import ALLOCATE_ATTEMPTS, NodeAllocator
 from coil.errors import AlreadyExists, Conflict, PoolExhausted
 from coil.store import keys
-from helpers import wait_for
+from helpers import hold_first_call, wait_for
 
 
 def test_threads_get_unique_addresses_and_blocks_grow(store):
@@ -152,22 +152,6 @@ def test_lost_races_are_503_on_the_rest_api(store, monkeypatch, tmp_path):
 
 # -- DEL releases under churn: one transaction for the releases that queue ---------------
 
-def _held_first(alloc, monkeypatch, method: str):
-    """Hold the first call of ``alloc.store.<method>`` in flight (a pause
-    point inside its one-record transaction) so that the next ones queue
-    behind it."""
-    entered, go = threading.Event(), threading.Event()
-    real = getattr(alloc.store, method)
-
-    def held(*args, **kw):
-        if not entered.is_set():
-            entered.set()
-            assert go.wait(30)
-        return real(*args, **kw)
-    monkeypatch.setattr(alloc.store, method, held)
-    return entered, go
-
-
 def _faulty_batches(monkeypatch, store, method: str, fault: str, inject=None) -> list:
     """Wrap ``store.<method>`` (a multi-record transaction). Its first batch
     raises OutcomeUnknown for the faults "unknown-not-committed" and
@@ -225,7 +209,7 @@ def test_queued_releases_go_out_in_one_transaction(store, monkeypatch, fault):
     alloc.load()
     recs = [alloc.allocate("default", 4, "ns", f"p{i}", f"c{i}") for i in range(9)]
     keep = alloc.allocate("default", 4, "ns", "keep", "c-keep")
-    entered, go = _held_first(alloc, monkeypatch, "release_address")
+    entered, go = hold_first_call(monkeypatch, alloc.store, "release_address")
 
     def one_changed(items):              # someone freed one of them meanwhile
         if fault == "one-changed":
@@ -279,7 +263,7 @@ def test_queued_address_writes_go_out_in_one_transaction(store, monkeypatch, fau
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     warm = alloc.allocate("default", 4, "ns", "warm", "c-warm")    # the node holds a block
-    entered, go = _held_first(alloc, monkeypatch, "assign_address")
+    entered, go = hold_first_call(monkeypatch, alloc.store, "assign_address")
     intruder = []
 
     def behind_its_back(items):
@@ -335,7 +319,7 @@ def test_a_refused_write_in_a_batch_fails_its_own_caller_only(store, monkeypatch
     alloc = NodeAllocator(store, "n1")
     alloc.load()
     alloc.allocate("default", 4, "ns", "warm", "c-warm")
-    entered, go = _held_first(alloc, monkeypatch, "assign_address")
+    entered, go = hold_first_call(monkeypatch, alloc.store, "assign_address")
     batches = _faulty_batches(monkeypatch, store, "assign_addresses", "none")
     first, errors, threads = _allocate_all(alloc, ["a0"])
     assert entered.wait(30)

@@ -5,10 +5,12 @@ deterministic cases.
 The first two are address leaks after a transaction whose outcome was
 unknown, the way a frozen etcd member (SIGSTOP, then SIGCONT) produces
 them: the request reaches the member, its answer does not come back in
-time, and the member may still commit it later. Both are fixed: a DEL (and CHECK, and a repeated ADD) first reads back the
-container's quarantined slots and answers "try again" when it cannot, and
-the read-back is a fence (``IPAMStore.fence_address``) that moves the block
-key's mod revision on, so the late transaction's guard can never hold again.
+time, and the member may still commit it later. Both are fixed: a DEL
+(and CHECK, and a repeated ADD) first reads back the container's
+quarantined slots and answers "try again" when it cannot, and the
+read-back is a fence (``IPAMStore.fence_address``) that moves the block
+key's mod revision on, so the late transaction's guard can never hold
+again.
 
 The third is a reservation left in the cache for good (its block was never
 given back), fixed by tying a reloaded copy of a block to the copy it
@@ -18,10 +20,12 @@ replaced by lineage instead of by revision (``NodeAllocator._both``).
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
-from helpers import fail_once, hold_back_first_address_write, unreachable_once
+from helpers import (fail_once, hold_back_first_address_write, hold_first_call,
+                     unreachable_once)
 from coil.coild.allocator import NodeAllocator
 from coil.errors import StoreUnavailable
 
@@ -92,7 +96,6 @@ def test_a_write_in_flight_across_a_reload_and_a_fence_leaves_no_reservation(sto
     (the block had moved) and ended its reservation in the old copy only:
     the slot stayed reserved in the cache for good, and a block with a
     reserved slot is never given back."""
-    import threading
     store.create_pool("default", "10.64.0.0/24", 2)          # blocks of 4
     alloc = NodeAllocator(store, "n1")
     alloc.load()
@@ -105,16 +108,7 @@ def test_a_write_in_flight_across_a_reload_and_a_fence_leaves_no_reservation(sto
     ((cidr, slots),) = alloc.quarantined().items()
     assert cidr == "10.64.0.0/30" and list(slots.values()) == ["c1"]
     # c2's write waits at the store, its slot reserved
-    real_assign = store.assign_address
-    reached, go = threading.Event(), threading.Event()
-
-    def paused_assign(block, offset, *args, **kwargs):
-        if args[2] == "c2" and not go.is_set():
-            reached.set()
-            assert go.wait(30)
-        return real_assign(block, offset, *args, **kwargs)
-
-    monkeypatch.setattr(store, "assign_address", paused_assign)
+    reached, go = hold_first_call(monkeypatch, store, "assign_address")
     got = {}
     t = threading.Thread(target=lambda: got.setdefault(
         "c2", alloc.allocate("default", 4, "ns", "p2", "c2")))
