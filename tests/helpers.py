@@ -389,8 +389,15 @@ class EtcdCluster:
         while True:
             for i in members:
                 if self.procs[i] is None or self.procs[i].poll() is not None:
-                    raise RuntimeError(f"etcd member {self.names[i]} exited; see "
-                                       f"{self.data_dir(i)}.log")
+                    # the log's tail goes into the error: the fixture's
+                    # temporary directory, and the log with it, is removed
+                    try:
+                        with open(self.data_dir(i) + ".log", "rb") as f:
+                            tail = f.read()[-2000:].decode("utf-8", "replace")
+                    except OSError as exc:
+                        tail = f"(no log: {exc})"
+                    raise RuntimeError(f"etcd member {self.names[i]} exited; the end of "
+                                       f"{self.data_dir(i)}.log:\n{tail}")
             if all(self.member_healthy(i) for i in members):
                 return
             if time.monotonic() > deadline:
