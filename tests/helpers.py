@@ -14,10 +14,52 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on, for a server a test
+    starts later.
+
+    The port is drawn outside the kernel's ephemeral range: a port from
+    ``bind(("127.0.0.1", 0))`` is an ephemeral one, and between this check
+    and the server's own bind any outgoing connection of the machine (a
+    gRPC client of another member, say) may get it as its local port, and
+    the server then fails with "address already in use". A port handed out
+    once is not handed out again in this process.
+    """
+    import random
+    low, high = _ephemeral_range()
+    # below 10000 sit the well-known services a machine may run
+    candidates = [(10000, low - 1)] if low > 11000 else []
+    if high < 64535:
+        candidates.append((high + 1, 65535))
+    if not candidates:                          # no room outside the range
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for _ in range(1000):
+        port = random.randint(*random.choice(candidates))
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 outside the ephemeral range")
 
 
 def wait_port(host: str, port: int, timeout: float) -> bool:
