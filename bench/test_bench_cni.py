@@ -95,7 +95,7 @@ def _drained(node):
     that its deferred kernel work does not land in ptp's next timed phase.
     Returns the seconds waited."""
     start = time.perf_counter()
-    node["netns"].wait_retired_gone()
+    node["netns"].wait_retired_gone(poll=0.005)
     return time.perf_counter() - start
 
 

@@ -80,14 +80,14 @@ class Netns:
         from coil.coild.podnet import RETIRED_GROUP
         return [name for name, group in self._links() if group == str(RETIRED_GROUP)]
 
-    def wait_retired_gone(self, timeout: float = 30) -> None:
+    def wait_retired_gone(self, timeout: float = 30, poll: float = 0.05) -> None:
         """Wait until coild's deletion queue has deleted every retired link
         (it flushes within --teardown-delay); fails after ``timeout``."""
         deadline = time.time() + timeout
         while self.retired():
             if time.time() > deadline:
                 raise AssertionError(f"retired links not deleted: {self.retired()}")
-            time.sleep(0.05)
+            time.sleep(poll)
 
 
 class Coild:

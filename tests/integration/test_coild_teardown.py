@@ -21,7 +21,7 @@ from test_coild_cni import add, cluster, etcd_ips, pod_ip  # noqa: F401 (fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
-HOLD = ["--teardown-delay", "1h", "--teardown-batch", "1000"]
+HOLD = ["--teardown-delay", "1h", "--teardown-quiet", "1h", "--teardown-batch", "1000"]
 
 
 def start_holding(cluster, subnet):
@@ -178,6 +178,24 @@ def test_del_when_netns_is_already_gone(cluster):
     assert cluster.cni.call("del", "", "c1", "default", "c1") == (0, None)
 
 
+def test_a_burst_that_ended_is_deleted_without_waiting_for_the_delay(cluster):
+    """With an hour's delay and a batch that never fills, the quiet trigger
+    (--teardown-quiet, default 10ms) deletes the retired pairs once no CNI
+    request is in flight; the pod that stays keeps its veth."""
+    cluster.store.create_pool("default", "10.47.0.0/24", 4)
+    cluster.coild.extra = ["--teardown-delay", "1h", "--teardown-batch", "1000"]
+    cluster.start()
+    pods = [cluster.new_pod() for _ in range(3)]
+    results = [add(cluster, pod, f"c{i}") for i, pod in enumerate(pods)]
+    for i in (0, 1):
+        assert cluster.cni.call("del", pods[i], f"c{i}", "default", f"c{i}") == (0, None)
+    cluster.node.wait_retired_gone(timeout=30, poll=0.01)
+    assert cluster.node.links() == ["lo", results[2]["interfaces"][0]["name"]]
+    assert [p.links() for p in pods] == [["lo"], ["lo"], ["lo", "eth0"]]
+    status, metrics = cluster.coild.rest("GET", "/metrics")
+    assert "coild_teardown_pending 0.0" in metrics and "coild_teardown_retired_total 2.0" in metrics
+
+
 def test_teardown_batch_zero_deletes_before_answering(cluster):
     cluster.store.create_pool("default", "10.46.0.0/24", 4)
     cluster.coild.extra = ["--teardown-batch", "0", "--teardown-delay", "1h"]
@@ -193,6 +211,8 @@ def test_teardown_batch_zero_deletes_before_answering(cluster):
     (["--teardown-delay", "soon"], "--teardown-delay"),
     (["--teardown-delay", "-1s"], "--teardown-delay"),
     (["--teardown-batch", "-1"], "--teardown-batch"),
+    (["--teardown-quiet", "later"], "--teardown-quiet"),
+    (["--teardown-quiet", "-5ms"], "--teardown-quiet"),
 ])
 def test_bad_teardown_flags(cluster, flags, wrong):
     r = cluster.node.exec(
