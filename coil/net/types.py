@@ -14,6 +14,7 @@ the pyroute2 twin and the namespace helpers of ``coil.net.ns`` import it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import NamedTuple, Optional
@@ -53,6 +54,14 @@ def ip_version(address) -> int:
     version = getattr(address, "version", None)
     if version in (4, 6):
         return version
+    if isinstance(address, str):
+        return _text_version(address)
+    return ipaddress.ip_address(address).version
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_version(address) -> int:
+    # a node's pod addresses are asked for again and again (ADD, DEL, CHECK)
     return ipaddress.ip_address(address).version
 
 

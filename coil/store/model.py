@@ -122,11 +122,13 @@ class Block:
     subnet: str = ""
     acquired_at: str = ""
 
-    @property
+    # parsed once per Block (blocks are immutable; every address write and
+    # every allocation asks)
+    @functools.cached_property
     def network(self):
         return ipaddress.ip_network(self.cidr)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return self.network.num_addresses
 
