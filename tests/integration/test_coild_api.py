@@ -357,6 +357,50 @@ def test_slow_clients_do_not_hold_the_workers(etcd_server, store, etcd_prefix, t
         assert c.stop() == 0
 
 
+def test_plugin_request_that_never_completes_is_dropped_after_the_read_timeout(
+        store, tmp_path, node, caplog):
+    """The plugin socket bounds the wait for a request (30 s in coild; 0.5 s
+    here, in process) in the kernel (SO_RCVTIMEO): a caller that sends half
+    a request and waits is disconnected without an answer, the log says
+    why, and the worker answers the next caller. The real CNI service
+    behind it."""
+    from types import SimpleNamespace
+
+    from coil.cni.service import CNIService
+    from coil.coild.allocator import NodeAllocator
+    from coil.coild.podnet import PodNetwork
+    from coil.coild.pools import PoolResolver
+    from coil.coild.server import PluginServer, serve_in_thread
+    cni = CNIService(NodeAllocator(store, "n1"), PodNetwork(host_netns=node.path),
+                     PoolResolver(store))
+    path = str(tmp_path / "plugin.sock")
+    server = PluginServer(path, SimpleNamespace(cni=cni, too_large=lambda: b"{}"),
+                          read_timeout=0.5)
+    thread = serve_in_thread(server, "plugin-test")
+    try:
+        s = unix(path)
+        s.sendall(b"COIL1\nCNI_COMMAND=VERSION\0")         # no end of request (EOF)
+        s.settimeout(30)
+        with caplog.at_level("WARNING", logger="coild"):
+            assert s.recv(1) == b""                          # closed, unanswered
+        s.close()
+        assert any("request not received in time" in str(getattr(r, "error", ""))
+                   for r in caplog.records), caplog.records
+        probe = unix(path)                                   # the worker is free again
+        probe.sendall(b'COIL1\nCNI_COMMAND=VERSION\0\0{"cniVersion": "1.0.0", "name": "t", '
+                      b'"type": "coil"}')
+        probe.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := probe.recv(65536):
+            answer += chunk
+        probe.close()
+        assert answer.startswith(b"0\n") and b"supportedVersions" in answer
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)
+
+
 def test_keepalive_pipelined_requests_are_answered_in_order(coild):
     s = unix(coild.api_socket)
     body = json.dumps({"pod-namespace": "default", "pod-name": "p", "container-id": "k1"})
