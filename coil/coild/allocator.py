@@ -118,6 +118,11 @@ class NodeAllocator:
         self._releases = GroupCommit(self._commit_releases, max_batch=MAX_TXN_ITEMS)
         self._assigns = GroupCommit(self._commit_assigns, max_batch=MAX_TXN_ITEMS // 2)
 
+    def group_commits(self) -> dict:
+        """kind -> GroupCommit of the address writes ("assign", "release"),
+        for their counters (batches, items)."""
+        return {"assign": self._assigns, "release": self._releases}
+
     def _reached(self, point: str):
         """A no-op pause point; tests monkeypatch it to stop a thread here."""
 

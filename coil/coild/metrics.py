@@ -66,6 +66,17 @@ class CoildMetrics:
                     yield CounterMetricFamily(name, text, value=counters.get(key, 0))
                 yield CounterMetricFamily("coild_pool_list_reads", "pool list reads from etcd",
                                           value=daemon.pools.reads)
+                txns = CounterMetricFamily(
+                    "coild_etcd_group_commits", "etcd transactions of the address-write group "
+                    "commits (assign: ADD's records, release: DEL's)", labels=["kind"])
+                items = CounterMetricFamily(
+                    "coild_etcd_group_commit_records", "address records those transactions "
+                    "carried (records / commits: the mean batch)", labels=["kind"])
+                for kind, group in daemon.allocator.group_commits().items():
+                    txns.add_metric([kind], group.batches)
+                    items.add_metric([kind], group.items)
+                yield txns
+                yield items
                 etcd = getattr(daemon.store, "etcd", None)
                 if etcd is not None:
                     in_use = GaugeMetricFamily("coild_etcd_member_in_use",

@@ -355,18 +355,6 @@ class ApiSocketServer(BoundedHTTPServer):
             pass
 
 
-def _kernel_timeout(conn: socket.socket, seconds: float):
-    """Bound each blocking recv/send of ``conn`` by ``seconds`` in the
-    kernel (SO_RCVTIMEO, SO_SNDTIMEO) and leave the socket blocking: a
-    Python socket timeout costs a poll() before every recv and send, each
-    one more GIL hand-over under load. A call that times out raises
-    BlockingIOError (EAGAIN)."""
-    seconds = max(seconds, 0.001)
-    tv = struct.pack("@ll", int(seconds), int((seconds % 1) * 1_000_000))
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
 class PluginHandler(socketserver.BaseRequestHandler):
     def handle(self):
         conn: socket.socket = self.request
@@ -376,17 +364,15 @@ class PluginHandler(socketserver.BaseRequestHandler):
             return
         chunks, size = [], 0
         deadline = time.monotonic() + self.server.read_timeout
-        if conn.gettimeout() is not None:      # blocking: the kernel keeps the time
-            conn.settimeout(None)
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("request not received in time")
-                _kernel_timeout(conn, left)
+                conn.settimeout(left)
                 try:
                     chunk = conn.recv(65536)
-                except BlockingIOError:
+                except socket.timeout:
                     raise TimeoutError("request not received in time") from None
                 if not chunk:
                     break
@@ -398,10 +384,10 @@ class PluginHandler(socketserver.BaseRequestHandler):
             if not chunks:         # a liveness probe: connected and closed
                 return
             code, body = cni.handle(b"".join(chunks), arrived)
-            _kernel_timeout(conn, self.server.read_timeout)
+            conn.settimeout(self.server.read_timeout)
             try:
                 conn.sendall(protocol.encode_response(code, body))
-            except BlockingIOError:
+            except socket.timeout:
                 raise TimeoutError("answer not taken in time") from None
         except OSError as exc:
             log.warning("plugin connection failed", extra={"error": str(exc)})

@@ -360,10 +360,9 @@ def test_slow_clients_do_not_hold_the_workers(etcd_server, store, etcd_prefix, t
 def test_plugin_request_that_never_completes_is_dropped_after_the_read_timeout(
         store, tmp_path, node, caplog):
     """The plugin socket bounds the wait for a request (30 s in coild; 0.5 s
-    here, in process) in the kernel (SO_RCVTIMEO): a caller that sends half
-    a request and waits is disconnected without an answer, the log says
-    why, and the worker answers the next caller. The real CNI service
-    behind it."""
+    here, in process): a caller that sends half a request and waits is
+    disconnected without an answer, the log says why, and the worker
+    answers the next caller. The real CNI service behind it."""
     from types import SimpleNamespace
 
     from coil.cni.service import CNIService

@@ -194,6 +194,10 @@ def test_a_burst_that_ended_is_deleted_without_waiting_for_the_delay(cluster):
     assert [p.links() for p in pods] == [["lo"], ["lo"], ["lo", "eth0"]]
     status, metrics = cluster.coild.rest("GET", "/metrics")
     assert "coild_teardown_pending 0.0" in metrics and "coild_teardown_retired_total 2.0" in metrics
+    # one after the other: each address write went alone
+    for kind, n in (("assign", 3), ("release", 2)):
+        assert f'coild_etcd_group_commit_records_total{{kind="{kind}"}} {n}.0' in metrics
+        assert f'coild_etcd_group_commits_total{{kind="{kind}"}} {n}.0' in metrics
 
 
 def test_teardown_batch_zero_deletes_before_answering(cluster):
