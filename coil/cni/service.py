@@ -124,8 +124,6 @@ class CNIService:
         self.ready = None
         self._inflight = 0
         self._idle = threading.Condition()
-        # the deletion queue flushes when the node's requests stop
-        self._quiet = getattr(self.teardown, "set_quiet", None)
 
     def _reached(self, point: str, req: CNIRequest):
         """A no-op pause point; tests monkeypatch it to stop a request here."""
@@ -152,8 +150,6 @@ class CNIService:
         connection was accepted (default: now). Returns (exit code, stdout)."""
         with self._idle:
             self._inflight += 1
-            if self._inflight == 1 and self._quiet is not None:
-                self._quiet(False)
         try:
             return self._handle(data, self.clock() if arrived is None else arrived)
         finally:
@@ -161,8 +157,6 @@ class CNIService:
                 self._inflight -= 1
                 if not self._inflight:
                     self._idle.notify_all()
-                    if self._quiet is not None:
-                        self._quiet(True)
 
     def _handle(self, data: bytes, arrived: float) -> tuple[int, bytes]:
         started = time.perf_counter()

@@ -26,8 +26,7 @@ class Coild:
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
                  scan_interval: float = 600.0, teardown_batch: int = 32,
-                 teardown_delay: float = 0.1, liveness_ttl: float = 30.0,
-                 teardown_quiet: float = 0.01):
+                 teardown_delay: float = 0.1, liveness_ttl: float = 30.0):
         from coil.coild.allocator import NodeAllocator
         from coil.coild.heartbeat import LivenessKeeper
         from coil.cni.service import CNIService
@@ -48,7 +47,7 @@ class Coild:
         # the deletion queue also cleans up at start and stop; --teardown-batch 0
         # keeps it out of DEL (each DEL deletes its veth pair before answering)
         self.teardown = TeardownQueue(self.podnet, batch=max(1, teardown_batch),
-                                      delay=teardown_delay, quiet=teardown_quiet)
+                                      delay=teardown_delay)
         self.cni = CNIService(self.allocator, self.podnet, self.pools, self.metrics,
                               teardown=self.teardown if teardown_batch > 0 else None)
         self.cni.ready = self.check_ready          # STATUS: 50 unless coild serves
@@ -298,15 +297,12 @@ def _positive(value: str, flag: str) -> float:
                    "(0: every DEL deletes its veth before it answers)")
 @click.option("--teardown-delay", default="100ms", show_default=True,
               help="delete retired pod veths at most this long after a DEL")
-@click.option("--teardown-quiet", default="10ms", show_default=True,
-              help="delete retired pod veths once no CNI request has been in flight "
-                   "for this long")
 @click.option("--liveness-ttl", default="30s", show_default=True,
               help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeout, idle_timeout,
-        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, teardown_quiet,
-        liveness_ttl, log_level, **kwargs):
+        table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, liveness_ttl,
+        log_level, **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -321,7 +317,6 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
     if interval <= 0:
         raise InvalidArgument(f"invalid --scan-interval {scan_interval!r}: must be positive")
     delay = cfg.parse_duration(teardown_delay, "--teardown-delay")
-    quiet = cfg.parse_duration(teardown_quiet, "--teardown-quiet")
     _validate_http(http)
     from coil.coild.heartbeat import MAX_TTL, MIN_TTL
     ttl = cfg.parse_duration(liveness_ttl, "--liveness-ttl")
@@ -338,8 +333,7 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
                               f"they must differ")
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
-    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay, ttl,
-                   teardown_quiet=quiet)
+    daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay, ttl)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:

@@ -23,10 +23,6 @@ renames it to ``cdel...`` (it stays in the group), then creates its pair
 Flush triggers (one RTM_DELLINK for the whole group each time):
 - size: ``batch`` links retired since the last flush;
 - delay: ``delay`` seconds after the oldest retired link not yet flushed;
-- quiet: ``quiet`` seconds after the node's last CNI request in flight
-  ended (``set_quiet``, from the CNI service): batching pays only while
-  requests overlap, and a burst of DELs that has ended need not wait for
-  ``delay``;
 - shutdown: ``close()`` (coild's SIGTERM path) flushes what is left;
 - start: ``start()`` flushes what an earlier coild left behind.
 
@@ -49,9 +45,6 @@ log = logging.getLogger("coild.teardown")
 
 DEFAULT_BATCH = 32
 DEFAULT_DELAY = 0.1
-#: a gap between two requests of one runtime (the plugin's exec, ~1 ms)
-#: is not quiet; a burst that ended is
-DEFAULT_QUIET = 0.01
 
 
 class TeardownQueue:
@@ -65,15 +58,12 @@ class TeardownQueue:
     """
 
     def __init__(self, podnet: PodNetwork, batch: int = DEFAULT_BATCH,
-                 delay: float = DEFAULT_DELAY, clock=time.monotonic,
-                 quiet: float = DEFAULT_QUIET):
+                 delay: float = DEFAULT_DELAY, clock=time.monotonic):
         if batch < 1:
             raise ValueError("batch must be >= 1")
         self.podnet = podnet
         self.batch = batch
         self.delay = delay
-        self.quiet = quiet
-        self._quiet_since = None       # clock() when the node's requests stopped
         self._clock = clock
         self._cond = threading.Condition()
         self._flush_lock = threading.Lock()
@@ -105,18 +95,6 @@ class TeardownQueue:
                 if self._pending == 1 or self._pending == self.batch:
                     self._cond.notify_all()
         return bool(outcome)
-
-    def set_quiet(self, quiet: bool):
-        """The CNI service says no request is in flight any more (True) or
-        one started (False). Pending links are flushed ``quiet`` seconds
-        into a quiet spell."""
-        with self._cond:
-            if not quiet:
-                self._quiet_since = None
-            elif self._quiet_since is None:
-                self._quiet_since = self._clock()
-                if self._pending:
-                    self._cond.notify_all()      # the flusher's deadline moved
 
     def pending(self) -> int:
         """Links retired since the last flush began."""
@@ -150,10 +128,7 @@ class TeardownQueue:
             return None
         if self._pending >= self.batch:
             return 0.0
-        due = self._oldest + self.delay
-        if self._quiet_since is not None:
-            due = min(due, self._quiet_since + self.quiet)
-        return due - self._clock()
+        return self._oldest + self.delay - self._clock()
 
     def _run(self):
         while True:

@@ -21,7 +21,7 @@ from test_coild_cni import add, cluster, etcd_ips, pod_ip  # noqa: F401 (fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
-HOLD = ["--teardown-delay", "1h", "--teardown-quiet", "1h", "--teardown-batch", "1000"]
+HOLD = ["--teardown-delay", "1h", "--teardown-batch", "1000"]
 
 
 def start_holding(cluster, subnet):
@@ -178,12 +178,12 @@ def test_del_when_netns_is_already_gone(cluster):
     assert cluster.cni.call("del", "", "c1", "default", "c1") == (0, None)
 
 
-def test_a_burst_that_ended_is_deleted_without_waiting_for_the_delay(cluster):
-    """With an hour's delay and a batch that never fills, the quiet trigger
-    (--teardown-quiet, default 10ms) deletes the retired pairs once no CNI
-    request is in flight; the pod that stays keeps its veth."""
+def test_default_flags_delete_within_the_delay_and_count_the_address_writes(cluster):
+    """coild's defaults (batch 32, delay 100ms): two DELs are deleted by the
+    delay trigger; the pod that stays keeps its veth. The metrics count the
+    group commits of the address writes: one after the other, each write
+    went alone."""
     cluster.store.create_pool("default", "10.47.0.0/24", 4)
-    cluster.coild.extra = ["--teardown-delay", "1h", "--teardown-batch", "1000"]
     cluster.start()
     pods = [cluster.new_pod() for _ in range(3)]
     results = [add(cluster, pod, f"c{i}") for i, pod in enumerate(pods)]
@@ -194,7 +194,6 @@ def test_a_burst_that_ended_is_deleted_without_waiting_for_the_delay(cluster):
     assert [p.links() for p in pods] == [["lo"], ["lo"], ["lo", "eth0"]]
     status, metrics = cluster.coild.rest("GET", "/metrics")
     assert "coild_teardown_pending 0.0" in metrics and "coild_teardown_retired_total 2.0" in metrics
-    # one after the other: each address write went alone
     for kind, n in (("assign", 3), ("release", 2)):
         assert f'coild_etcd_group_commit_records_total{{kind="{kind}"}} {n}.0' in metrics
         assert f'coild_etcd_group_commits_total{{kind="{kind}"}} {n}.0' in metrics
@@ -215,8 +214,6 @@ def test_teardown_batch_zero_deletes_before_answering(cluster):
     (["--teardown-delay", "soon"], "--teardown-delay"),
     (["--teardown-delay", "-1s"], "--teardown-delay"),
     (["--teardown-batch", "-1"], "--teardown-batch"),
-    (["--teardown-quiet", "later"], "--teardown-quiet"),
-    (["--teardown-quiet", "-5ms"], "--teardown-quiet"),
 ])
 def test_bad_teardown_flags(cluster, flags, wrong):
     r = cluster.node.exec(

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from harness import Netns
-from helpers import FakeClock, fail_once, hold_back_first_address_write, unreachable_once
+from helpers import fail_once, hold_back_first_address_write, unreachable_once
 
 from coil.coild.allocator import NodeAllocator
 from coil.cni.protocol import MAGIC
@@ -29,7 +29,6 @@ from coil.coild.main import Coild
 from coil.coild.podnet import PodNetwork
 from coil.coild.pools import PoolResolver
 from coil.coild.routes import RouteExporter
-from coil.coild.teardown import TeardownQueue
 from coil.errors import AlreadyExists, OutcomeUnknown, StoreUnavailable
 from coil.store import keys
 
@@ -590,56 +589,3 @@ def test_a_reload_keeps_an_unfenced_slot_until_a_fence_decides_it(store, monkeyp
     assert sorted(etcd_ips(store).values()) == ["c0"]
     assert alloc.quarantined() == {} and not alloc.unresolved()
     assert alloc._blocks[cidr].bitmap.count() == 1
-
-
-# -- the deletion queue's quiet trigger ------------------------------------------------
-
-def test_retired_veths_are_deleted_only_once_no_request_is_in_flight(node):
-    """The CNI service tells the deletion queue when its requests stop:
-    a DEL's retired pair waits while another request is in flight (a
-    paused ADD), however long; the queue deletes it ``quiet`` seconds into
-    the quiet that follows. A fake clock, no timing."""
-    node.store.create_pool("default", "10.71.0.0/24", 4)
-    node.alloc.load()
-    clock = FakeClock()
-    queue = TeardownQueue(node.svc.podnet, batch=100, delay=3600.0, clock=clock, quiet=0.5)
-    node.svc = CNIService(node.alloc, node.svc.podnet, PoolResolver(node.store), teardown=queue)
-    queue.start()
-    try:
-        p1, p2 = node.pod(), node.pod()
-        assert node.call("ADD", p1, "c1")[0] == 0
-        paused, go = threading.Event(), threading.Event()
-
-        def hook(point, req):
-            if point == "add:allocated" and req.container_id == "c2":
-                paused.set()
-                assert go.wait(WAIT)
-
-        node.svc._reached = hook
-        t, out = run(node.call, "ADD", p2, "c2")
-        assert paused.wait(WAIT)
-        flushes = queue.flushes_total
-        assert node.call("DEL", p1, "c1")[0] == 0
-        assert queue.pending() == 1                 # retired, not deleted
-        clock.now += 10.0                           # long past quiet: but c2's ADD is in flight
-        with queue._cond:
-            queue._cond.notify_all()                # the flusher looks at the clock again
-        assert not queue.wait_flushed(flushes + 1, 0.5)
-        assert queue.pending() == 1 and len(node.ns.retired()) == 1   # c1's host end
-
-        go.set()                                    # the ADD ends: quiet from now on
-        t.join(WAIT)
-        assert out[0][0] == 0, out
-        clock.now += 0.4
-        with queue._cond:
-            queue._cond.notify_all()
-        assert not queue.wait_flushed(flushes + 1, 0.5)
-        clock.now += 0.1                            # 0.5 s of quiet
-        with queue._cond:
-            queue._cond.notify_all()
-        assert queue.wait_flushed(flushes + 1, WAIT)
-        assert queue.pending() == 0
-        assert p1.links() == ["lo"] and p2.links() == ["lo", "eth0"]
-        assert node.ns.retired() == [] and len(node.host_links()) == 1   # c2's host end
-    finally:
-        queue.close()

@@ -1,11 +1,9 @@
 """coild's deletion queue (coil/coild/teardown.py) and PodNetwork.retire,
 in-process, on real network namespaces: what a DEL leaves behind at once,
-and when the batch is deleted (size, delay, quiet, shutdown, start,
-reconcile).
+and when the batch is deleted (size, delay, shutdown, start, reconcile).
 
-A fake clock drives the delay and quiet triggers; the size and shutdown
-triggers use a delay of an hour, so nothing here depends on how fast the
-machine is.
+A fake clock drives the delay trigger; the size and shutdown triggers use
+a delay of an hour, so nothing here depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -185,38 +183,6 @@ def test_delay_trigger_with_fake_clock(node):
         clock.now += 0.1                            # 5 s after the DEL
         with q._cond:
             q._cond.notify_all()
-        assert q.wait_flushed(flushes + 1, 30)
-        assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
-    finally:
-        q.close()
-
-
-def test_quiet_trigger_counts_from_the_last_request(node):
-    """``quiet`` seconds of quiet flush; a request that starts before that
-    (set_quiet(False)) puts the count back to the start of the next quiet."""
-    clock = FakeClock()
-    q = TeardownQueue(node.podnet, batch=100, delay=HOUR, clock=clock, quiet=1.0)
-    q.start()
-
-    def look():
-        with q._cond:
-            q._cond.notify_all()                    # the flusher looks at the clock again
-
-    try:
-        flushes = q.flushes_total
-        pod, ip = node.pod(1)
-        _retire(q, 1, pod, ip)
-        q.set_quiet(True)
-        clock.now += 0.9
-        q.set_quiet(False)                          # a request came in
-        clock.now += 0.5
-        q.set_quiet(True)                           # ... and ended: 0 s of quiet
-        clock.now += 0.9
-        look()
-        assert not q.wait_flushed(flushes + 1, 0.5)
-        assert q.pending() == 1 and set(_links(node)) != {"lo"}
-        clock.now += 0.1                            # 1 s of quiet
-        look()
         assert q.wait_flushed(flushes + 1, 30)
         assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
     finally:
