@@ -11,8 +11,8 @@ netlink request, ~3 ms) instead of creating it there and moving one end out
 Deleting a veth costs the kernel ~20 ms of RCU grace periods, whoever asks;
 deleting many in one request costs about the same as deleting one. So DEL
 does not delete: ``retire`` takes the pair out of service at once (routes
-gone, both ends down) and puts both ends in a link group that
-``coil.coild.teardown`` deletes in batches.
+gone, the pod's end down, which takes the host end's carrier) and puts both
+ends in a link group that ``coil.coild.teardown`` deletes in batches.
 """
 
 from __future__ import annotations
@@ -264,13 +264,21 @@ class PodNetwork:
            through it; that one existed is what makes the host end this
            attachment's - no dump of the routing table): nothing routes the
            addresses once this returns, so the caller may release them;
-        2. the host end is set down and put in link group ``retired_group``, keeping
-           its name: from here on a crash still ends in its deletion (coild
+        2. the host end is put in link group ``retired_group``, keeping its
+           name: from here on a crash still ends in its deletion (coild
            deletes the group when it starts); an ADD that wants the name
            before that renames it away (``setup``);
         3. the pod's ``ifname`` (if its namespace is still there) is set
-           down, which flushes its routes, and put in that group too: an ADD
-           of the same ifname in the same namespace recognises it as retired.
+           down, which flushes its routes and takes the host end's carrier
+           (nothing passes the pair any more either way), and put in that
+           group too: an ADD of the same ifname in the same namespace
+           recognises it as retired;
+        4. only when the pod's end was not set down here (its namespace or
+           the link is gone, or an earlier DEL retired it) is the host end
+           set down. Otherwise it stays administratively up until the
+           flush, which closes the whole batch with one RCU grace period:
+           a link down is one ``synchronize_net()`` under RTNL, and two per
+           DEL held every other pod's netlink requests behind them.
         No rename: renaming a device makes the kernel re-register its
         sysctl tables under RTNL, twice per DEL.
         When the host end is not found (or is not this container's), the
@@ -278,7 +286,9 @@ class PodNetwork:
         unless it is retired already (a repeated DEL).
         A crash between 1 and 2 leaves a host end without routes: the DEL was
         not answered, and its retry finds no route through it and deletes the
-        pod's ``ifname`` (the pair with it).
+        pod's ``ifname`` (the pair with it). A crash between 2 and 3 leaves
+        the pair up but routing nothing, its address still recorded (the
+        DEL was not answered); the next coild deletes the group at start.
 
         Returns "retired" (the pair waits in ``retired_group``), "deleted" (removed
         now) or "" (nothing was there). Safe to repeat; a link that vanishes
@@ -301,11 +311,14 @@ class PodNetwork:
                 if routed:                   # this attachment's: its routes went through it
                     host = link
                     break
-            if host is not None and not link_set_if_present(h, host.index, up=False,
+            if host is not None and not link_set_if_present(h, host.index,
                                                             group=self.retired_group):
                 host = None                  # gone meanwhile
         pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)
         if host is not None:
+            if not pod_done:                 # the pod's end is not known to be down
+                with self._host_nl() as h:
+                    link_set_if_present(h, host.index, up=False)
             return "retired"
         return "deleted" if pod_done else ""
 

@@ -6,9 +6,10 @@ RTNL lock. One RTM_DELLINK by link group deletes a whole group as one batch
 (one ``unregister_netdevice_many()``) for about the price of one. So a DEL:
 
 1. retires the pair synchronously (``PodNetwork.retire``): the host end's
-   routes to the pod's addresses are deleted, then both ends are set down
-   and put in the *retired* link group (``PodNetwork.retired_group``) under
-   their names - no rename, which costs the kernel a re-registration of the
+   routes to the pod's addresses are deleted, then both ends are put in the
+   *retired* link group (``PodNetwork.retired_group``) under their names and
+   the pod's end is set down (the host end too when the pod's end is out of
+   reach; otherwise the flush closes the host ends of a batch at once) - no rename, which costs the kernel a re-registration of the
    device's sysctl tables under RTNL. Nothing routes the pod's addresses any
    more and the pod's other attachments take its traffic;
 2. releases the addresses in etcd (the caller, after 1);

@@ -66,6 +66,19 @@ def _retire(queue, i, ns, ip):
     return queue.delete(ns.path, "eth0", legacy_host_veth_name("default", f"p{i}"), [ip])
 
 
+def _flags(line: str) -> list[str]:
+    """The <...> flags of an 'ip -o link' line."""
+    return line.split("<", 1)[1].split(">", 1)[0].split(",")
+
+
+def _shape(links: dict[str, str]) -> dict[str, tuple]:
+    """name -> (group, administratively up): what retire changes. Carrier
+    and operational state are left out: the kernel updates the operational
+    state asynchronously (linkwatch)."""
+    return {name: (line.split(" group ")[1].split()[0] if " group " in line else "",
+                   "UP" in _flags(line)) for name, line in links.items()}
+
+
 def _retired(links: dict[str, str]) -> dict[str, str]:
     """The links of ``_links`` in the retired group."""
     return {name: line for name, line in links.items() if f"group {RETIRED_GROUP}" in line}
@@ -77,15 +90,22 @@ def test_retire_takes_the_pair_out_of_service_at_once(node):
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     assert _retire(q, 1, pod, ip) is True
     assert q.pending() == 1 and q.flushes_total == 0
-    # the host end waits in the retired group under its name, down, routing nothing
+    # the host end waits in the retired group under its name, routing
+    # nothing; its peer is down, so it has no carrier (it is not set down:
+    # the flush closes a whole batch with one RCU grace period)
     retired = _retired(_links(node))
-    assert list(retired) == [host] and "state DOWN" in retired[host]
+    assert list(retired) == [host] and "LOWER_UP" not in _flags(retired[host])
+    assert "UP" in _flags(retired[host])           # the flush closes it with its batch
     assert ip not in _routes(node)
     # the pod's end: in the retired group too, down, its routes flushed
     pod_retired = _retired(_links(pod))
     assert list(pod_retired) == ["eth0"] and "state DOWN" in pod_retired["eth0"]
     assert _routes(pod) == ""
+    # nothing passes the pair either way, even with a route put back
     assert not _ping(node, ip)
+    node.run("ip", "route", "add", f"{ip}/32", "dev", host, check=True)
+    assert not _ping(node, ip)
+    node.run("ip", "route", "del", f"{ip}/32", "dev", host, check=True)
     # the batch deletes the pair
     assert q.flush() is True
     assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
@@ -142,9 +162,9 @@ def test_del_repeated_before_the_flush_leaves_the_queue_its_pair(node):
     pod, ip = node.pod(1)
     q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
     assert _retire(q, 1, pod, ip) is True
-    before = (_links(node), _links(pod))
+    before = (_shape(_links(node)), _shape(_links(pod)))
     assert _retire(q, 1, pod, ip) is False
-    assert (_links(node), _links(pod)) == before and q.pending() == 1
+    assert (_shape(_links(node)), _shape(_links(pod))) == before and q.pending() == 1
     assert q.flush() is True and set(_links(pod)) == {"lo"}
 
 
@@ -237,6 +257,20 @@ def test_reconcile_removes_veths_no_record_accounts_for(node):
     assert set(_links(kept_ns)) == {"lo", "eth0"}
     assert _ping(node, kept_ip)
     assert q.reconcile(keep) == []
+
+
+def test_host_end_set_down_when_the_pods_end_is_out_of_reach(node):
+    """A DEL without the pod's namespace (the runtime passed none) cannot
+    set the pod's end down: the host end is set down itself."""
+    pod, ip = node.pod(1)
+    host = legacy_host_veth_name("default", "p1")
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    assert q.delete(None, "eth0", host, [ip]) is True
+    retired = _retired(_links(node))
+    assert list(retired) == [host] and "UP" not in _flags(retired[host])
+    assert ip not in _routes(node) and not _ping(pod, "169.254.1.1")
+    q.close()
+    assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
 
 
 def test_pod_namespace_already_gone(node):
