@@ -314,11 +314,14 @@ class PodNetwork:
             if host is not None and not link_set_if_present(h, host.index,
                                                             group=self.retired_group):
                 host = None                  # gone meanwhile
-        pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)
-        if host is not None:
-            if not pod_done:                 # the pod's end is not known to be down
+        pod_done = False
+        try:
+            pod_done = self._retire_pod_side(netns_path, ifname, delete=host is None)
+        finally:
+            if host is not None and not pod_done:   # the pod's end is not known to be down
                 with self._host_nl() as h:
                     link_set_if_present(h, host.index, up=False)
+        if host is not None:
             return "retired"
         return "deleted" if pod_done else ""
 

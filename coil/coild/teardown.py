@@ -9,8 +9,9 @@ RTNL lock. One RTM_DELLINK by link group deletes a whole group as one batch
    routes to the pod's addresses are deleted, then both ends are put in the
    *retired* link group (``PodNetwork.retired_group``) under their names and
    the pod's end is set down (the host end too when the pod's end is out of
-   reach; otherwise the flush closes the host ends of a batch at once) - no rename, which costs the kernel a re-registration of the
-   device's sysctl tables under RTNL. Nothing routes the pod's addresses any
+   reach; otherwise the flush closes the host ends of a batch at once) - no
+   rename, which costs the kernel a re-registration of the device's sysctl
+   tables under RTNL. Nothing routes the pod's addresses any
    more and the pod's other attachments take its traffic;
 2. releases the addresses in etcd (the caller, after 1);
 3. answers success, and this queue deletes the group later.

@@ -273,6 +273,30 @@ def test_host_end_set_down_when_the_pods_end_is_out_of_reach(node):
     assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
 
 
+def test_host_end_set_down_when_the_pods_end_fails(node, monkeypatch):
+    """The pod's side fails (an injected netlink error): the DEL fails, and
+    the host end, already routing nothing and in the retired group, is set
+    down before the error goes up."""
+    import errno
+
+    from coil.errors import NetlinkError
+    pod, ip = node.pod(1)
+    host = legacy_host_veth_name("default", "p1")
+
+    def broken(*args, **kwargs):
+        raise NetlinkError("setting eth0 down", errno.EIO)
+
+    monkeypatch.setattr(node.podnet, "_retire_pod_side", broken)
+    q = TeardownQueue(node.podnet, batch=100, delay=HOUR)
+    with pytest.raises(NetlinkError):
+        q.delete(pod.path, "eth0", host, [ip])
+    retired = _retired(_links(node))
+    assert list(retired) == [host] and "UP" not in _flags(retired[host])
+    assert ip not in _routes(node) and not _ping(node, ip)
+    q.close()
+    assert set(_links(node)) == {"lo"} and set(_links(pod)) == {"lo"}
+
+
 def test_pod_namespace_already_gone(node):
     """DEL after the runtime deleted the namespace: the host end (if the
     kernel has not removed it yet) is retired, its route goes at once."""
