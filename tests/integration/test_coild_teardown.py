@@ -16,7 +16,6 @@ import sys
 
 import pytest
 
-from harness import Netns
 from test_coild_cni import add, cluster, etcd_ips, pod_ip  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
