@@ -357,8 +357,7 @@ def plugin_requests(draw, socket_path: str, pod_path: str, default_socket_live: 
     choice = draw(st.sampled_from(["ok"] * 5 + ["no-ns", "no-pod", "malformed", "empty-key",
                                                 "drop", "junk"]))
     if choice == "no-ns":
-        pairs = pairs[1:]
-        names_missing = True
+        pairs = pairs[1:]             # podman, nerdctl: no namespace; ADD uses the default pool
     elif choice == "no-pod":
         pairs = [pairs[0], pairs[2]]
         names_missing = True
@@ -712,9 +711,13 @@ def rest_requests(draw):
         headers.append(b"Content-Length: %d" % draw(st.integers(2**20 + 1, 2**70)))
         bad.append("Content-Length beyond the body")
     elif length_kind == "short":
-        headers.append(b"Content-Length: %d" % draw(st.integers(0, max(len(body) - 1, 0))))
-        if body:
+        short = draw(st.integers(0, max(len(body) - 1, 0)))
+        headers.append(b"Content-Length: %d" % short)
+        if body and (short or method == "POST"):
             bad.append("Content-Length short of the body")
+        # else a request without a body (GET /status, Content-Length: 0) and
+        # the bytes after it a next (pipelined) request, refused on its own
+        # (or never read: HTTP/1.0 closes), as with no Content-Length
     elif length_kind == "long":
         headers.append(b"Content-Length: %d" % (len(body) + draw(st.integers(1, 1000))))
         bad.append("Content-Length beyond the body")
