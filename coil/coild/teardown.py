@@ -11,8 +11,8 @@ RTNL lock. One RTM_DELLINK by link group deletes a whole group as one batch
    the pod's end is set down (the host end too when the pod's end is out of
    reach; otherwise the flush closes the host ends of a batch at once) - no
    rename, which costs the kernel a re-registration of the device's sysctl
-   tables under RTNL. Nothing routes the pod's addresses any
-   more and the pod's other attachments take its traffic;
+   tables under RTNL. Nothing routes the pod's addresses any more and the
+   pod's other attachments take its traffic;
 2. releases the addresses in etcd (the caller, after 1);
 3. answers success, and this queue deletes the group later.
 
