@@ -17,6 +17,7 @@ import re
 import threading
 import time
 
+from coil import logutil
 from coil.cni import protocol, spec
 from coil.cni.spec import CNIError
 from coil.coild.podnet import (PodNetError, gateway_for, host_veth_name, host_veth_names,
@@ -187,7 +188,8 @@ class CNIService:
             log.info("cni %s", req.command.lower(), extra={
                 "container": req.container_id, "pod": req.args.get("K8S_POD_NAME", ""),
                 "namespace": req.args.get("K8S_POD_NAMESPACE", ""),
-                "ms": round((time.perf_counter() - started) * 1000, 2)})
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+                logutil.DEFER: True})      # written by the log writer, in a batch
         return code, body
 
     def _serialised(self, handler, req: CNIRequest):
