@@ -135,6 +135,30 @@ def test_del_removes_everything_and_is_idempotent(cluster):
     assert cluster.cni.call("del", "", "never-added", "default", "x") == (0, None)
 
 
+def test_request_lines_reach_the_log_while_coild_runs(cluster):
+    """The ``cni add`` / ``cni del`` lines are deferred to coild's log
+    writer thread: they are written without a later line or an exit to
+    push them, each with its request's fields."""
+    from helpers import wait_for
+    cluster.store.create_pool("default", "10.26.0.0/24", 4)
+    cluster.start()
+    pod = cluster.new_pod()
+    add(cluster, pod, "c-logged", "default", "logged-pod")
+    assert cluster.cni.call("del", pod, "c-logged", "default", "logged-pod") == (0, None)
+
+    def lines():
+        return [json.loads(line) for line in cluster.coild.log().splitlines()
+                if line.startswith("{") and '"c-logged"' in line]
+
+    wait_for(lambda: len(lines()) == 2, timeout=30)
+    assert cluster.coild.proc.poll() is None
+    add_line, del_line = lines()
+    assert (add_line["msg"], del_line["msg"]) == ("cni add", "cni del")
+    assert add_line["pod"] == "logged-pod" and add_line["namespace"] == "default"
+    assert add_line["level"] == "info" and add_line["ms"] > 0
+    assert "_defer" not in add_line
+
+
 def test_address_reused_after_del(cluster):
     cluster.store.create_pool("default", "10.26.0.0/24", 4)
     cluster.start()
