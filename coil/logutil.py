@@ -32,6 +32,11 @@ DEFER = "_defer"
 #: how long a deferred line may wait to be written
 DEFER_DELAY = 0.05
 
+#: deferred lines queued at most; one more is written by its caller with
+#: them (a stream that blocks - a full pipe - blocks the callers as before,
+#: instead of the queue growing without bound)
+DEFER_MAX = 10000
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -65,10 +70,11 @@ class LineHandler(logging.Handler):
     ``extra={DEFER: True}`` are written by a writer thread within ``delay``
     seconds, in order with all others (see the module's docstring)."""
 
-    def __init__(self, stream=None, delay: float = DEFER_DELAY):
+    def __init__(self, stream=None, delay: float = DEFER_DELAY, max_queued: int = DEFER_MAX):
         super().__init__()
         self.stream = stream if stream is not None else sys.stderr
         self.delay = delay
+        self.max_queued = max_queued
         self._queued: list[str] = []      # formatted deferred lines, oldest first
         self._qlock = threading.Lock()    # guards _queued and _writer; never held for I/O
         self._wlock = threading.Lock()    # one writer of the stream at a time
@@ -99,9 +105,10 @@ class LineHandler(logging.Handler):
             self.handleError(record)
 
     def _defer(self, line: str) -> bool:
-        """Queue ``line`` for the writer; False when closed (write it now)."""
+        """Queue ``line`` for the writer; False when closed or the queue is
+        full (write it now)."""
         with self._qlock:
-            if self._closed:
+            if self._closed or len(self._queued) >= self.max_queued:
                 return False
             self._queued.append(line)
             if len(self._queued) > 1:

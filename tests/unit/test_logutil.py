@@ -93,6 +93,19 @@ def test_the_writer_thread_writes_deferred_lines_without_other_logging(logger):
     assert stream.lines()[-1]["msg"] == "later"
 
 
+def test_a_full_queue_is_written_by_the_next_caller(logger):
+    log, handler, stream = logger(delay=3600)
+    handler.max_queued = 3
+    for i in range(3):
+        log.info("req %d", i, extra={logutil.DEFER: True})
+    assert stream.getvalue() == ""
+    log.info("req 3", extra={logutil.DEFER: True})     # the queue is full: written now
+    assert [line["msg"] for line in stream.lines()] == [f"req {i}" for i in range(4)]
+    assert stream.writes == 1
+    log.info("req 4", extra={logutil.DEFER: True})     # room again: deferred
+    assert stream.writes == 1
+
+
 def test_close_writes_what_is_queued_stops_the_writer_and_defers_no_more(logger):
     log, handler, stream = logger(delay=3600)
     log.info("queued", extra={logutil.DEFER: True})
