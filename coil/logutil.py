@@ -7,8 +7,8 @@ queued, and written by one writer thread in a batch at most ``delay``
 seconds later, as a web server's buffered access log does. Under pod churn a
 line written by the request thread itself cost coild ~0.17 ms of CPU (the
 handler's lock and the stream's, and the write, each a GIL hand-over among
-the request threads), 12 % of its throughput; a deferred one costs the
-formatting only.
+the request threads); deferring them raised coild's churn rate by ~9 %
+(docs/benchmarks.md). A deferred line costs its formatting only.
 
 Order is kept: any line that is not deferred first writes the queued ones
 (in the caller's thread), and so do ``flush()`` and ``close()`` (which
@@ -175,7 +175,8 @@ def setup(level: str = "info", stream=None):
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()
     for old in root.handlers:
-        old.close()                     # writes what an earlier setup() queued
+        if isinstance(old, LineHandler):
+            old.close()                 # writes what an earlier setup() queued
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("kubernetes", "urllib3", "grpc"):

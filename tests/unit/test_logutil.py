@@ -148,8 +148,19 @@ def test_setup_closes_the_handler_it_replaces_so_nothing_queued_is_lost():
     try:
         logutil.setup("info", first)
         logging.getLogger("test.logutil.setup").info("queued", extra={logutil.DEFER: True})
+        closed = []
+
+        class Other(logging.StreamHandler):     # another's handler: replaced, not closed
+            def close(self):
+                closed.append(self)
+                super().close()
+
+        other = Other(Stream())
+        root.addHandler(other)
         logutil.setup("info", second)
         assert [line["msg"] for line in first.lines()] == ["queued"]
+        assert root.handlers[0].stream is second and other not in root.handlers
+        assert closed == []
     finally:
         for h in root.handlers:
             h.close()
