@@ -45,16 +45,16 @@ class JSONFormatter(logging.Formatter):
         super().__init__()
         self._stamp = (-1, "")          # (second, its text): one object, so threads agree
 
-    def _ts(self, created: float) -> str:
-        second = int(created)
+    def _ts(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
         cached, text = self._stamp
         if second != cached:            # strftime once per second, not per line
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._stamp = (second, text)
-        return f"{text}.{int((created - second) * 1000):03d}Z"
+        return f"{text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": self._ts(record.created),
+        out = {"ts": self._ts(record),
                "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
         for key, value in vars(record).items():
