@@ -56,6 +56,7 @@ class Coild:
         self._servers = []
         self._plugin = None
         self.ready = False
+        self.cpus = "off"        # --cpu-affinity as applied (coil.coild.cpus), for the log
 
     def start(self, http: str | None, socket_path: str, api_socket: str | None = None,
               limits=None):
@@ -87,7 +88,7 @@ class Coild:
                     server.server_close()
             raise
         log.info("coild started", extra={"node": self.node, "socket": socket_path, "http": http,
-                                         "api_socket": api_socket})
+                                         "api_socket": api_socket, "cpus": self.cpus})
 
     def _start(self, bound, socket_path, limits):
         from coil.coild.server import PluginServer, serve_in_thread
@@ -299,10 +300,14 @@ def _positive(value: str, flag: str) -> float:
               help="delete retired pod veths at most this long after a DEL")
 @click.option("--liveness-ttl", default="30s", show_default=True,
               help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")
+@click.option("--cpu-affinity", default="auto", show_default=True,
+              help="CPUs all of coild's threads run on: auto (one CPU of those allowed, "
+                   "chosen by the node name), off (the kernel places them) or a list such as "
+                   "3 or 2-3. One CPU spares the GIL's hand-overs between CPUs")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeout, idle_timeout,
         table_id, protocol_id, scan_interval, teardown_batch, teardown_delay, liveness_ttl,
-        log_level, **kwargs):
+        cpu_affinity, log_level, **kwargs):
     """Node daemon: address blocks, pod networks, table 119 export.
 
     Needs COIL_NODE_NAME in the environment."""
@@ -331,11 +336,16 @@ def cli(http, socket_path, api_socket, max_connections, api_workers, read_timeou
     if api_socket and os.path.abspath(api_socket) == os.path.abspath(socket_path):
         raise InvalidArgument(f"--api-socket and --socket are both {socket_path}: "
                               f"they must differ")
+    from coil.coild import cpus
+    # before the etcd client and the servers start their threads (they
+    # inherit it); pin() also moves the threads that already run
+    pinned = cpus.apply(cpu_affinity, node)
     econf = cfg.resolve(etcd_flags(kwargs), "COILD_ETCD_")
     store = open_store(econf)
     daemon = Coild(node, store, table_id, protocol_id, interval, teardown_batch, delay, ttl)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    daemon.cpus = pinned
     try:
         daemon.start(http, socket_path, api_socket or None, limits)
     except BaseException:
