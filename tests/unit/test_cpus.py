@@ -89,3 +89,30 @@ def test_pin_moves_every_thread_and_new_ones_inherit():
     assert len(out["before"]) == 4 and len(out["after"]) == 5          # main + 3, then + 1
     assert set(out["before"].values()) == {cpus.format_cpus(allowed)}
     assert set(out["after"].values()) == {str(target)}
+
+
+def test_apply_when_pinning_fails(monkeypatch, caplog):
+    """A cpuset that changed under coild (pinning answers EINVAL): ``auto``
+    goes on unpinned with a warning, a list the operator named stops coild."""
+    allowed = cpus.allowed()
+    if len(allowed) < 2:          # auto would not pin at all: pretend two CPUs
+        monkeypatch.setattr(cpus, "allowed", lambda: {0, 1})
+
+    def refuse(_cpus):
+        raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(cpus, "pin", refuse)
+    with caplog.at_level("WARNING", logger="coild"):
+        assert cpus.apply("auto", "node1") == "off"
+    assert any("cpu affinity not set" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InvalidArgument) as exc:
+        cpus.apply(str(min(cpus.allowed())), "node1")
+    assert "--cpu-affinity" in exc.value.message and "Invalid argument" in exc.value.message
+    assert cpus.apply("off", "node1") == "off"
+
+
+def test_apply_pins_and_names_the_cpu(monkeypatch):
+    got = []
+    monkeypatch.setattr(cpus, "allowed", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(cpus, "pin", got.append)
+    assert cpus.apply("1-2", "n") == "1-2" and got == [{1, 2}]
+    assert cpus.apply("auto", "n") == cpus.format_cpus(got[-1]) and len(got[-1]) == 1
