@@ -29,7 +29,8 @@ class _Waiter:
 class GroupCommit:
     def __init__(self, commit, max_batch: int = 64):
         """``commit(items)`` returns one result per item, in order, or
-        raises: then every caller of that batch gets the exception."""
+        raises: then every caller of that batch gets the exception (each
+        its own copy, ``_own``)."""
         self._commit = commit
         self.max_batch = max_batch
         self._cond = threading.Condition()
@@ -63,6 +64,28 @@ class GroupCommit:
             raise me.error
         return me.result
 
+    @staticmethod
+    def _own(exc: BaseException, first: bool) -> BaseException:
+        """The exception one caller of a failed batch raises: the first
+        gets the commit's own, each other a copy of it (same type, args and
+        fields; ``__init__`` is not run again) whose ``__cause__`` is the
+        original, so that threads raising it at once do not share one
+        traceback and context. One that does not copy faithfully is
+        shared."""
+        if first:
+            return exc
+        cls = type(exc)
+        try:
+            own = cls.__new__(cls, *exc.args)
+            own.args = exc.args
+            own.__dict__.update(exc.__dict__)
+        except Exception:
+            return exc
+        if type(own) is not cls or str(own) != str(exc):
+            return exc
+        own.__cause__ = exc
+        return own
+
     def _lead(self, batch: list[_Waiter]):
         try:
             results = self._commit([w.item for w in batch])
@@ -72,5 +95,6 @@ class GroupCommit:
         with self._cond:
             self.batches += 1
             self.items += len(batch)
-            for w, result in zip(batch, results):
-                w.result, w.error, w.done = result, error, True
+            for i, (w, result) in enumerate(zip(batch, results)):
+                w.result, w.done = result, True
+                w.error = None if error is None else self._own(error, i == 0)

@@ -111,3 +111,44 @@ def test_commit_errors_are_not_swallowed_for_a_lone_caller():
         raise RuntimeError("etcd down")
     with pytest.raises(RuntimeError, match="etcd down"):
         GroupCommit(boom).submit("x")
+
+
+def test_each_caller_of_a_failed_batch_raises_its_own_exception():
+    """Threads raising one exception object at once would share (and
+    overwrite) its traceback and context: each caller gets its own copy,
+    of the same type and fields, caused by the commit's exception."""
+    from coil.errors import NetlinkError, OutcomeUnknown
+
+    for exc in (OutcomeUnknown("txn may or may not have committed", hint="read back"),
+                NetlinkError("adding route 10.0.0.5/32", 17)):
+        def boom(items, exc=exc):
+            if "lead" in items:       # the held first commit succeeds
+                return [None] * len(items)
+            raise exc
+        commit = Held()
+        gc = GroupCommit(lambda items: commit(items) and boom(items), max_batch=8)
+        got = {}
+        first, _ = run(gc, ["lead"])
+        assert commit.entered.wait(10)
+        threads = []
+        for i in range(4):
+            def call(i=i):
+                try:
+                    gc.submit(i)
+                except type(exc) as e:
+                    got[i] = e
+            t = threading.Thread(target=call)
+            t.start()
+            threads.append(t)
+        queued(gc, 4)
+        commit.release.set()
+        for t in threads:
+            t.join(10)
+        assert sorted(got) == [0, 1, 2, 3]
+        assert len({id(e) for e in got.values()}) == 4          # four objects
+        assert sum(e is exc for e in got.values()) == 1         # the original once
+        for e in got.values():
+            assert type(e) is type(exc) and str(e) == str(exc) and e.hint == exc.hint
+            assert e is exc or e.__cause__ is exc
+        if isinstance(exc, NetlinkError):
+            assert {e.errno for e in got.values()} == {17}
