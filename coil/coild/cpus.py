@@ -20,6 +20,7 @@ over its CPUs; ``off`` leaves placement to the kernel; a list (``3``,
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import zlib
@@ -40,15 +41,10 @@ def allowed() -> set[int]:
 
 def format_cpus(cpus) -> str:
     """``{0, 1, 2, 5}`` -> ``"0-2,5"`` (the kernel's list format)."""
-    out, run = [], []
-    for cpu in sorted(cpus):
-        if run and cpu == run[-1] + 1:
-            run.append(cpu)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [cpu]
-    if run:
+    out = []
+    # consecutive CPUs share cpu - position in the sorted list
+    for _, run in itertools.groupby(enumerate(sorted(cpus)), lambda p: p[1] - p[0]):
+        run = [cpu for _, cpu in run]
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
 
