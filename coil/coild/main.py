@@ -13,7 +13,7 @@ import click
 
 from coil import config as cfg
 from coil.cni.protocol import DEFAULT_SOCKET
-from coil.coild import DEFAULT_API_SOCKET
+from coil.coild import DEFAULT_API_SOCKET, TEARDOWN_BATCH, TEARDOWN_DELAY
 from coil.cliutil import etcd_flags, etcd_options, open_store, run_click
 from coil.errors import CoilError, InvalidArgument
 
@@ -25,8 +25,8 @@ class Coild:
     """The node daemon: allocator + routes + pod network + the two servers."""
 
     def __init__(self, node: str, store, table_id: int = 119, protocol_id: int = 30,
-                 scan_interval: float = 600.0, teardown_batch: int = 32,
-                 teardown_delay: float = 0.1, liveness_ttl: float = 30.0):
+                 scan_interval: float = 600.0, teardown_batch: int = TEARDOWN_BATCH,
+                 teardown_delay: float = TEARDOWN_DELAY, liveness_ttl: float = 30.0):
         from coil.coild.allocator import NodeAllocator
         from coil.coild.heartbeat import LivenessKeeper
         from coil.cni.service import CNIService
@@ -293,10 +293,10 @@ def _positive(value: str, flag: str) -> float:
               help="route protocol id of the published routes")
 @click.option("--scan-interval", default="10m", show_default=True,
               help="how often empty blocks are returned to the pool")
-@click.option("--teardown-batch", default=32, show_default=True, type=click.IntRange(0, 100000),
+@click.option("--teardown-batch", default=TEARDOWN_BATCH, show_default=True, type=click.IntRange(0, 100000),
               help="delete retired pod veths as soon as this many wait "
                    "(0: every DEL deletes its veth before it answers)")
-@click.option("--teardown-delay", default="100ms", show_default=True,
+@click.option("--teardown-delay", default=f"{TEARDOWN_DELAY * 1000:g}ms", show_default=True,
               help="delete retired pod veths at most this long after a DEL")
 @click.option("--liveness-ttl", default="30s", show_default=True,
               help="TTL of the etcd lease under which node-alive/<node> is kept (3s..1h)")

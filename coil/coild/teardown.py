@@ -40,13 +40,11 @@ import logging
 import threading
 import time
 
+from coil.coild import TEARDOWN_BATCH, TEARDOWN_DELAY
 from coil.coild.podnet import HOST_VETH_RE, PodNetwork, link_set_if_present
 from coil.errors import NetlinkError
 
 log = logging.getLogger("coild.teardown")
-
-DEFAULT_BATCH = 32
-DEFAULT_DELAY = 0.1
 
 
 class TeardownQueue:
@@ -59,8 +57,8 @@ class TeardownQueue:
     links are waiting). Thread-safe.
     """
 
-    def __init__(self, podnet: PodNetwork, batch: int = DEFAULT_BATCH,
-                 delay: float = DEFAULT_DELAY, clock=time.monotonic):
+    def __init__(self, podnet: PodNetwork, batch: int = TEARDOWN_BATCH,
+                 delay: float = TEARDOWN_DELAY, clock=time.monotonic):
         if batch < 1:
             raise ValueError("batch must be >= 1")
         self.podnet = podnet

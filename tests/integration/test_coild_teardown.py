@@ -178,7 +178,7 @@ def test_del_when_netns_is_already_gone(cluster):
 
 
 def test_default_flags_delete_within_the_delay_and_count_the_address_writes(cluster):
-    """coild's defaults (batch 32, delay 100ms): two DELs are deleted by the
+    """coild's defaults (batch 16, delay 100ms): two DELs are deleted by the
     delay trigger; the pod that stays keeps its veth. The metrics count the
     group commits of the address writes: one after the other, each write
     went alone."""
