@@ -145,6 +145,10 @@ class Coild:
             return ""
         return text if tail is None else text[-tail:]
 
+    def records(self) -> list[dict]:
+        """Every JSON line of coild's log, parsed, oldest first."""
+        return [json.loads(line) for line in self.log(None).splitlines() if line.startswith("{")]
+
     def stop(self, sig=signal.SIGTERM, timeout=10):
         if self.proc is None:
             return None

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -48,6 +49,17 @@ def pod_ip(result) -> str:
 def etcd_ips(store) -> dict:
     addrs, _ = store.all_addresses()
     return {a.address: a for a in addrs}
+
+
+def coild_with_flags(c, *flags) -> tuple[subprocess.CompletedProcess, str]:
+    """Run a second coild of the node in the foreground with ``flags`` (for
+    flags it must refuse); returns its result and the socket path it was
+    given."""
+    sock = os.path.join(c.coild.workdir, "bad.sock")
+    r = c.node.exec("env", "COIL_NODE_NAME=node1", sys.executable, "-m", "coil", "coild",
+                    "--etcd-endpoints", c.etcd.unix_endpoint, "--etcd-prefix", c.prefix,
+                    "--socket", sock, "--http", "", *flags, check=False, timeout=60)
+    return r, sock
 
 
 def test_add_wires_pod_and_publishes_block(cluster):
@@ -147,8 +159,7 @@ def test_request_lines_reach_the_log_while_coild_runs(cluster):
     assert cluster.cni.call("del", pod, "c-logged", "default", "logged-pod") == (0, None)
 
     def lines():
-        return [json.loads(line) for line in cluster.coild.log().splitlines()
-                if line.startswith("{") and '"c-logged"' in line]
+        return [r for r in cluster.coild.records() if r.get("container") == "c-logged"]
 
     wait_for(lambda: len(lines()) == 2, timeout=30)
     assert cluster.coild.proc.poll() is None

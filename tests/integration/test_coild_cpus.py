@@ -4,14 +4,12 @@ run at start-up and those started later (plugin workers, the etcd client's)
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import pytest
 
 from coil.coild import cpus
-from test_coild_cni import add, cluster, pod_ip  # noqa: F401 (fixture)
+from test_coild_cni import add, cluster, coild_with_flags, pod_ip  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -29,8 +27,7 @@ def thread_cpus(pid: int) -> dict:
 
 
 def started_line(cluster) -> dict:
-    return next(json.loads(ln) for ln in cluster.coild.log(None).splitlines()
-                if ln.startswith("{") and json.loads(ln).get("msg") == "coild started")
+    return next(r for r in cluster.coild.records() if r.get("msg") == "coild started")
 
 
 def serve_some(cluster):
@@ -69,12 +66,8 @@ def test_a_list_is_used_as_given_and_off_leaves_the_kernel_to_place(cluster):
 
 @pytest.mark.parametrize("value", ["fast", "3-1", "99999", "0-70000"])
 def test_bad_cpu_affinity_stops_coild_with_one_line(cluster, value):
-    r = cluster.node.exec(
-        "env", "COIL_NODE_NAME=node1", sys.executable, "-m", "coil", "coild",
-        "--etcd-endpoints", cluster.etcd.unix_endpoint, "--etcd-prefix", cluster.prefix,
-        "--socket", os.path.join(cluster.coild.workdir, "bad.sock"), "--http", "",
-        "--cpu-affinity", value, check=False, timeout=60)
+    r, sock = coild_with_flags(cluster, "--cpu-affinity", value)
     assert r.returncode != 0
     assert "--cpu-affinity" in r.stderr and repr(value) in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3
-    assert not os.path.exists(os.path.join(cluster.coild.workdir, "bad.sock"))
+    assert not os.path.exists(sock)

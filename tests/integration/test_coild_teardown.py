@@ -12,11 +12,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from test_coild_cni import add, cluster, etcd_ips, pod_ip  # noqa: F401 (fixture)
+from test_coild_cni import add, cluster, coild_with_flags, etcd_ips, pod_ip  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -215,11 +214,7 @@ def test_teardown_batch_zero_deletes_before_answering(cluster):
     (["--teardown-batch", "-1"], "--teardown-batch"),
 ])
 def test_bad_teardown_flags(cluster, flags, wrong):
-    r = cluster.node.exec(
-        "env", "COIL_NODE_NAME=node1", sys.executable, "-m", "coil", "coild",
-        "--etcd-endpoints", cluster.etcd.unix_endpoint, "--etcd-prefix", cluster.prefix,
-        "--socket", os.path.join(cluster.coild.workdir, "bad.sock"), "--http", "", *flags,
-        check=False, timeout=60)
+    r, _ = coild_with_flags(cluster, *flags)
     assert r.returncode != 0
     assert wrong in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3
